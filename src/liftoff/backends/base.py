@@ -1,0 +1,98 @@
+"""The backend contract: load a model, then admit, step and abort sequences (continuous batching).
+
+The reader's engine thread owns a backend and drives it: between steps it admits new requests (up to
+``capacity``) and aborts cancelled ones; each ``step()`` advances every active sequence by one token (or
+finishes it) and returns what each produced. A backend that batches statically implements ``step()`` by running
+its whole batch; the contract stays the same.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from liftoff.config.models import ReaderConfig
+from liftoff.core.errors import LiftoffError
+from liftoff.core.types import FinishReason, GenerationParams, ModelType
+
+ProgressCallback = Callable[[float], None]
+
+# Reader options every backend honours (they are about the reader, not the model engine).
+COMMON_OPTIONS: frozenset[str] = frozenset(
+    {
+        "model_name",
+        "device",
+        "consumer_group",
+        "backend",
+        "backend_options",
+        "log_level",
+        "max_batch_size",
+        "redis_host",
+        "internal_gateway_ip",
+        "reader_log_as_json",
+        "buffer_requests",
+    }
+)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one sequence produced in one step: new text and, when it ended, why."""
+
+    request_id: str
+    text: str = ""
+    n_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: LiftoffError | None = None
+
+
+class Backend(abc.ABC):
+    """A loaded model that serves sequences with continuous batching."""
+
+    name: ClassVar[str] = "base"
+    honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS
+
+    def __init__(self, config: ReaderConfig, default_batch_size: int = 8) -> None:
+        self.config = config
+        self.options: dict[str, Any] = dict(config.backend_options or {})
+        self.capacity = config.max_batch_size or default_batch_size
+
+    @property
+    @abc.abstractmethod
+    def model_type(self) -> ModelType:
+        """What this backend serves."""
+
+    @abc.abstractmethod
+    def load(self, progress: ProgressCallback) -> None:
+        """Load the model (blocking; runs in a worker thread). Raise to report a load failure."""
+
+    @abc.abstractmethod
+    def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
+        """Add a sequence to the running batch. Raise a :class:`LiftoffError` to refuse it."""
+
+    @abc.abstractmethod
+    def step(self) -> list[StepOutput]:
+        """Advance every active sequence by one step; finished sequences leave the batch."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Drop a sequence from the batch; return whether it was there."""
+
+    @abc.abstractmethod
+    def active(self) -> int:
+        """Number of sequences in the batch."""
+
+    def close(self) -> None:  # noqa: B027 (an optional hook)
+        """Release the model. The default does nothing."""
+
+    def notes(self) -> list[str]:
+        """Reader options that were set but have no effect with this backend (reported, never dropped)."""
+        fields = self.config.public_dict()
+        ignored = sorted(name for name in fields if name not in self.honoured_options)
+        return [
+            f"{name}={fields[name]!r} is accepted but has no effect with the {self.name} backend" for name in ignored
+        ]

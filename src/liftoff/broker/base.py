@@ -1,0 +1,133 @@
+"""The Broker contract, in two halves: what a gateway calls (:class:`GatewayBroker`) and what a reader calls
+(:class:`ReaderLink`). Every implementation keeps these signatures exactly.
+
+Delivery is at least once. A request's output frames end with exactly one final frame (``FinalFrame`` or
+``ErrorFrame``). Requests a lost reader had not started are re-queued (up to ``max_retries``); started ones end with
+a ``reader_died`` error frame.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from liftoff.core.frames import (
+    GatewayFrame,
+    HeartbeatFrame,
+    LoadedFrame,
+    OutputFrame,
+    RegisterFrame,
+    RequestFrame,
+    WelcomeFrame,
+)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """What a gateway-side broker needs to know from the server configuration."""
+
+    gateway_id: str
+    reserved_groups: frozenset[str]
+    max_queued_requests: int
+    max_retries: int
+    reader_message_timeout_ms: int
+    heartbeat_interval_ms: int
+
+
+class BrokerEvents(Protocol):
+    """What the gateway hears from its broker: outputs for its requests, and reader lifecycle events."""
+
+    def on_outputs(self, frames: list[OutputFrame]) -> None:
+        """Output frames of requests this gateway submitted."""
+
+    def on_reader_register(self, frame: RegisterFrame) -> None:
+        """A reader connected (new, or back after a disconnect)."""
+
+    def on_reader_loaded(self, reader_id: str, frame: LoadedFrame) -> None:
+        """A reader finished loading and takes work."""
+
+    def on_reader_load_failed(self, reader_id: str, reason: str) -> None:
+        """A reader could not load its model."""
+
+    def on_reader_heartbeat(self, reader_id: str, frame: HeartbeatFrame) -> None:
+        """A reader is alive."""
+
+    def on_reader_lost(self, reader_id: str, reason: str) -> None:
+        """A reader disconnected, or was evicted; its requests were re-queued or failed already."""
+
+
+class GatewayBroker(abc.ABC):
+    """The gateway's half: queue requests per consumer group, route outputs back, track reader links."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._events: BrokerEvents | None = None
+
+    def bind(self, events: BrokerEvents) -> None:
+        """Set the receiver of outputs and reader events (once, before ``start``)."""
+        self._events = events
+
+    @property
+    def events(self) -> BrokerEvents:
+        """The bound event receiver."""
+        if self._events is None:
+            raise RuntimeError("broker used before bind()")
+        return self._events
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start background tasks."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background tasks and close reader links."""
+
+    @abc.abstractmethod
+    def submit(self, frame: RequestFrame, queue_deadline: float) -> None:
+        """Queue a request on its consumer group; it fails if no reader takes it before ``queue_deadline``
+        (monotonic seconds). Raises :class:`~liftoff.core.errors.OverloadedError` when the queues are full."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Cancel a request, queued or running; no more frames of it are delivered."""
+
+    @abc.abstractmethod
+    def evict_reader(self, reader_id: str, reason: str) -> None:
+        """Treat a reader as dead: re-queue or fail its requests and close its link."""
+
+    @abc.abstractmethod
+    def stop_reader(self, reader_id: str, reason: str) -> None:
+        """Ask a reader process to exit, after evicting it."""
+
+    @abc.abstractmethod
+    def queue_depth(self, group: str | None = None) -> int:
+        """Requests waiting for a reader, in one group or in all."""
+
+    @abc.abstractmethod
+    def in_flight(self, group: str | None = None) -> int:
+        """Requests assigned to readers and not finished, in one group or in all."""
+
+
+class LinkClosedError(Exception):
+    """The connection between a reader and its gateway is gone."""
+
+
+class ReaderLink(abc.ABC):
+    """The reader's half: register, receive work and send frames back."""
+
+    @abc.abstractmethod
+    async def connect(self, register: RegisterFrame) -> WelcomeFrame:
+        """Open the link and register; raises :class:`LinkClosedError` (or ``OSError``) on failure."""
+
+    @abc.abstractmethod
+    def send(self, frames: list[Any]) -> None:
+        """Queue frames for sending (non-blocking; frames sent together are coalesced)."""
+
+    @abc.abstractmethod
+    async def receive(self) -> list[GatewayFrame]:
+        """The next batch of frames from the gateway; raises :class:`LinkClosedError` when the link closes."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush what is queued and close the link."""

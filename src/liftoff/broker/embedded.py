@@ -1,0 +1,348 @@
+"""The embedded broker: the gateway itself queues requests and pushes them to readers connected over WebSocket.
+
+Readers connect to the internal port (``/reader``), register, and receive :class:`RequestFrame` s up to their
+capacity (plus a small prefetch); they pull more by finishing work. Requests of a consumer group go to the ready
+reader of that group with the most free slots, so load balances across readers. One background task expires
+queued requests at their deadline and evicts readers that went silent with requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections import deque
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from liftoff.broker.base import BrokerSettings, GatewayBroker
+from liftoff.broker.embedded_state import Job, ReaderSlot
+from liftoff.core.clock import monotonic
+from liftoff.core.errors import (
+    LiftoffError,
+    NoReadersAvailableError,
+    OverloadedError,
+    ReaderDiedError,
+    RequestTimeoutError,
+)
+from liftoff.core.frames import (
+    DrainFrame,
+    ErrorFrame,
+    FinalFrame,
+    HeartbeatFrame,
+    LoadedFrame,
+    LoadFailedFrame,
+    OutputFrame,
+    ReaderFrame,
+    RegisterFrame,
+    RequestFrame,
+    StopFrame,
+    TokenFrame,
+    WelcomeFrame,
+    decode_reader_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+CLOSE_DUPLICATE = 4409
+CLOSE_PROTOCOL = 4400
+CLOSE_EVICTED = 4000
+_SWEEP_S = 0.05
+
+
+class EmbeddedBroker(GatewayBroker):
+    """Gateway-side broker over the internal port's WebSocket endpoint."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__(settings)
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[str, deque[Job]] = {}
+        self._queued = 0
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._tiebreak = 0
+        self._readers: dict[str, ReaderSlot] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="liftoff-broker-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for slot in list(self._readers.values()):
+            self._drop_reader(slot, "the gateway is shutting down", close_code=1001)
+
+    # ---- gateway API --------------------------------------------------------------------------------------------
+
+    def submit(self, frame: RequestFrame, queue_deadline: float) -> None:
+        if self._queued >= self.settings.max_queued_requests:
+            raise OverloadedError(f"{self._queued} requests are already waiting (max_queued_requests); try again later")
+        job = Job(frame=frame, deadline=queue_deadline)
+        self._jobs[frame.request_id] = job
+        slot = self._pick(frame.consumer_group)
+        if slot is not None:
+            self._assign(job, slot)
+        else:
+            self._enqueue(job)
+
+    def abort(self, request_id: str) -> None:
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return
+        job.cancelled = True
+        if job.slot is None:
+            self._queued -= 1
+        else:
+            job.slot.abort(request_id)
+
+    def evict_reader(self, reader_id: str, reason: str) -> None:
+        slot = self._readers.get(reader_id)
+        if slot is not None:
+            self._lose(slot, reason, close_code=CLOSE_EVICTED)
+
+    def stop_reader(self, reader_id: str, reason: str) -> None:
+        slot = self._readers.get(reader_id)
+        if slot is not None:
+            slot.send([StopFrame(reason=reason)])
+            self._lose(slot, reason, close_code=1000)
+
+    def queue_depth(self, group: str | None = None) -> int:
+        if group is None:
+            return self._queued
+        return sum(1 for job in self._queues.get(group, ()) if not job.cancelled)
+
+    def in_flight(self, group: str | None = None) -> int:
+        return sum(
+            1
+            for slot in self._readers.values()
+            for job in slot.assigned.values()
+            if not job.cancelled and (group is None or job.frame.consumer_group == group)
+        )
+
+    # ---- queueing and assignment --------------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job, *, front: bool = False) -> None:
+        queue = self._queues.setdefault(job.frame.consumer_group, deque())
+        if front:
+            queue.appendleft(job)
+        else:
+            queue.append(job)
+        self._queued += 1
+        self._tiebreak += 1
+        heapq.heappush(self._deadlines, (job.deadline, self._tiebreak, job))
+        if len(self._deadlines) > 2 * self._queued + 1024:
+            self._deadlines = [entry for entry in self._deadlines if entry[2].slot is None and not entry[2].cancelled]
+            heapq.heapify(self._deadlines)
+
+    def _pick(self, group: str) -> ReaderSlot | None:
+        best: ReaderSlot | None = None
+        best_free = 0
+        for slot in self._readers.values():
+            if group in slot.groups and slot.accepting:
+                free = slot.free()
+                if free > best_free or (free == best_free and best is not None and slot.served < best.served):
+                    best, best_free = slot, free
+        return best
+
+    def _assign(self, job: Job, slot: ReaderSlot) -> None:
+        job.slot = slot
+        slot.assign(job)
+
+    def _pop_oldest(self, groups: tuple[str, ...]) -> Job | None:
+        oldest: deque[Job] | None = None
+        for group in groups:
+            queue = self._queues.get(group)
+            while queue and queue[0].cancelled:
+                queue.popleft()
+            if queue and (oldest is None or queue[0].enqueued < oldest[0].enqueued):
+                oldest = queue
+        if oldest is None:
+            return None
+        self._queued -= 1
+        return oldest.popleft()
+
+    def _pump(self, slot: ReaderSlot) -> None:
+        while slot.accepting and slot.free() > 0:
+            job = self._pop_oldest(slot.groups)
+            if job is None:
+                return
+            self._assign(job, slot)
+
+    def _pump_group(self, group: str) -> None:
+        queue = self._queues.get(group)
+        while queue:
+            slot = self._pick(group)
+            if slot is None:
+                return
+            job = self._pop_oldest((group,))
+            if job is None:
+                return
+            self._assign(job, slot)
+
+    # ---- failure handling ---------------------------------------------------------------------------------------
+
+    def _fail(self, job: Job, error: LiftoffError) -> None:
+        self._jobs.pop(job.frame.request_id, None)
+        job.cancelled = True
+        frame = ErrorFrame(
+            request_id=job.frame.request_id, seq=job.next_seq, error_type=error.error_type, message=error.message
+        )
+        self.events.on_outputs([frame])
+
+    def _lose(self, slot: ReaderSlot, reason: str, *, close_code: int) -> None:
+        """A reader is gone: retry what it had not started, fail what it had, then tell the gateway."""
+        if self._readers.get(slot.reader_id) is not slot:
+            return
+        self._drop_reader(slot, reason, close_code=close_code)
+        retry: list[Job] = []
+        for job in slot.assigned.values():
+            if job.cancelled:
+                continue
+            if job.started:
+                self._fail(job, ReaderDiedError(f"reader {slot.reader_id} failed mid-request: {reason}"))
+            elif job.frame.attempt >= self.settings.max_retries:
+                self._fail(job, ReaderDiedError(f"reader {slot.reader_id} failed ({reason}) and retries ran out"))
+            else:
+                job.retry()
+                retry.append(job)
+        slot.assigned.clear()
+        for job in reversed(retry):
+            self._enqueue(job, front=True)
+        for group in slot.groups:
+            self._pump_group(group)
+            self._fail_orphaned(group)
+        self.events.on_reader_lost(slot.reader_id, reason)
+
+    def _fail_orphaned(self, group: str) -> None:
+        if group in self.settings.reserved_groups or any(
+            group in slot.groups and slot.accepting for slot in self._readers.values()
+        ):
+            return
+        queue = self._queues.pop(group, deque())
+        for job in queue:
+            if not job.cancelled:
+                self._queued -= 1
+                self._fail(job, NoReadersAvailableError(f"no live reader is left in consumer group '{group}'"))
+
+    def _drop_reader(self, slot: ReaderSlot, reason: str, *, close_code: int) -> None:
+        self._readers.pop(slot.reader_id, None)
+        slot.close(close_code, reason)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = monotonic()
+            self._expire(now)
+            self._check_silence(now)
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, job = heapq.heappop(self._deadlines)
+            if job.cancelled or job.slot is not None or job.frame.request_id not in self._jobs:
+                continue
+            self._queued -= 1
+            group = job.frame.consumer_group
+            if any(group in slot.groups and slot.accepting for slot in self._readers.values()):
+                self._fail(job, RequestTimeoutError(f"the request waited too long in the queue of group '{group}'"))
+            else:
+                self._fail(job, NoReadersAvailableError(f"no reader of consumer group '{group}' became live in time"))
+
+    def _check_silence(self, now: float) -> None:
+        limit = self.settings.reader_message_timeout_ms / 1000.0
+        for slot in list(self._readers.values()):
+            silent = slot.silent_for(now)
+            if silent > limit:
+                self._lose(slot, f"silent for {silent * 1000:.0f} ms with requests in flight", close_code=CLOSE_EVICTED)
+
+    # ---- reader connections -------------------------------------------------------------------------------------
+
+    async def serve_reader(self, websocket: WebSocket) -> None:
+        """Run one reader connection (the internal port's ``/reader`` WebSocket endpoint)."""
+        await websocket.accept()
+        slot: ReaderSlot | None = None
+        try:
+            register = await self._handshake(websocket)
+            if register is None:
+                return
+            slot = ReaderSlot(register, websocket)
+            self._readers[slot.reader_id] = slot
+            slot.send([self._welcome()])
+            self.events.on_reader_register(register)
+            if register.loaded:
+                self._on_loaded(slot, LoadedFrame(model_type=register.info.model_type, capacity=register.capacity))
+            while True:
+                data = await websocket.receive_bytes()
+                self._on_message(slot, decode_reader_frames(data))
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        except Exception:
+            logger.exception("reader connection failed")
+        finally:
+            if slot is not None:
+                self._lose(slot, "the reader disconnected", close_code=1000)
+
+    async def _handshake(self, websocket: WebSocket) -> RegisterFrame | None:
+        try:
+            frames = decode_reader_frames(await asyncio.wait_for(websocket.receive_bytes(), timeout=30))
+        except (TimeoutError, ValueError) as exc:
+            await websocket.close(CLOSE_PROTOCOL, f"expected a register frame: {exc}")
+            return None
+        if not frames or not isinstance(frames[0], RegisterFrame):
+            await websocket.close(CLOSE_PROTOCOL, "the first frame must be a register frame")
+            return None
+        register = frames[0]
+        if register.reader_id in self._readers:
+            await websocket.close(CLOSE_DUPLICATE, f"reader id {register.reader_id!r} is already connected")
+            return None
+        return register
+
+    def _welcome(self) -> WelcomeFrame:
+        return WelcomeFrame(
+            gateway_id=self.settings.gateway_id,
+            reader_message_timeout_ms=self.settings.reader_message_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+        )
+
+    def _on_message(self, slot: ReaderSlot, frames: list[ReaderFrame]) -> None:
+        slot.last_recv = monotonic()
+        outputs: list[OutputFrame] = []
+        for frame in frames:
+            if isinstance(frame, TokenFrame | FinalFrame | ErrorFrame):
+                self._on_output(slot, frame, outputs)
+            elif isinstance(frame, HeartbeatFrame):
+                self.events.on_reader_heartbeat(slot.reader_id, frame)
+            elif isinstance(frame, LoadedFrame):
+                self._on_loaded(slot, frame)
+            elif isinstance(frame, LoadFailedFrame):
+                self.events.on_reader_load_failed(slot.reader_id, frame.reason)
+            elif isinstance(frame, DrainFrame):
+                slot.draining = True
+        if outputs:
+            self.events.on_outputs(outputs)
+        if slot.accepting and slot.free() > 0:
+            self._pump(slot)
+
+    def _on_output(self, slot: ReaderSlot, frame: OutputFrame, outputs: list[OutputFrame]) -> None:
+        job = slot.assigned.get(frame.request_id)
+        if job is None:
+            return
+        if isinstance(frame, TokenFrame):
+            job.started = True
+            job.next_seq = frame.seq + 1
+        else:
+            slot.finish(frame.request_id)
+            if not job.cancelled:
+                self._jobs.pop(frame.request_id, None)
+        if not job.cancelled:
+            outputs.append(frame)
+
+    def _on_loaded(self, slot: ReaderSlot, frame: LoadedFrame) -> None:
+        slot.capacity = frame.capacity
+        slot.ready = True
+        self.events.on_reader_loaded(slot.reader_id, frame)
+        self._pump(slot)

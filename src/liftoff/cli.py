@@ -1,0 +1,201 @@
+"""The command line, and the composition root: ``liftoff serve`` and ``liftoff reader``.
+
+``serve`` runs a gateway with the readers of its configuration. ``reader`` runs one reader that joins a gateway
+(headless, from any host) or, with ``--supervised``, one spawned by ``serve``. Every ``server_config`` key has a
+flag (``--management-port``...), and so does every simple reader option (``--model-name``, ``--device``...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from liftoff import __version__
+from liftoff.config.loader import ConfigError, LoadedConfig, load_config
+from liftoff.config.models import LEGACY_SERVER_KEYS, AppConfig, ReaderConfig
+from liftoff.logs import setup_logging
+
+logger = logging.getLogger("liftoff")
+
+_READER_FLAG_EXCLUDE = {"log_level", "backend_options", "consumer_group"}
+
+
+def _scalar_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else None
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return annotation
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], exclude: set[str], dest: str) -> None:
+    group = parser.add_argument_group(dest)
+    for name, field in model.model_fields.items():
+        kind = _scalar_type(field.annotation)
+        if name in exclude or kind not in (str, int, float, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "").replace("%", "%%")
+        if kind is bool:
+            group.add_argument(flag, dest=f"{dest}.{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"{dest}.{name}", type=kind, help=help_text)
+
+
+def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
+    _add_model_flags(parser, ReaderConfig, _READER_FLAG_EXCLUDE, "reader")
+    parser.add_argument("--consumer-group", dest="reader.consumer_group", help="Consumer group(s), comma-separated.")
+    parser.add_argument(
+        "--backend-options", dest="reader.backend_options", type=json.loads, help="Backend options as JSON."
+    )
+
+
+def _flags(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    return {
+        key.removeprefix(prefix + "."): value
+        for key, value in vars(args).items()
+        if key.startswith(prefix + ".") and value is not None
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``liftoff`` argument parser."""
+    parser = argparse.ArgumentParser(prog="liftoff", description="An LLM inference server that speaks Takeoff's APIs.")
+    parser.add_argument("--version", action="version", version=f"liftoff {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Run a gateway and the readers of its configuration.")
+    serve.add_argument("--config", help="config.yaml with a 'takeoff:' key (or TAKEOFF_CONFIG_PATH).")
+    legacy = {"max_batch_size", "batch_duration_millis", *LEGACY_SERVER_KEYS}
+    _add_model_flags(serve, AppConfig, legacy, "server")
+    _add_reader_flags(serve)
+
+    reader = commands.add_parser("reader", help="Run one reader that joins a running gateway.")
+    reader.add_argument("--gateway", help="Gateway internal address, host:port (default: internal_gateway_ip:3005).")
+    reader.add_argument("--reader-id", help="Reader id (default TAKEOFF_READER_ID, or a new uuid).")
+    reader.add_argument("--config", help="Read this reader's options from readers_config.<reader-id> of a manifest.")
+    reader.add_argument("--supervised", action="store_true", help="Spawned by a gateway: exit with it.")
+    reader.add_argument("--log-level", default=os.environ.get("TAKEOFF_LOG_LEVEL", "INFO"))
+    reader.add_argument("--log-format", choices=["text", "json"], default="text")
+    reader.add_argument("--heartbeat-interval-ms", type=int, default=1000)
+    reader.add_argument("--default-batch-size", type=int, default=8)
+    reader.add_argument("--shutdown-timeout-s", type=float, default=30.0)
+    _add_reader_flags(reader)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``liftoff`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        sys.exit(_serve(args))
+    sys.exit(_reader(args))
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    try:
+        return load_config(
+            config_path=args.config, server_flags=_flags(args, "server"), reader_flags=_flags(args, "reader")
+        )
+    except ConfigError as exc:
+        print(f"liftoff: {exc}", file=sys.stderr)  # noqa: T201
+        sys.exit(2)
+
+
+def _run(coro: typing.Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    setup_logging(loaded.server.log_level, loaded.server.log_format, role="gateway")
+    from liftoff.gateway.server import Gateway, GatewayStartError
+
+    try:
+        return _run(Gateway(loaded).run())
+    except GatewayStartError as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | None]:
+    from liftoff.management.supervisor import READER_CONFIG_ENV
+
+    raw = os.environ.get(READER_CONFIG_ENV)
+    if raw:
+        return args.reader_id, ReaderConfig.model_validate(json.loads(raw)), None
+    loaded = _load(args)
+    if args.reader_id and args.reader_id in loaded.readers:
+        config = loaded.readers[args.reader_id]
+        return args.reader_id, config, config.internal_gateway_ip
+    if len(loaded.readers) != 1:
+        known = ", ".join(loaded.readers) or "none"
+        print(  # noqa: T201
+            f"liftoff reader: choose one reader with --reader-id (readers in the configuration: {known}), "
+            "or define it with --model-name/--device or TAKEOFF_MODEL_NAME/TAKEOFF_DEVICE",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    reader_id, config = next(iter(loaded.readers.items()))
+    return args.reader_id or reader_id, config, config.internal_gateway_ip
+
+
+def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
+    if args.gateway:
+        return str(args.gateway)
+    host = gateway_ip or os.environ.get("TAKEOFF_INTERNAL_GATEWAY_IP") or "127.0.0.1"
+    return f"{host}:{os.environ.get('TAKEOFF_INTERNAL_PORT', '3005')}"
+
+
+def _reader(args: argparse.Namespace) -> int:
+    reader_id, config, gateway_ip = _reader_config(args)
+    setup_logging(config.log_level or args.log_level, args.log_format, role=f"reader {reader_id}")
+    if args.supervised:
+        _die_with_parent()
+    from liftoff.broker.embedded_link import EmbeddedReaderLink
+    from liftoff.reader.process import ReaderOptions, ReaderProcess
+
+    address = _gateway_address(args, gateway_ip)
+    options = ReaderOptions(
+        reader_id=reader_id,
+        config=config,
+        supervised=args.supervised,
+        default_batch_size=args.default_batch_size,
+        heartbeat_interval_ms=args.heartbeat_interval_ms,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+    )
+    code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address)).run())
+    logging.shutdown()
+    # A model load still running on a worker thread must not keep the process alive.
+    os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent (the gateway) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl
+        sys.exit(1)

@@ -1,0 +1,251 @@
+"""Configuration models: ``AppConfig`` (Takeoff's ``server_config``) and ``ReaderConfig`` (``readers_config.<id>``).
+
+Every field is declared once, with its default and meaning (takeoff-spec §3.3 and §3.4). Takeoff's own keys come
+first; Liftoff's extensions follow and are marked. ``TAKEOFF_<FIELD>`` is the environment name of every field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
+
+# The keys of ``config`` in the management ``GET /status`` (takeoff-spec §2.2.1), in Takeoff's order.
+STATUS_CONFIG_KEYS: tuple[str, ...] = (
+    "allow_remote_images",
+    "body_size_limit_bytes",
+    "echo",
+    "enable_metrics",
+    "heartbeat_check_interval",
+    "internal_port",
+    "management_port",
+    "max_prompt_string_bytes",
+    "max_user_batch_size",
+    "openai_port",
+    "port",
+    "reader_message_timeout_ms",
+    "repository_path",
+    "reserved_consumers",
+    "snowflake_port",
+    "vertex_port",
+)
+
+# server_config keys of Takeoff <= 0.16 that are accepted and reported but have no effect.
+LEGACY_SERVER_KEYS: tuple[str, ...] = (
+    "launch_management_server",
+    "launch_sagemaker_server",
+    "launch_vertex_server",
+    "launch_openai_server",
+)
+
+Port = int
+
+
+def _default_repository_path() -> str:
+    return os.path.join(os.path.expanduser("~"), "artefacts")
+
+
+class AppConfig(BaseModel):
+    """The gateway's configuration (``takeoff.server_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- Takeoff's keys --------------------------------------------------------------------------------------
+    port: Port = Field(3000, ge=0, le=65535, description="Inference API and web UI port.")
+    management_port: Port = Field(3001, ge=0, le=65535, description="Management API and /metrics port.")
+    vertex_port: Port = Field(3002, ge=0, le=65535, description="Google Vertex AI port.")
+    openai_port: Port = Field(3003, ge=0, le=65535, description="OpenAI-compatible API port.")
+    snowflake_port: Port = Field(3004, ge=0, le=65535, description="Snowflake external-function port.")
+    internal_port: Port = Field(3005, ge=0, le=65535, description="Port readers connect to (from any host).")
+    enable_metrics: bool = Field(True, description="Serve Prometheus metrics on the management port.")
+    heartbeat_check_interval: int = Field(1, ge=0, description="Seconds between scans for dead readers; 0 never scans.")
+    echo: bool = Field(False, description="Log every request and response (debugging).")
+    body_size_limit_bytes: int = Field(2_097_152, ge=1, description="Largest accepted HTTP body; larger gets 413.")
+    allow_remote_images: bool = Field(False, description="Allow http(s) image URLs in requests.")
+    reader_message_timeout_ms: int = Field(
+        500, ge=1, description="Longest silence of a reader with requests in flight before it counts as dead."
+    )
+    reserved_consumers: str = Field(
+        "primary", description="Comma-separated consumer groups that buffer requests while no reader is live."
+    )
+    max_prompt_string_bytes: int = Field(150_000, ge=1, description="Largest prompt string, in UTF-8 bytes.")
+    max_user_batch_size: int = Field(1000, ge=1, description="Longest list of prompts in one request.")
+    repository_path: str = Field(
+        default_factory=_default_repository_path, description="Where models and derived artefacts are stored."
+    )
+
+    # ---- Liftoff extensions ----------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="[Liftoff] Address every port binds to.")
+    max_queued_requests: int = Field(
+        1_000_000, ge=1, description="[Liftoff] Requests waiting across all groups before new ones get 429."
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="[Liftoff] Deadline of every request, in seconds.")
+    reserved_buffer_timeout_s: float = Field(
+        300.0, gt=0, description="[Liftoff] How long a reserved group buffers a request while no reader is live."
+    )
+    heartbeat_interval_ms: int = Field(
+        1000, ge=10, description="[Liftoff] Reader heartbeat period; 3 missed heartbeats make a reader dead."
+    )
+    max_retries: int = Field(
+        1, ge=0, description="[Liftoff] Times a request a dead reader had not started is sent to another reader."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="[Liftoff] On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: str = Field("INFO", description="[Liftoff] Log level of the gateway (and default of readers).")
+    log_format: Literal["text", "json"] = Field("text", description="[Liftoff] Log line format.")
+
+    # ---- legacy keys (Takeoff <= 0.16), accepted ---------------------------------------------------------------
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Legacy server-level default of readers' max_batch_size (TAKEOFF_MAX_BATCH_SIZE)."
+    )
+    batch_duration_millis: int | None = Field(
+        None, ge=0, description="Legacy server-level default of readers' batch_duration_millis."
+    )
+    launch_management_server: bool | None = Field(None, description="Legacy; every server always runs.")
+    launch_sagemaker_server: bool | None = Field(None, description="Legacy; accepted, no effect.")
+    launch_vertex_server: bool | None = Field(None, description="Legacy; every server always runs.")
+    launch_openai_server: bool | None = Field(None, description="Legacy; every server always runs.")
+
+    @field_validator("repository_path")
+    @classmethod
+    def _strip_file_scheme(cls, value: str) -> str:
+        path = value.removeprefix("file://")
+        return os.path.expandvars(os.path.expanduser(path))
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> AppConfig:
+        ports = {name: getattr(self, name) for name in self.port_fields() if getattr(self, name) != 0}
+        seen: dict[int, str] = {}
+        for name, number in ports.items():
+            if number in seen:
+                raise ValueError(f"{name} and {seen[number]} are both {number}; give each port its own number")
+            seen[number] = name
+        return self
+
+    @staticmethod
+    def port_fields() -> tuple[str, ...]:
+        """The config keys that name a listening port, inference port first."""
+        return ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "internal_port")
+
+    def reserved_groups(self) -> list[str]:
+        """``reserved_consumers`` parsed into a list (as ``status.reserved_consumers`` shows it)."""
+        return [group.strip() for group in self.reserved_consumers.split(",") if group.strip()]
+
+    def status_view(self) -> dict[str, Any]:
+        """The ``config`` object of the management ``/status``: Takeoff's keys only, with Takeoff's types."""
+        return {key: getattr(self, key) for key in STATUS_CONFIG_KEYS}
+
+
+def _split_groups(value: Any) -> Any:
+    if value is None:
+        return ["primary"]
+    if isinstance(value, str):
+        groups = [group.strip() for group in value.split(",") if group.strip()]
+        return groups or ["primary"]
+    if isinstance(value, list | tuple):
+        groups = [str(group).strip() for group in value if str(group).strip()]
+        return groups or ["primary"]
+    return value
+
+
+class ReaderConfig(BaseModel):
+    """One reader: a model, a device and the consumer groups it serves (``takeoff.readers_config.<id>``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
+    model_name: str = Field(..., min_length=1, description="Local path, bundled alias, or Hugging Face id.")
+    device: Literal["cpu", "cuda", "api"] = Field(..., description="Where the model runs.")
+    consumer_group: list[str] = Field(
+        default_factory=lambda: ["primary"],
+        validation_alias=AliasChoices("consumer_group", "consumer_groups"),
+        description="Consumer group(s) to serve: a name, a comma-separated list, or a YAML list.",
+    )
+    redis_host: str | None = Field(None, description="Redis host of the redis broker (TAKEOFF_REDIS_HOST).")
+    internal_gateway_ip: str | None = Field(None, description="Gateway host a headless reader connects to.")
+    access_token: str | None = Field(None, description="Token for gated model downloads or API models.")
+    log_level: str | None = Field(None, description="Reader log level (default: the gateway's).")
+    backend: str | None = Field(None, description="Backend override (echo, llamacpp, transformers, ...).")
+    cuda_visible_devices: str | None = Field(None, description="GPUs visible to this reader, e.g. '0,1'.")
+    max_batch_size: int | None = Field(None, ge=1, description="Concurrent sequences (continuous) or batch size.")
+    batch_duration_millis: int | None = Field(None, ge=0, description="Dynamic batching wait (embed/classify).")
+    tensor_parallel: int | None = Field(None, ge=1, description="GPUs to shard the model over.")
+    quant_type: str | None = Field(None, description="Quantization: 'auto' or 'awq'.")
+    max_sequence_length: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=AliasChoices("max_sequence_length", "max_seq_length"),
+        description="Cap on prompt plus generated tokens.",
+    )
+    nvlink_unavailable: int | None = Field(None, ge=0, le=1, description="GPUs lack NVLink (0/1).")
+    disable_static: int | None = Field(None, ge=0, le=1, description="Disable static-shape optimisations (0/1).")
+    disable_cuda_graph: int | None = Field(None, ge=0, le=1, description="Disable CUDA graphs (0/1).")
+    cuda_graph_cache_capacity: int | None = Field(None, ge=0, description="CUDA graphs to keep.")
+    disable_paged_attention: int | None = Field(None, ge=0, le=1, description="Disable the paged KV cache (0/1).")
+    page_cache_size: str | None = Field(None, description="KV page cache size, e.g. '5GB' or '90%'.")
+    buffer_requests: bool | None = Field(None, description="Buffer requests of this reader's groups (Helm).")
+    prefill_chunk_size: int | None = Field(None, ge=1, description="Largest prefill chunk, in tokens.")
+    quantize_cache_bits: int | None = Field(None, ge=1, description="Quantise the KV cache to this width.")
+    ssd_cache_size: int | None = Field(None, ge=0, description="SSD-backed KV cache size, bytes.")
+    constrained_decoding_backend: str | None = Field(None, description="Structured generation engine.")
+    lmfe_max_consecutive_whitespaces: int | None = Field(None, ge=0, description="lm-format-enforcer setting.")
+    reader_log_as_json: bool | None = Field(None, description="JSON log lines from this reader.")
+    loras: str | None = Field(None, description="LoRA adapters to load (comma-separated).")
+    enable_document_processing: bool | None = Field(None, description="Serve /partition_document.")
+    assistant_model: str | None = Field(None, description="[Liftoff] Draft model for speculative decoding.")
+    backend_options: dict[str, Any] | None = Field(
+        None, description="[Liftoff] Backend-specific options, e.g. {'token_delay_ms': 5} for echo."
+    )
+
+    @field_validator("consumer_group", mode="before")
+    @classmethod
+    def _parse_groups(cls, value: Any) -> Any:
+        return _split_groups(value)
+
+    @field_validator("cuda_visible_devices")
+    @classmethod
+    def _check_devices(cls, value: str | None) -> str | None:
+        if value is not None and not _CUDA_DEVICES.match(value.replace(" ", "")):
+            raise ValueError(f"must be a comma-separated list of GPU numbers like '0,1', not {value!r}")
+        return value.replace(" ", "") if value is not None else None
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_tensor_parallel(self) -> ReaderConfig:
+        tp = self.tensor_parallel
+        if tp is None or tp == 1:
+            return self
+        if self.device == "cpu":
+            raise ValueError(f"tensor_parallel={tp} needs device 'cuda'; tensor parallelism is not used on cpu")
+        if tp % 2:
+            raise ValueError(f"tensor_parallel must be 1 or an even number, not {tp}")
+        if self.cuda_visible_devices is not None and tp > len(self.cuda_visible_devices.split(",")):
+            raise ValueError(
+                f"tensor_parallel={tp} is more than the {len(self.cuda_visible_devices.split(','))} GPUs "
+                f"in cuda_visible_devices={self.cuda_visible_devices!r}"
+            )
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as Takeoff shows it: nulls dropped, ``consumer_group`` a (comma-separated) string."""
+        data = self.model_dump(exclude_none=True)
+        data["consumer_group"] = ",".join(self.consumer_group)
+        if self.access_token is not None:
+            data["access_token"] = "***"
+        return data
+
+    def manifest_dict(self) -> dict[str, Any]:
+        """The config as written into ``config.yaml``: nulls dropped, secrets kept."""
+        data = self.model_dump(exclude_none=True)
+        data["consumer_group"] = ",".join(self.consumer_group)
+        return data

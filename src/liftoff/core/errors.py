@@ -1,0 +1,137 @@
+"""The one error taxonomy of Liftoff.
+
+Every failure that reaches a client is a :class:`LiftoffError` subclass with a stable ``error_type`` string
+(the key used on the wire, in frames and in response bodies) and an HTTP status. Surfaces render these; nothing
+here knows about HTTP frameworks.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class LiftoffError(Exception):
+    """Base class of every error Liftoff reports to a client."""
+
+    error_type: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(LiftoffError):
+    """The request is well-formed JSON but asks for something invalid (limits, values)."""
+
+    error_type = "invalid_request"
+    status = 400
+
+
+class ValidationFailedError(LiftoffError):
+    """The request body is malformed: not JSON, wrong types, missing fields."""
+
+    error_type = "validation_error"
+    status = 422
+
+    def __init__(self, message: str, *, errors: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt does not fit in the model's context."""
+
+    error_type = "context_length_exceeded"
+
+
+class NotFoundError(LiftoffError):
+    """An addressed object (reader, consumer group, route) does not exist."""
+
+    error_type = "not_found"
+    status = 404
+
+
+class PayloadTooLargeError(LiftoffError):
+    """The HTTP body is larger than ``body_size_limit_bytes``."""
+
+    error_type = "payload_too_large"
+    status = 413
+
+
+class OverloadedError(LiftoffError):
+    """Too many requests are queued (``TAKEOFF_MAX_QUEUED_REQUESTS``)."""
+
+    error_type = "overloaded"
+    status = 429
+
+
+class NotSupportedError(LiftoffError):
+    """The addressed readers cannot serve this kind of request."""
+
+    error_type = "not_supported"
+    status = 400
+
+
+class NoReadersAvailableError(LiftoffError):
+    """No live reader can take the request (fail fast instead of queueing forever)."""
+
+    error_type = "unavailable"
+    status = 503
+
+
+class ReaderDiedError(LiftoffError):
+    """The reader serving the request died or went silent after it had started."""
+
+    error_type = "reader_died"
+    status = 503
+
+
+class RequestTimeoutError(LiftoffError):
+    """The request's deadline passed."""
+
+    error_type = "timeout"
+    status = 504
+
+
+class RequestCancelledError(LiftoffError):
+    """The request was cancelled (client disconnect, shutdown or reader deletion)."""
+
+    error_type = "cancelled"
+    status = 499
+
+
+class BackendError(LiftoffError):
+    """The model backend failed while serving the request."""
+
+    error_type = "generation_error"
+    status = 500
+
+
+class ShuttingDownError(LiftoffError):
+    """The server is shutting down and takes no new work."""
+
+    error_type = "shutting_down"
+    status = 503
+
+
+_BY_TYPE: dict[str, type[LiftoffError]] = {}
+
+
+def _index(cls: type[LiftoffError]) -> None:
+    for sub in cls.__subclasses__():
+        _BY_TYPE.setdefault(sub.error_type, sub)
+        _index(sub)
+
+
+_index(LiftoffError)
+_BY_TYPE[LiftoffError.error_type] = LiftoffError
+
+
+def error_from_type(error_type: str, message: str) -> LiftoffError:
+    """Rebuild an error from its wire form (``error_type`` + message), e.g. from an error frame."""
+    cls = _BY_TYPE.get(error_type, LiftoffError)
+    if cls is ValidationFailedError:
+        return ValidationFailedError(message)
+    return cls(message)

@@ -1,0 +1,153 @@
+"""Broker frames: every message between a gateway and its readers, and their msgpack codec.
+
+Frames are msgspec structs (never pydantic models), tagged so one decoder reads a mixed batch. A transport
+message is always a list of frames, so a busy reader or gateway coalesces many frames into one send.
+Delivery is at least once; output frames carry ``(request_id, seq)`` so a gateway can drop duplicates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from liftoff.core.types import GenerationParams, ReaderInfo, RequestKind
+
+PROTOCOL_VERSION = 1
+
+
+class _Frame(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True, gc=False):
+    """Base of all frames; the tag is the class name."""
+
+
+# ---- gateway → reader -------------------------------------------------------------------------------------------
+
+
+class RequestFrame(_Frame, tag="req"):
+    """One unit of work for a reader: a single prompt (a user batch is split into several)."""
+
+    request_id: str
+    consumer_group: str
+    text: str = ""
+    kind: RequestKind = RequestKind.GENERATE
+    params: GenerationParams = msgspec.field(default_factory=GenerationParams)
+    deadline_ms: int = 0
+    attempt: int = 0
+
+
+class AbortFrame(_Frame, tag="abort"):
+    """Stop working on a request and free its slot."""
+
+    request_id: str
+
+
+class WelcomeFrame(_Frame, tag="welcome"):
+    """The gateway's answer to a registration: settings the reader must follow."""
+
+    gateway_id: str
+    reader_message_timeout_ms: int
+    heartbeat_interval_ms: int
+
+
+class StopFrame(_Frame, tag="stop"):
+    """Ask a reader process to exit (its reader was deleted, or the gateway is shutting down)."""
+
+    reason: str
+
+
+# ---- reader → gateway -------------------------------------------------------------------------------------------
+
+
+class RegisterFrame(_Frame, tag="register"):
+    """First frame on a new reader connection."""
+
+    reader_id: str
+    info: ReaderInfo
+    config: dict[str, Any]
+    heartbeat_interval_ms: int
+    protocol_version: int = PROTOCOL_VERSION
+    loaded: bool = False
+    capacity: int = 0
+
+
+class LoadedFrame(_Frame, tag="loaded"):
+    """The model is loaded: the reader is live and can take ``capacity`` concurrent requests."""
+
+    model_type: str
+    capacity: int
+    notes: list[str] = msgspec.field(default_factory=list)
+
+
+class LoadFailedFrame(_Frame, tag="load_failed"):
+    """The model could not be loaded; the reader will exit."""
+
+    reason: str
+
+
+class HeartbeatFrame(_Frame, tag="hb"):
+    """Periodic liveness signal; also sent as a keep-alive while requests are in flight."""
+
+    timestamp_ms: int
+    active: int = 0
+    progress: float = -1.0
+
+
+class DrainFrame(_Frame, tag="drain"):
+    """The reader is shutting down: it finishes what it has and takes nothing new."""
+
+    reason: str
+
+
+class TokenFrame(_Frame, tag="tok"):
+    """A piece of generated text for one request (may stand for several tokens)."""
+
+    request_id: str
+    seq: int
+    text: str
+    n_tokens: int = 1
+
+
+class FinalFrame(_Frame, tag="fin"):
+    """The request ended normally (or was aborted); the last frame of a request."""
+
+    request_id: str
+    seq: int
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reader_id: str = ""
+
+
+class ErrorFrame(_Frame, tag="err"):
+    """The request failed; the last frame of a request."""
+
+    request_id: str
+    seq: int
+    error_type: str
+    message: str
+
+
+OutputFrame = TokenFrame | FinalFrame | ErrorFrame
+ReaderFrame = (
+    RegisterFrame | LoadedFrame | LoadFailedFrame | HeartbeatFrame | DrainFrame | TokenFrame | FinalFrame | ErrorFrame
+)
+GatewayFrame = WelcomeFrame | RequestFrame | AbortFrame | StopFrame
+
+_encoder = msgspec.msgpack.Encoder()
+_reader_decoder = msgspec.msgpack.Decoder(list[ReaderFrame])
+_gateway_decoder = msgspec.msgpack.Decoder(list[GatewayFrame])
+
+
+def encode_frames(frames: list[Any]) -> bytes:
+    """Encode a batch of frames as one transport message."""
+    return _encoder.encode(frames)
+
+
+def decode_reader_frames(data: bytes) -> list[ReaderFrame]:
+    """Decode a message sent by a reader."""
+    return _reader_decoder.decode(data)
+
+
+def decode_gateway_frames(data: bytes) -> list[GatewayFrame]:
+    """Decode a message sent by a gateway."""
+    return _gateway_decoder.decode(data)

@@ -1,0 +1,76 @@
+"""Internal request and result types: msgspec structs that carry no HTTP or wire-schema concepts.
+
+Surfaces translate their wire bodies into these (``gateway/translate``); readers and backends only ever see
+these. They are also what travels inside broker frames (``core/frames.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class ModelType(enum.StrEnum):
+    """What a reader serves, as reported in ``model_type`` (takeoff-spec §6)."""
+
+    CAUSAL = "CAUSAL"
+    EMBEDDING = "EMBEDDING"
+    CLASSIFICATION = "CLASSIFICATION"
+    IMAGE_TO_TEXT = "IMAGE_TO_TEXT"
+    API = "API"
+
+
+class ReaderState(enum.StrEnum):
+    """Lifecycle of a reader as the gateway sees it."""
+
+    LOADING = "loading"
+    LIVE = "live"
+    DEAD = "dead"
+
+
+class RequestKind(enum.StrEnum):
+    """The kinds of work a reader can be asked to do."""
+
+    GENERATE = "generate"
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORTED = "aborted"
+
+
+class GenerationParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True, gc=False):
+    """Decoding parameters of one generation (takeoff-spec §2.1.1, with internal names)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 1
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    prompt_max_tokens: int | None = None
+    regex_string: str | None = None
+    json_schema: str | None = None
+    constrained_decoding_backend: str | None = None
+    lora_id: str | None = None
+    use_chat_template: bool = False
+    return_metadata: bool = False
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+class ReaderInfo(msgspec.Struct, kw_only=True):
+    """What a reader reports about itself; the fields of ``ReaderInfo`` in the management ``/status``."""
+
+    consumer_groups: list[str]
+    consumer_name: str
+    device: str
+    model_name: str
+    model_type: str
+    pids: list[int]

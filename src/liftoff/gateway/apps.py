@@ -1,0 +1,44 @@
+"""One ASGI app per port, each composed of the surfaces that port serves, sharing one :class:`GatewayState`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
+
+from liftoff import __version__
+from liftoff.gateway.errors import install_error_handlers, render_native
+from liftoff.gateway.fastpath import FastRoutes
+from liftoff.gateway.http import BodyLimitMiddleware
+from liftoff.gateway.state import GatewayState
+from liftoff.gateway.surfaces import health, internal, management, native
+
+# config key of the port → (title, routers)
+PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
+    "port": ("inference", [native.router, health.router]),
+    "management_port": ("management", [management.router, health.router]),
+    "vertex_port": ("vertex", [health.router]),
+    "openai_port": ("openai", [health.router]),
+    "snowflake_port": ("snowflake", [health.router]),
+    "internal_port": ("internal", [internal.router, health.router]),
+}
+
+
+def build_app(port_key: str, state: GatewayState) -> ASGIApp:
+    """The app of one port (``port_key`` is its config key, e.g. ``management_port``)."""
+    title, routers = PORT_SURFACES[port_key]
+    app = FastAPI(
+        title=f"Liftoff {title} API",
+        version=__version__,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.liftoff = state
+    for router in routers:
+        app.include_router(router)
+    install_error_handlers(app, render_native)
+    asgi: ASGIApp = app
+    if port_key == "port":
+        hot = {("POST", "/generate"): native.generate, ("POST", "/generate_stream"): native.generate_stream}
+        asgi = FastRoutes(app, hot, render_native)
+    return BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render_native)

@@ -1,0 +1,196 @@
+"""Dispatch: hand requests to the broker and route their output frames back to a per-request :class:`Collector`.
+
+A collector gathers the frames of one user request (a user batch is several broker requests, one per prompt) in
+a single buffer with one wake-up event, so a surface reads everything that arrived in one go. Errors travel as
+frames, like data. Deadlines are enforced here as well as in the broker: no wait is unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from liftoff.broker.base import GatewayBroker
+from liftoff.config.models import AppConfig
+from liftoff.core.clock import monotonic
+from liftoff.core.errors import (
+    LiftoffError,
+    NoReadersAvailableError,
+    NotFoundError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    ShuttingDownError,
+    error_from_type,
+)
+from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, TokenFrame
+from liftoff.management.registry import ReaderRegistry
+
+
+@dataclass(slots=True)
+class Item:
+    """One frame of one prompt of a collector."""
+
+    index: int
+    frame: OutputFrame
+
+
+class Collector:
+    """The hand-off between the dispatcher and a surface for one user request.
+
+    Waiting costs one future per wake-up and one timer per request (the deadline), no tasks.
+    """
+
+    __slots__ = ("_finished", "_loop", "_next_seq", "_timer", "_waiter", "cancelled", "deadline", "expired",
+                 "pending", "remaining", "request_ids")  # fmt: skip
+
+    def __init__(self, request_ids: list[str], deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.request_ids = request_ids
+        self.deadline = deadline
+        self.pending: deque[Item] = deque()
+        self.remaining = len(request_ids)
+        self.cancelled = False
+        self.expired = False
+        self._next_seq = [0] * len(request_ids)
+        self._finished = [False] * len(request_ids)
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        """Every prompt has its final frame."""
+        return self.remaining == 0
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def push(self, index: int, frame: OutputFrame) -> bool:
+        """Add a frame; return True when it was the prompt's last. Duplicate frames are dropped."""
+        if isinstance(frame, TokenFrame):
+            if frame.seq < self._next_seq[index]:
+                return False
+            self._next_seq[index] = frame.seq + 1
+            self.pending.append(Item(index, frame))
+            self._wake()
+            return False
+        if self._finished[index]:
+            return False
+        self._finished[index] = True
+        self.pending.append(Item(index, frame))
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.close()
+        self._wake()
+        return True
+
+    def cancel(self) -> None:
+        """Wake the reader of this collector with a cancellation (client gone)."""
+        self.cancelled = True
+        self._wake()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._wake()
+
+    def close(self) -> None:
+        """Drop the deadline timer (the request is over)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def next(self) -> list[Item]:
+        """Everything that arrived since the last call; [] once finished. Raises on deadline or cancel."""
+        while not self.pending:
+            if self.cancelled:
+                raise RequestCancelledError("the client disconnected")
+            if self.remaining == 0:
+                return []
+            if self.expired or monotonic() >= self.deadline:
+                raise RequestTimeoutError("the request did not finish before its deadline")
+            if self._timer is None:
+                self._timer = self._loop.call_later(self.deadline - monotonic(), self._expire)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self.pending)
+        self.pending.clear()
+        return items
+
+
+def raise_if_error(item: Item) -> None:
+    """Raise the error an error frame carries."""
+    if isinstance(item.frame, ErrorFrame):
+        raise error_from_type(item.frame.error_type, item.frame.message)
+
+
+class Dispatcher:
+    """Submits requests to the broker and routes their frames to collectors."""
+
+    def __init__(self, broker: GatewayBroker, registry: ReaderRegistry, config: AppConfig) -> None:
+        self.broker = broker
+        self.registry = registry
+        self.config = config
+        self.reserved = frozenset(config.reserved_groups())
+        self.closing = False
+        self._routes: dict[str, tuple[Collector, int]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Broker requests waiting for their final frame."""
+        return len(self._routes)
+
+    def _queue_deadline(self, group: str, deadline: float) -> float:
+        if self.registry.has_live(group):
+            return deadline
+        if group in self.reserved:
+            return min(deadline, monotonic() + self.config.reserved_buffer_timeout_s)
+        if self.registry.knows(group):
+            raise NoReadersAvailableError(
+                f"no live reader in consumer group '{group}'; its readers are loading or dead"
+            )
+        known = ", ".join(self.registry.groups()) or "none"
+        raise NotFoundError(f"consumer group '{group}' does not exist (known groups: {known})", param="consumer_group")
+
+    def submit(self, frames: list[RequestFrame]) -> Collector:
+        """Queue every frame (all of one consumer group) and return their collector."""
+        if self.closing:
+            raise ShuttingDownError("the server is shutting down")
+        deadline = monotonic() + self.config.request_timeout_s
+        queue_deadline = self._queue_deadline(frames[0].consumer_group, deadline)
+        collector = Collector([frame.request_id for frame in frames], deadline)
+        for index, frame in enumerate(frames):
+            self._routes[frame.request_id] = (collector, index)
+            try:
+                self.broker.submit(frame, queue_deadline)
+            except LiftoffError:
+                self.abort(collector)
+                raise
+        return collector
+
+    def abort(self, collector: Collector) -> None:
+        """Cancel every unfinished prompt of a collector."""
+        collector.close()
+        for request_id in collector.request_ids:
+            if self._routes.pop(request_id, None) is not None:
+                self.broker.abort(request_id)
+
+    def on_outputs(self, frames: list[OutputFrame]) -> None:
+        """Route output frames from the broker to their collectors."""
+        routes = self._routes
+        for frame in frames:
+            route = routes.get(frame.request_id)
+            if route is None:
+                continue
+            collector, index = route
+            if collector.push(index, frame):
+                del routes[frame.request_id]
+
+
+def is_final(frame: OutputFrame) -> bool:
+    """Whether a frame ends its request."""
+    return isinstance(frame, FinalFrame | ErrorFrame)

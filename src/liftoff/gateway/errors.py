@@ -1,0 +1,90 @@
+"""The one place where exceptions become HTTP responses.
+
+Each surface has a renderer (native JSON here; OpenAI's shape joins later) and :func:`install_error_handlers`
+registers, for an app, handlers by base class: :class:`LiftoffError`, FastAPI's validation error, Starlette's
+HTTP errors (404, 405) and any other exception (a 500 whose details go to the log, not the client).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from liftoff.core.errors import InvalidRequestError, LiftoffError, ValidationFailedError
+
+logger = logging.getLogger(__name__)
+
+Renderer = Callable[[LiftoffError], Response]
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+class HTTPStatusError(LiftoffError):
+    """A plain HTTP error from routing (unknown path, wrong method)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+        self.error_type = _HTTP_TYPES.get(status, "http_error")  # type: ignore[misc]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response encoded with msgspec (fast, no pydantic on the hot path)."""
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def render_native(exc: LiftoffError) -> Response:
+    """``{"detail", "error_type"}`` (plus ``errors`` for invalid fields) with the error's status."""
+    body: dict[str, Any] = {"detail": exc.message, "error_type": exc.error_type}
+    if isinstance(exc, ValidationFailedError) and exc.errors:
+        body["errors"] = exc.errors
+    return json_response(body, exc.status)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> LiftoffError:
+    """Turn a pydantic or FastAPI validation error into a Liftoff error that names every bad field."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else exc.errors(include_url=False)
+    for error in errors:
+        if error["type"] == "json_invalid":
+            return InvalidRequestError(f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+    listed = [{"loc": _location(tuple(error["loc"])), "msg": error["msg"], "type": error["type"]} for error in errors]
+    message = "; ".join(f"{item['loc']}: {item['msg']}" for item in listed)
+    return ValidationFailedError(f"invalid request body: {message}", errors=listed)
+
+
+def install_error_handlers(app: FastAPI, render: Renderer) -> None:
+    """Register the handlers of every error kind on ``app``, rendering with ``render``."""
+
+    async def liftoff_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LiftoffError)
+        return render(exc)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return render(from_validation_error(exc))
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return render(HTTPStatusError(exc.status_code, str(exc.detail)))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return render(LiftoffError("internal server error; see the server log"))
+
+    app.add_exception_handler(LiftoffError, liftoff_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

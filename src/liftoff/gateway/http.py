@@ -1,0 +1,139 @@
+"""HTTP helpers shared by the surfaces: body parsing, the body-size limit, disconnect detection, SSE output.
+
+Cancellation: while a request waits for its readers, a watcher listens for the client's ``http.disconnect`` and
+cancels the request's collector; the surface then aborts the request at the reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from liftoff.core.errors import LiftoffError, PayloadTooLargeError
+from liftoff.gateway.dispatch import Collector
+from liftoff.gateway.errors import Renderer, from_validation_error
+
+M = TypeVar("M", bound=BaseModel)
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]  # fmt: skip
+
+
+def json_body(model: type[BaseModel]) -> dict[str, object]:
+    """``openapi_extra`` documenting a JSON body that a handler parses itself (with :func:`read_model`)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    """Parse and validate the JSON body; invalid JSON is a 400, a wrong shape a 422 naming each field."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def sse_event(data: str, event: str | None = None) -> str:
+    """One server-sent event; each line of ``data`` becomes its own ``data:`` line, so newlines survive."""
+    head = f"event: {event}\n" if event else ""
+    if "\n" not in data and "\r" not in data:
+        return f"{head}data: {data}\n\n"
+    return head + "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data)) + "\n"
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@contextmanager
+def cancel_on_disconnect(receive: Receive, collector: Collector, delay_s: float = 0.02) -> Iterator[None]:
+    """While inside, a client disconnect cancels ``collector`` (its ``next()`` raises).
+
+    The watcher task starts only after ``delay_s``: requests that finish sooner cost one timer, not a task.
+    """
+    loop = asyncio.get_running_loop()
+    watcher: asyncio.Task[None] | None = None
+
+    def start() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(_wait_disconnect(receive))
+        watcher.add_done_callback(lambda task: None if task.cancelled() else collector.cancel())
+
+    handle = loop.call_later(delay_s, start)
+    try:
+        yield
+    finally:
+        handle.cancel()
+        if watcher is not None:
+            watcher.cancel()
+
+
+class EventStreamResponse(Response):
+    """An SSE response that cancels its collector as soon as the client disconnects."""
+
+    def __init__(self, chunks: AsyncIterator[str], collector: Collector, on_close: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.chunks = chunks
+        self.collector = collector
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with cancel_on_disconnect(receive, self.collector):
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away mid-write
+            finally:
+                self.on_close()
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes with a 413, by header or while reading (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, limit: int, render: Renderer) -> None:
+        self.app = app
+        self.limit = limit
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self.render(self._error(int(value)))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._error(received)
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _error(self, size: int) -> LiftoffError:
+        return PayloadTooLargeError(
+            f"the body is {size} bytes, over body_size_limit_bytes ({self.limit}); send less or raise the limit"
+        )

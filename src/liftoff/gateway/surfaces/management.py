@@ -1,0 +1,70 @@
+"""The management API (port 3001): status, reader groups, create and delete readers, reader configs.
+
+``GET /status`` matches Takeoff's schema field for field (takeoff-spec §2.2.1); ``GET /reader/{id}`` is a
+Liftoff extension that shows a reader's state, the reason it died and the options its backend ignores.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from liftoff.config.models import ReaderConfig
+from liftoff.core.errors import NotFoundError
+from liftoff.gateway.errors import json_response
+from liftoff.gateway.http import json_body, read_model
+from liftoff.gateway.state import get_state
+from liftoff.protocol.management import CreatedReader, ReaderGroupEntry, StatusResponse
+from liftoff.protocol.native import ERROR_RESPONSES
+
+router = APIRouter(tags=["management"])
+
+_CREATE_BODY = json_body(ReaderConfig)
+
+
+@router.get("/status", response_model=StatusResponse)
+async def status(request: Request) -> Response:
+    """The app configuration and every reader: loading, live and dead, with their last heartbeats."""
+    state = get_state(request)
+    config = state.config
+    body = {"config": config.status_view(), "status": state.registry.status(config.reserved_groups())}
+    return json_response(body)
+
+
+@router.get("/reader_groups", response_model=dict[str, list[ReaderGroupEntry]])
+async def reader_groups(request: Request) -> Response:
+    """Consumer group → its loading and live readers (``ready`` is true for live ones)."""
+    return json_response(get_state(request).registry.reader_groups())
+
+
+@router.post(
+    "/reader", status_code=201, response_model=CreatedReader, responses=ERROR_RESPONSES, openapi_extra=_CREATE_BODY
+)
+async def create_reader(request: Request) -> Response:
+    """Start a reader; it is in ``loading_readers`` until its model is loaded, then in ``live_readers``."""
+    state = get_state(request)
+    config = await read_model(request, ReaderConfig)
+    reader_id = await state.manager.create(config)
+    return json_response({"reader_id": reader_id}, 201)
+
+
+@router.delete("/reader/{reader_id}", status_code=204, responses={404: ERROR_RESPONSES[404]})
+async def delete_reader(request: Request, reader_id: str) -> Response:
+    """Stop a reader's processes and forget it."""
+    await get_state(request).manager.delete(reader_id)
+    return Response(status_code=204)
+
+
+@router.get("/config/{reader_id}", responses={404: ERROR_RESPONSES[404]})
+async def reader_config(request: Request, reader_id: str) -> Response:
+    """The ReaderConfig a reader runs with (nulls dropped)."""
+    return json_response(get_state(request).manager.config_of(reader_id).public_dict())
+
+
+@router.get("/reader/{reader_id}", responses={404: ERROR_RESPONSES[404]})
+async def reader_detail(request: Request, reader_id: str) -> Response:
+    """[Liftoff] One reader in detail: state, error (why it is dead), notes (ignored options), config."""
+    record = get_state(request).registry.get(reader_id)
+    if record is None:
+        raise NotFoundError(f"reader {reader_id!r} does not exist", param="reader_id")
+    return json_response(record.detail())

@@ -1,0 +1,1 @@
+"""Pure functions from wire schemas (``protocol``) to ``core`` requests, and from core results back."""

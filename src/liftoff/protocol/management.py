@@ -1,0 +1,78 @@
+"""Wire schemas of the management API (port 3001): ``/status``, ``/reader_groups``, ``/reader``, ``/config``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ReaderInfoModel(BaseModel):
+    """``ReaderInfo`` of the management ``/status``."""
+
+    consumer_groups: list[str]
+    consumer_name: str
+    device: str
+    model_name: str
+    model_type: str
+    pids: list[int]
+
+
+class LastHeartbeat(BaseModel):
+    """A reader's last heartbeat: epoch milliseconds, and the reader's heartbeat period in milliseconds."""
+
+    heartbeat_timestamp: int
+    heartbeat_wait_interval: int
+
+
+class StatusConfig(BaseModel):
+    """``config`` of the management ``/status``."""
+
+    allow_remote_images: bool
+    body_size_limit_bytes: int
+    echo: bool
+    enable_metrics: bool
+    heartbeat_check_interval: int
+    internal_port: int
+    management_port: int
+    max_prompt_string_bytes: int
+    max_user_batch_size: int
+    openai_port: int
+    port: int
+    reader_message_timeout_ms: int
+    repository_path: str
+    reserved_consumers: str
+    snowflake_port: int
+    vertex_port: int
+
+
+class StatusBody(BaseModel):
+    """``status`` of the management ``/status``."""
+
+    dead_readers: dict[str, ReaderInfoModel]
+    last_heartbeat: dict[str, LastHeartbeat]
+    live_readers: dict[str, ReaderInfoModel]
+    loading_readers: dict[str, ReaderInfoModel]
+    reserved_consumers: list[str]
+
+
+class StatusResponse(BaseModel):
+    """The management ``GET /status`` (takeoff-spec §2.2.1)."""
+
+    config: StatusConfig
+    status: StatusBody | None
+
+
+class ReaderGroupEntry(BaseModel):
+    """One reader in ``GET /reader_groups``."""
+
+    reader_id: str
+    device: str
+    model_name: str
+    model_type: str
+    pids: list[int]
+    ready: bool = Field(..., description="Whether the reader is live.")
+
+
+class CreatedReader(BaseModel):
+    """Answer of ``POST /reader``."""
+
+    reader_id: str

@@ -1,0 +1,73 @@
+"""Wire schemas of the native inference API (port 3000): ``/generate`` and ``/generate_stream``.
+
+Every optional field accepts an explicit ``null`` (the official client sends them all), meaning "use the
+default". Types are strict: a string where a number belongs is an error, not a coercion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateRequest(BaseModel):
+    """``GenerateRequest`` (takeoff-spec §2.1.1)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | list[str] = Field(..., description="A prompt, or a list of prompts (a user batch).")
+    consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 128).")
+    min_new_tokens: int | None = Field(None, ge=0, description="Fewest tokens before end-of-sequence is allowed.")
+    sampling_temperature: float | None = Field(None, ge=0, description="Temperature (default 1.0).")
+    sampling_topk: int | None = Field(None, ge=0, description="Top-k; 1 (the default) is greedy.")
+    sampling_topp: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1.0).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Above 1 penalises repeated tokens.")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Forbid repeating n-grams of this size.")
+    prompt_max_tokens: int | None = Field(None, ge=1, description="Keep only the last N tokens of the prompt.")
+    regex_string: str | None = Field(None, description="Constrain the output to this regex.")
+    json_schema: dict[str, Any] | bool | str | None = Field(None, description="Constrain the output to this schema.")
+    constrained_decoding_backend: str | None = Field(None, description="Structured generation engine.")
+    lora_id: str | None = Field(None, description="LoRA adapter to apply.")
+    use_chat_template: bool | None = Field(None, description="Wrap the text as a user turn of the chat template.")
+    image_paths: list[str] | None = Field(None, description="Images for multimodal readers.")
+    return_metadata: bool | None = Field(None, description="Also return token counts.")
+
+
+class GenerateMetadata(BaseModel):
+    """Token counts of a generation (``return_metadata``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    reader_id: str = Field(..., description="The reader that served the prompt.")
+
+
+class GenerateResponse(BaseModel):
+    """``/generate`` answer: the completion, or one per prompt of a list, in order."""
+
+    text: str | list[str]
+    metadata: GenerateMetadata | list[GenerateMetadata] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error of the native, management, Vertex and Snowflake ports."""
+
+    detail: str = Field(..., description="What went wrong, and how to fix it where that is known.")
+    error_type: str = Field(..., description="Stable machine-readable kind of error.")
+    errors: list[dict[str, Any]] | None = Field(None, description="Each invalid field, for validation errors.")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "Bad request: malformed JSON, limits exceeded, prompt too long"),
+        (404, "Unknown consumer group or reader"),
+        (413, "Body larger than body_size_limit_bytes"),
+        (422, "Malformed request body: wrong types or missing fields"),
+        (429, "Too many queued requests"),
+        (503, "No live reader, or the reader died mid-request"),
+        (504, "The request did not finish before its deadline"),
+    )
+}

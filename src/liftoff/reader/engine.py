@@ -1,0 +1,189 @@
+"""The engine thread: owns a backend and runs the continuous-batching loop.
+
+Commands (admit, abort) arrive on a thread-safe inbox and are applied between steps; every step's outputs become
+frames handed to ``emit`` (which crosses back to the asyncio loop). Requests beyond the backend's capacity wait
+in a local FIFO and are admitted as slots free up.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from liftoff.backends.base import Backend, StepOutput
+from liftoff.core.errors import BackendError, LiftoffError
+from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
+from liftoff.core.types import FinishReason
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[list[Any]], None]
+
+_STOP = object()
+_ABORT_ALL = object()
+
+
+class Engine:
+    """Runs ``backend`` on a dedicated thread; thread-safe ``submit``/``abort``/``stop``."""
+
+    def __init__(self, backend: Backend, emit: Emit, reader_id: str = "") -> None:
+        self._reader_id = reader_id
+        self._backend = backend
+        self._emit = emit
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._waiting: deque[RequestFrame] = deque()
+        self._seq: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="liftoff-engine", daemon=True)
+        self._running = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted or waiting (read from another thread: approximate)."""
+        return len(self._seq)
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._running = True
+        self._thread.start()
+
+    def submit(self, frame: RequestFrame) -> None:
+        """Queue a request for admission."""
+        self._inbox.put(frame)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (waiting or running)."""
+        self._inbox.put(request_id)
+
+    def abort_all(self) -> None:
+        """Cancel every request (the gateway connection was lost)."""
+        self._inbox.put(_ABORT_ALL)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; running sequences are dropped."""
+        if self._running:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+            self._running = False
+
+    # ---- engine thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._collect(block=not self._seq):
+            self._admit_waiting()
+            if self._backend.active():
+                self._step()
+
+    def _collect(self, *, block: bool) -> bool:
+        """Apply every queued command, first waiting for one when idle; False means stop."""
+        if block:
+            try:
+                command = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                return True
+            if not self._apply(command):
+                return False
+        return self._drain()
+
+    def _drain(self) -> bool:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if not self._apply(command):
+                return False
+
+    def _apply(self, command: object) -> bool:
+        if command is _STOP:
+            return False
+        if isinstance(command, RequestFrame):
+            self._seq[command.request_id] = 0
+            self._waiting.append(command)
+        elif isinstance(command, str):
+            self._abort(command)
+        elif command is _ABORT_ALL:
+            for request_id in list(self._seq):
+                self._abort(request_id)
+        return True
+
+    def _abort(self, request_id: str) -> None:
+        if request_id not in self._seq:
+            return
+        for index, frame in enumerate(self._waiting):
+            if frame.request_id == request_id:
+                del self._waiting[index]
+                break
+        else:
+            self._backend.abort(request_id)
+        seq = self._seq.pop(request_id)
+        final = FinalFrame(
+            request_id=request_id, seq=seq, finish_reason=FinishReason.ABORTED, reader_id=self._reader_id
+        )
+        self._emit([final])
+
+    def _admit_waiting(self) -> None:
+        out: list[Any] = []
+        while self._waiting and self._backend.active() < self._backend.capacity:
+            frame = self._waiting.popleft()
+            try:
+                self._backend.admit(frame.request_id, frame.text, frame.params)
+            except LiftoffError as exc:
+                out.append(self._error_frame(frame.request_id, exc))
+            except Exception as exc:
+                logger.exception("backend refused request %s", frame.request_id)
+                out.append(self._error_frame(frame.request_id, BackendError(f"the backend failed: {exc}")))
+        if out:
+            self._emit(out)
+
+    def _step(self) -> None:
+        try:
+            outputs = self._backend.step()
+        except Exception as exc:
+            logger.exception("backend step failed; failing the %d running requests", self._backend.active())
+            error = BackendError(f"the backend failed: {exc}")
+            outputs = [StepOutput(request_id, error=error) for request_id in self._running_ids()]
+            for request_id in self._running_ids():
+                self._backend.abort(request_id)
+        self._emit(self._frames(outputs))
+
+    def _running_ids(self) -> list[str]:
+        waiting = {frame.request_id for frame in self._waiting}
+        return [request_id for request_id in self._seq if request_id not in waiting]
+
+    def _frames(self, outputs: list[StepOutput]) -> list[Any]:
+        frames: list[Any] = []
+        for out in outputs:
+            rid = out.request_id
+            if rid not in self._seq:
+                continue
+            if out.error is not None:
+                frames.append(self._error_frame(rid, out.error))
+                continue
+            if out.text:
+                frames.append(TokenFrame(request_id=rid, seq=self._next_seq(rid), text=out.text, n_tokens=out.n_tokens))
+            if out.finish_reason is not None:
+                seq = self._seq.pop(rid)
+                frames.append(
+                    FinalFrame(
+                        request_id=rid,
+                        seq=seq,
+                        finish_reason=out.finish_reason,
+                        prompt_tokens=out.prompt_tokens,
+                        completion_tokens=out.completion_tokens,
+                        reader_id=self._reader_id,
+                    )
+                )
+        return frames
+
+    def _next_seq(self, request_id: str) -> int:
+        seq = self._seq[request_id]
+        self._seq[request_id] = seq + 1
+        return seq
+
+    def _error_frame(self, request_id: str, exc: LiftoffError) -> ErrorFrame:
+        seq = self._seq.pop(request_id, 0)
+        return ErrorFrame(request_id=request_id, seq=seq, error_type=exc.error_type, message=exc.message)

@@ -1,0 +1,251 @@
+"""The reader process's asyncio side: connect to the gateway, load the model, serve, heartbeat, shut down.
+
+The model loads on a worker thread while the reader is already registered (so ``/status`` shows it loading);
+then the engine thread serves requests. A supervised reader (spawned by ``liftoff serve``) exits when its
+gateway goes away; a headless reader reconnects with backoff. SIGTERM drains: the reader takes no new work,
+finishes what it has (up to ``shutdown_timeout_s``), then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from liftoff.backends.base import Backend
+from liftoff.backends.registry import create_backend
+from liftoff.broker.base import LinkClosedError, ReaderLink
+from liftoff.config.models import ReaderConfig
+from liftoff.core import ids
+from liftoff.core.clock import monotonic, now_ms
+from liftoff.core.frames import (
+    AbortFrame,
+    DrainFrame,
+    HeartbeatFrame,
+    LoadedFrame,
+    LoadFailedFrame,
+    RegisterFrame,
+    RequestFrame,
+    StopFrame,
+    WelcomeFrame,
+)
+from liftoff.core.runtime import tune_gc
+from liftoff.core.types import ReaderInfo
+from liftoff.reader.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+LinkFactory = Callable[[], ReaderLink]
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How to run one reader."""
+
+    reader_id: str
+    config: ReaderConfig
+    supervised: bool = False
+    default_batch_size: int = 8
+    heartbeat_interval_ms: int = 1000
+    shutdown_timeout_s: float = 30.0
+    max_backoff_s: float = 10.0
+
+
+class ReaderProcess:
+    """One reader: a backend, an engine thread and a link to the gateway."""
+
+    def __init__(self, options: ReaderOptions, link_factory: LinkFactory) -> None:
+        self.options = options
+        self._link_factory = link_factory
+        self._link: ReaderLink | None = None
+        self._backend: Backend | None = None
+        self._engine: Engine | None = None
+        self._progress = 0.0
+        self._loaded = False
+        self._exit_code: int | None = None
+        self._stop = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stop_reason = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer_name = ids.consumer_name(options.reader_id)
+
+    # ---- entry point --------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.request_stop, f"received {signal.Signals(sig).name}")
+        load_task: asyncio.Task[None] | None = None
+        backoff = 0.2
+        try:
+            while not self._stop.is_set():
+                link = self._link_factory()
+                try:
+                    welcome = await link.connect(self._register_frame())
+                except LinkClosedError as exc:
+                    if self.options.supervised and load_task is not None:
+                        logger.error("lost the gateway: %s", exc)
+                        break
+                    logger.warning("%s; retrying in %.1f s", exc, backoff)
+                    await self._sleep_unless_stopped(backoff)
+                    backoff = min(backoff * 2, self.options.max_backoff_s)
+                    continue
+                backoff = 0.2
+                if load_task is None:
+                    load_task = asyncio.create_task(self._load(), name="liftoff-load")
+                await self._session(link, welcome)
+                if self.options.supervised:
+                    break
+        finally:
+            await self._cleanup(load_task)
+        return self._exit_code or 0
+
+    def request_stop(self, reason: str) -> None:
+        """Begin a graceful stop (signal handler)."""
+        if not self._stop.is_set():
+            logger.info("reader %s stopping: %s", self.options.reader_id, reason)
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    # ---- registration and loading -------------------------------------------------------------------------------
+
+    def _register_frame(self) -> RegisterFrame:
+        config = self.options.config
+        model_type = self._backend.model_type.value if self._backend and self._loaded else "CAUSAL"
+        info = ReaderInfo(
+            consumer_groups=list(config.consumer_group),
+            consumer_name=self._consumer_name,
+            device=config.device,
+            model_name=config.model_name,
+            model_type=model_type,
+            pids=[os.getpid()],
+        )
+        return RegisterFrame(
+            reader_id=self.options.reader_id,
+            info=info,
+            config=config.public_dict(),
+            heartbeat_interval_ms=self.options.heartbeat_interval_ms,
+            loaded=self._loaded,
+            capacity=self._backend.capacity if self._backend and self._loaded else 0,
+        )
+
+    def _set_progress(self, fraction: float) -> None:
+        self._progress = fraction
+
+    async def _load(self) -> None:
+        config = self.options.config
+        try:
+            backend = create_backend(config, self.options.default_batch_size)
+            self._backend = backend
+            logger.info("reader %s: loading %s (%s backend)", self.options.reader_id, config.model_name, backend.name)
+            await asyncio.to_thread(backend.load, self._set_progress)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.error("reader %s: loading %s failed: %s", self.options.reader_id, config.model_name, reason)
+            if self._link is not None:
+                self._link.send([LoadFailedFrame(reason=reason)])
+            self._exit_code = 1
+            self.request_stop("the model failed to load")
+            return
+        notes = backend.notes()
+        for note in notes:
+            logger.warning("reader %s: %s", self.options.reader_id, note)
+        self._engine = Engine(backend, self._emit_threadsafe, self.options.reader_id)
+        self._engine.start()
+        self._loaded = True
+        tune_gc()
+        logger.info("reader %s: live (capacity %d)", self.options.reader_id, backend.capacity)
+        if self._link is not None:
+            self._link.send([LoadedFrame(model_type=backend.model_type.value, capacity=backend.capacity, notes=notes)])
+
+    def _emit_threadsafe(self, frames: list[Any]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._emit, frames)
+
+    def _emit(self, frames: list[Any]) -> None:
+        if self._link is not None:
+            self._link.send(frames)
+        if self._engine is not None and not self._engine.in_flight:
+            self._idle.set()
+
+    # ---- one connection -----------------------------------------------------------------------------------------
+
+    async def _session(self, link: ReaderLink, welcome: WelcomeFrame) -> None:
+        self._link = link
+        logger.info("reader %s: connected to gateway %s", self.options.reader_id, welcome.gateway_id)
+        receiver = asyncio.create_task(self._receive_forever(link))
+        beater = asyncio.create_task(self._heartbeat_forever(link, welcome))
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set() and not receiver.done():
+                await self._drain(link)
+        finally:
+            for task in (receiver, beater, stopper):
+                task.cancel()
+            self._link = None
+            await link.close()
+            if self._engine is not None:
+                self._engine.abort_all()
+
+    async def _receive_forever(self, link: ReaderLink) -> None:
+        try:
+            while True:
+                for frame in await link.receive():
+                    self._on_frame(frame)
+        except LinkClosedError as exc:
+            if not self._stop.is_set():
+                logger.warning("reader %s: gateway link closed: %s", self.options.reader_id, exc)
+
+    def _on_frame(self, frame: object) -> None:
+        if isinstance(frame, RequestFrame) and self._engine is not None:
+            self._engine.submit(frame)
+        elif isinstance(frame, AbortFrame) and self._engine is not None:
+            self._engine.abort(frame.request_id)
+        elif isinstance(frame, StopFrame):
+            self._engine_abort_all()
+            self.request_stop(f"the gateway asked: {frame.reason}")
+
+    def _engine_abort_all(self) -> None:
+        if self._engine is not None:
+            self._engine.abort_all()
+
+    async def _heartbeat_forever(self, link: ReaderLink, welcome: WelcomeFrame) -> None:
+        period = welcome.heartbeat_interval_ms / 1000.0
+        keepalive = min(period, welcome.reader_message_timeout_ms / 3000.0)
+        last = 0.0
+        while True:
+            busy = self._engine is not None and self._engine.in_flight > 0
+            now = monotonic()
+            if busy or now - last >= period:
+                last = now
+                active = self._engine.in_flight if self._engine else 0
+                progress = 1.0 if self._loaded else self._progress
+                link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress)])
+            await asyncio.sleep(keepalive)
+
+    async def _drain(self, link: ReaderLink) -> None:
+        link.send([DrainFrame(reason=self._stop_reason)])
+        if self._engine is not None and self._engine.in_flight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.options.shutdown_timeout_s)
+
+    async def _cleanup(self, load_task: asyncio.Task[None] | None) -> None:
+        if load_task is not None and not load_task.done():
+            # The load runs on a thread we cannot interrupt; the process exits without waiting for it.
+            load_task.cancel()
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
+        if self._backend is not None:
+            self._backend.close()

@@ -1,0 +1,35 @@
+"""Shared fixtures; tests are marked by folder (unit, integration, models, gpu)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LiftoffServer
+
+_FOLDER_MARKERS = {"unit", "integration", "models", "gpu"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for part in Path(str(item.fspath)).parts:
+            if part in _FOLDER_MARKERS:
+                item.add_marker(getattr(pytest.mark, part))
+
+
+@pytest.fixture
+def liftoff(tmp_path: Path) -> Iterator[type[LiftoffServer]]:
+    """A factory of real ``liftoff serve`` processes; every one started is stopped, and orphans are checked."""
+    started: list[LiftoffServer] = []
+
+    class Factory(LiftoffServer):
+        def __init__(self, **kwargs: object) -> None:
+            kwargs.setdefault("workdir", tmp_path / f"server{len(started)}")
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield Factory
+    for server in started:
+        server.close()

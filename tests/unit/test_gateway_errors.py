@@ -1,0 +1,106 @@
+"""``liftoff.gateway.errors``: validation errors become 400 (bad JSON) or 422 (naming each bad field)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from liftoff.core.errors import InvalidRequestError, LiftoffError, NotFoundError, ValidationFailedError
+from liftoff.gateway.errors import HTTPStatusError, from_validation_error, render_native
+from liftoff.protocol.native import GenerateRequest
+
+
+def error_for(body: bytes) -> LiftoffError:
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate_json(body)
+    return from_validation_error(info.value)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b'{"text": "a",}', b"\xff\xfe"])
+def test_invalid_json_is_invalid_request_400(body: bytes) -> None:
+    error = error_for(body)
+    assert type(error) is InvalidRequestError
+    assert error.status == 400
+    assert error.error_type == "invalid_request"
+    assert error.message.startswith("the body is not valid JSON: ")
+
+
+def test_field_errors_are_validation_failed_422_naming_fields() -> None:
+    error = error_for(b'{"text": "hi", "max_new_tokens": "ten", "sampling_topp": 1.5}')
+    assert isinstance(error, ValidationFailedError)
+    assert error.status == 422
+    assert error.error_type == "validation_error"
+    locations = [item["loc"] for item in error.errors]
+    assert locations == ["max_new_tokens", "sampling_topp"]
+    assert all(set(item) == {"loc", "msg", "type"} for item in error.errors)
+    assert "max_new_tokens: " in error.message
+    assert "sampling_topp: " in error.message
+    assert error.message.startswith("invalid request body: ")
+
+
+def test_missing_field_is_named() -> None:
+    error = error_for(b'{"consumer_group": "primary"}')
+    assert isinstance(error, ValidationFailedError)
+    assert error.errors == [{"loc": "text", "msg": "Field required", "type": "missing"}]
+
+
+def test_wrong_top_level_type_is_located_at_body() -> None:
+    error = error_for(b'["a list"]')
+    assert isinstance(error, ValidationFailedError)
+    assert [item["loc"] for item in error.errors] == ["body"]
+
+
+def test_strict_types_are_not_coerced() -> None:
+    error = error_for(b'{"text": "hi", "use_chat_template": "yes"}')
+    assert isinstance(error, ValidationFailedError)
+    assert [item["loc"] for item in error.errors] == ["use_chat_template"]
+
+
+def test_fastapi_error_drops_the_body_prefix() -> None:
+    exc = RequestValidationError(
+        [
+            {"type": "missing", "loc": ("body", "text"), "msg": "Field required", "input": None},
+            {"type": "int_type", "loc": ("body", "items", 2), "msg": "bad int", "input": "x"},
+            {"type": "model_type", "loc": ("body",), "msg": "Input should be an object", "input": 1},
+        ]
+    )
+    error = from_validation_error(exc)
+    assert isinstance(error, ValidationFailedError)
+    assert [item["loc"] for item in error.errors] == ["text", "items.2", "body"]
+
+
+def test_fastapi_json_invalid_is_400() -> None:
+    exc = RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body", 5), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    )
+    error = from_validation_error(exc)
+    assert type(error) is InvalidRequestError
+    assert error.message == "the body is not valid JSON: Expecting value"
+
+
+def test_render_native_body_and_status() -> None:
+    response = render_native(NotFoundError("no reader 'x'"))
+    assert response.status_code == 404
+    assert response.media_type == "application/json"
+    assert json.loads(bytes(response.body)) == {"detail": "no reader 'x'", "error_type": "not_found"}
+
+
+def test_render_native_lists_field_errors() -> None:
+    error = error_for(b'{"text": 5}')
+    response = render_native(error)
+    body = json.loads(bytes(response.body))
+    assert response.status_code == 422
+    assert body["error_type"] == "validation_error"
+    assert [item["loc"] for item in body["errors"]] == ["text.str", "text.list[str]"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"), [(404, "not_found"), (405, "method_not_allowed"), (418, "http_error")]
+)
+def test_http_status_error(status: int, error_type: str) -> None:
+    error = HTTPStatusError(status, "nope")
+    assert error.status == status
+    assert error.error_type == error_type
