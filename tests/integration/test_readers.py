@@ -128,3 +128,14 @@ def test_two_readers_share_a_group(liftoff: Any) -> None:
     served_by = [r["metadata"]["reader_id"] for r in responses]
     assert served_by.count("r1") >= 3
     assert served_by.count("r2") >= 3
+
+
+def test_unknown_model_is_dead_with_advice(liftoff: Any) -> None:
+    server = liftoff(env={"HF_HUB_OFFLINE": "1"}).start(wait=None)
+    created = server.http.post(server.mgmt + "/reader", json={"model_name": "nobody/nothing", "device": "cpu"})
+    reader_id = created.json()["reader_id"]
+    wait_until(lambda: reader_id in server.readers("dead"), what="the reader without a model to be dead")
+    error = server.http.get(server.mgmt + f"/reader/{reader_id}").json()["error"]
+    assert "nobody/nothing" in error
+    assert "cannot be reached" in error
+    assert "smollm2-135m-instruct" in error

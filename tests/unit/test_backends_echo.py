@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from liftoff.backends.base import Backend, ProgressCallback, StepOutput
+from liftoff.backends.base import Backend, BackendContext, ProgressCallback, StepOutput
 from liftoff.backends.echo import EchoBackend, tokenize
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import ContextLengthExceededError
@@ -166,7 +166,9 @@ def test_fail_load_raises_its_message() -> None:
 def test_capacity_and_model_type() -> None:
     assert backend(max_batch_size=3).capacity == 3
     assert backend().capacity == 8
-    assert EchoBackend(ReaderConfig(model_name="echo", device="cpu"), default_batch_size=5).capacity == 5
+    assert (
+        EchoBackend(ReaderConfig(model_name="echo", device="cpu"), BackendContext(default_batch_size=5)).capacity == 5
+    )
     assert backend().model_type is ModelType.CAUSAL
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from liftoff.backends.base import BackendContext
 from liftoff.backends.echo import EchoBackend
 from liftoff.backends.registry import BACKENDS, BackendSelectionError, choose_backend, create_backend
+from liftoff.backends.resolve import ModelResolutionError, ResolvedModel
 from liftoff.config.models import ReaderConfig
 
 
@@ -20,28 +24,45 @@ def test_echo_model_names_choose_echo(name: str) -> None:
 
 def test_unknown_backend_option_lists_known_ones() -> None:
     config = ReaderConfig(model_name="echo", device="cpu", backend="vllm")
-    with pytest.raises(BackendSelectionError, match=r"unknown backend 'vllm'; choose one of: echo"):
+    with pytest.raises(BackendSelectionError, match=r"unknown backend 'vllm'; choose one of: echo, llamacpp"):
         choose_backend(config)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "echoes", "meta-llama/Llama-3-8B"])
-def test_no_backend_for_model_names_model_and_device(name: str) -> None:
-    with pytest.raises(BackendSelectionError) as info:
-        choose_backend(ReaderConfig(model_name=name, device="cuda"))
-    assert repr(name) in str(info.value)
-    assert "'cuda'" in str(info.value)
-    assert "backend option" in str(info.value)
+def _model(fmt: str) -> ResolvedModel:
+    return ResolvedModel("m", Path("/models/m.gguf" if fmt == "gguf" else "/models/m"), fmt)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "device", "expected"),
+    [("gguf", "cpu", "llamacpp"), ("gguf", "cuda", "transformers"), ("hf", "cpu", "transformers"),
+     ("hf", "cuda", "transformers")],
+)  # fmt: skip
+def test_backend_follows_format_and_device(fmt: str, device: str, expected: str) -> None:
+    assert choose_backend(ReaderConfig(model_name="m", device=device), _model(fmt)) == expected  # type: ignore[arg-type]
+
+
+def test_backend_option_overrides_the_format() -> None:
+    config = ReaderConfig(model_name="m", device="cpu", backend="transformers")
+    assert choose_backend(config, _model("gguf")) == "transformers"
+
+
+def test_unresolved_model_cannot_choose() -> None:
+    with pytest.raises(BackendSelectionError, match="resolved"):
+        choose_backend(ReaderConfig(model_name="gpt2", device="cpu"))
 
 
 def test_create_backend_instantiates_the_chosen_class() -> None:
-    created = create_backend(ReaderConfig(model_name="echo", device="cpu"), default_batch_size=3)
+    created = create_backend(ReaderConfig(model_name="echo", device="cpu"), BackendContext(default_batch_size=3))
     assert isinstance(created, EchoBackend)
     assert created.capacity == 3
 
 
-def test_create_backend_propagates_selection_errors() -> None:
-    with pytest.raises(BackendSelectionError):
-        create_backend(ReaderConfig(model_name="gpt2", device="cpu"))
+def test_create_backend_reports_an_unknown_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelResolutionError, match="cannot be reached"):
+        create_backend(
+            ReaderConfig(model_name="nobody/nothing", device="cpu"), BackendContext(repository_path=tmp_path)
+        )
 
 
 def test_registry_entries_are_module_colon_class() -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
+from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import LiftoffError
+from liftoff.core.errors import LiftoffError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 ProgressCallback = Callable[[float], None]
@@ -37,6 +39,15 @@ COMMON_OPTIONS: frozenset[str] = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend needs from the reader besides its own config."""
+
+    default_batch_size: int = 8
+    repository_path: Path = field(default_factory=lambda: Path.home() / "artefacts")
+    model: ResolvedModel | None = None
+
+
 @dataclass(slots=True)
 class StepOutput:
     """What one sequence produced in one step: new text and, when it ended, why."""
@@ -56,10 +67,11 @@ class Backend(abc.ABC):
     name: ClassVar[str] = "base"
     honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS
 
-    def __init__(self, config: ReaderConfig, default_batch_size: int = 8) -> None:
+    def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
         self.config = config
+        self.context = context or BackendContext()
         self.options: dict[str, Any] = dict(config.backend_options or {})
-        self.capacity = config.max_batch_size or default_batch_size
+        self.capacity = config.max_batch_size or self.context.default_batch_size
 
     @property
     @abc.abstractmethod
@@ -88,6 +100,25 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release the model. The default does nothing."""
+
+    # ---- tokenizer services (called from the reader's event loop thread, concurrently with ``step``) -------------
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens (prompt plus output) one sequence may hold; None when unbounded."""
+        return self.config.max_sequence_length
+
+    def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
+        """The tokens of ``text`` as vocabulary strings (``▁hello``, ``Ġworld``)."""
+        raise NotSupportedError(f"the {self.name} backend has no tokenizer")
+
+    def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
+        """Text of token ids or vocabulary strings."""
+        raise NotSupportedError(f"the {self.name} backend has no tokenizer")
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """One conversation rendered with the model's chat template."""
+        raise NotSupportedError(f"the {self.name} backend's model has no chat template")
 
     def notes(self) -> list[str]:
         """Reader options that were set but have no effect with this backend (reported, never dropped)."""

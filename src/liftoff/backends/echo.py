@@ -12,12 +12,19 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from liftoff.backends.base import COMMON_OPTIONS, Backend, ProgressCallback, StepOutput
+from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.text import fit_prompt, render_chat_template, user_turn
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import ContextLengthExceededError
+from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
+
+# A plain template so that chat requests work against echo readers (tests, demos).
+ECHO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def tokenize(text: str) -> list[str]:
@@ -30,6 +37,7 @@ class _Sequence:
     request_id: str
     tokens: list[str]
     params: GenerationParams
+    budget: int = 0
     generated: int = 0
     pieces: list[str] = field(default_factory=list)
 
@@ -40,8 +48,8 @@ class EchoBackend(Backend):
     name = "echo"
     honoured_options = COMMON_OPTIONS | {"max_sequence_length"}
 
-    def __init__(self, config: ReaderConfig, default_batch_size: int = 8) -> None:
-        super().__init__(config, default_batch_size)
+    def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
+        super().__init__(config, context)
         self._sequences: dict[str, _Sequence] = {}
         self._delay_s = float(self.options.get("token_delay_ms", 0)) / 1000.0
 
@@ -60,23 +68,16 @@ class EchoBackend(Backend):
             raise RuntimeError(str(self.options["fail_load"]))
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
-        tokens = tokenize(text)
-        if params.prompt_max_tokens is not None:
-            tokens = tokens[-params.prompt_max_tokens :] if params.prompt_max_tokens else []
-        limit = self.config.max_sequence_length
-        if limit is not None and len(tokens) >= limit:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(tokens)} tokens but this reader's max_sequence_length is {limit}; "
-                "shorten the prompt or set prompt_max_tokens"
-            )
-        self._sequences[request_id] = _Sequence(request_id, tokens, params)
+        if params.use_chat_template:
+            text = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
+        words = tokenize(text)
+        kept, budget = fit_prompt(range(len(words)), params, self.context_length)
+        tokens = [words[i] for i in kept]
+        self._sequences[request_id] = _Sequence(request_id, tokens, params, budget=budget)
 
     def _advance(self, seq: _Sequence) -> StepOutput:
         params = seq.params
-        budget = params.max_new_tokens
-        limit = self.config.max_sequence_length
-        if limit is not None:
-            budget = min(budget, limit - len(seq.tokens))
+        budget = seq.budget
         must_go_on = seq.generated < params.min_new_tokens or params.ignore_eos
         if not seq.tokens or (seq.generated >= len(seq.tokens) and not must_go_on):
             return self._finish(seq, FinishReason.STOP, "", 0)
@@ -107,3 +108,16 @@ class EchoBackend(Backend):
 
     def active(self) -> int:
         return len(self._sequences)
+
+    def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
+        if use_chat_template:
+            text = self.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return tokenize(text)
+
+    def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
+        if any(isinstance(token, int) for token in tokens):
+            raise InvalidRequestError("the echo backend has no vocabulary ids; pass token strings", param="tokens")
+        return "".join(str(token) for token in tokens)
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        return render_chat_template(ECHO_CHAT_TEMPLATE, conversation, add_generation_prompt=add_generation_prompt)

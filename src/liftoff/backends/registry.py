@@ -1,17 +1,23 @@
 """Backend selection: a name → ``"module:Class"`` registry, imported lazily (uvicorn's pattern).
 
-Only the selected backend's module is imported, so the gateway and echo readers never import torch.
+Only the selected backend's module is imported, so the gateway and echo readers never import torch. Without a
+``backend`` option the choice follows the model: ``echo`` → echo; a GGUF file → llama.cpp on CPU (transformers,
+after a one-time dequantization, on CUDA); a Hugging Face checkpoint → transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
-from liftoff.backends.base import Backend
+from liftoff.backends.base import Backend, BackendContext
+from liftoff.backends.resolve import ResolvedModel, resolve_model
 from liftoff.config.models import ReaderConfig
 
 BACKENDS: dict[str, str] = {
     "echo": "liftoff.backends.echo:EchoBackend",
+    "llamacpp": "liftoff.backends.llamacpp:LlamaCppBackend",
+    "transformers": "liftoff.backends.hf_transformers:TransformersBackend",
 }
 
 
@@ -19,25 +25,37 @@ class BackendSelectionError(Exception):
     """No backend can serve this reader's model and device."""
 
 
-def choose_backend(config: ReaderConfig) -> str:
-    """The backend name for a reader: the ``backend`` option, else one chosen from the model."""
+def _is_echo(config: ReaderConfig) -> bool:
+    return config.model_name == "echo" or config.model_name.startswith("echo:")
+
+
+def choose_backend(config: ReaderConfig, model: ResolvedModel | None = None) -> str:
+    """The backend name for a reader: the ``backend`` option, else one chosen from the model and device."""
     if config.backend:
         if config.backend not in BACKENDS:
             known = ", ".join(sorted(BACKENDS))
             raise BackendSelectionError(f"unknown backend {config.backend!r}; choose one of: {known}")
         return config.backend
-    if config.model_name == "echo" or config.model_name.startswith("echo:"):
+    if _is_echo(config):
         return "echo"
-    raise BackendSelectionError(
-        f"no backend can serve model {config.model_name!r} on device {config.device!r} yet; "
-        "use model_name 'echo' or set the backend option"
-    )
+    if model is None:
+        raise BackendSelectionError(f"model {config.model_name!r} must be resolved before choosing its backend")
+    if model.format == "gguf" and config.device == "cpu":
+        return "llamacpp"
+    return "transformers"
 
 
-def create_backend(config: ReaderConfig, default_batch_size: int = 8) -> Backend:
-    """Instantiate the backend for a reader (imports its module on first use)."""
-    name = choose_backend(config)
+def create_backend(config: ReaderConfig, context: BackendContext | None = None) -> Backend:
+    """Resolve the model, choose the backend and instantiate it (importing its module on first use).
+
+    Blocking (it may look for the hub): call it off the event loop.
+    """
+    context = context or BackendContext()
+    if config.backend != "echo" and not _is_echo(config):
+        model = resolve_model(config.model_name, context.repository_path, config.access_token)
+        context = dataclasses.replace(context, model=model)
+    name = choose_backend(config, context.model)
     module_name, _, class_name = BACKENDS[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend = cls(config, default_batch_size)
+    backend: Backend = cls(config, context)
     return backend

@@ -37,6 +37,7 @@ from liftoff.core.frames import (
     ReaderFrame,
     RegisterFrame,
     RequestFrame,
+    ResultFrame,
     StopFrame,
     TokenFrame,
     WelcomeFrame,
@@ -83,12 +84,24 @@ class EmbeddedBroker(GatewayBroker):
         if self._queued >= self.settings.max_queued_requests:
             raise OverloadedError(f"{self._queued} requests are already waiting (max_queued_requests); try again later")
         job = Job(frame=frame, deadline=queue_deadline)
+        if frame.reader_id:
+            self._submit_direct(job)
+            return
         self._jobs[frame.request_id] = job
         slot = self._pick(frame.consumer_group)
         if slot is not None:
             self._assign(job, slot)
         else:
             self._enqueue(job)
+
+    def _submit_direct(self, job: Job) -> None:
+        """A request for one reader (tokenize, chat template): no queue, no capacity."""
+        reader_id = job.frame.reader_id
+        slot = self._readers.get(reader_id)
+        if slot is None or not slot.ready or slot.closed:
+            raise NoReadersAvailableError(f"reader {reader_id!r} is not live")
+        self._jobs[job.frame.request_id] = job
+        self._assign(job, slot)
 
     def abort(self, request_id: str) -> None:
         job = self._jobs.pop(request_id, None)
@@ -97,6 +110,8 @@ class EmbeddedBroker(GatewayBroker):
         job.cancelled = True
         if job.slot is None:
             self._queued -= 1
+        elif job.frame.reader_id:
+            job.slot.finish(request_id)  # served outside the reader's batch: nothing to free there
         else:
             job.slot.abort(request_id)
 
@@ -203,7 +218,7 @@ class EmbeddedBroker(GatewayBroker):
         for job in slot.assigned.values():
             if job.cancelled:
                 continue
-            if job.started:
+            if job.started or job.frame.reader_id:
                 self._fail(job, ReaderDiedError(f"reader {slot.reader_id} failed mid-request: {reason}"))
             elif job.frame.attempt >= self.settings.max_retries:
                 self._fail(job, ReaderDiedError(f"reader {slot.reader_id} failed ({reason}) and retries ran out"))
@@ -312,7 +327,7 @@ class EmbeddedBroker(GatewayBroker):
         slot.last_recv = monotonic()
         outputs: list[OutputFrame] = []
         for frame in frames:
-            if isinstance(frame, TokenFrame | FinalFrame | ErrorFrame):
+            if isinstance(frame, TokenFrame | FinalFrame | ResultFrame | ErrorFrame):
                 self._on_output(slot, frame, outputs)
             elif isinstance(frame, HeartbeatFrame):
                 self.events.on_reader_heartbeat(slot.reader_id, frame)

@@ -64,7 +64,7 @@ class ReaderSlot:
         return self.ready and not self.draining and not self.closed
 
     def free(self) -> int:
-        """Slots left: capacity plus a small prefetch, minus what is assigned."""
+        """Slots left: capacity plus a small prefetch, minus what is assigned (direct requests included)."""
         return self.capacity + max(1, self.capacity // 4) - len(self.assigned)
 
     def assign(self, job: Job) -> None:

@@ -33,6 +33,8 @@ class RequestFrame(_Frame, tag="req"):
     params: GenerationParams = msgspec.field(default_factory=GenerationParams)
     deadline_ms: int = 0
     attempt: int = 0
+    reader_id: str = ""
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class AbortFrame(_Frame, tag="abort"):
@@ -118,6 +120,14 @@ class FinalFrame(_Frame, tag="fin"):
     reader_id: str = ""
 
 
+class ResultFrame(_Frame, tag="res"):
+    """The whole answer of a non-streaming request (tokenize, detokenize, chat template); its last frame."""
+
+    request_id: str
+    seq: int
+    data: dict[str, Any]
+
+
 class ErrorFrame(_Frame, tag="err"):
     """The request failed; the last frame of a request."""
 
@@ -127,9 +137,17 @@ class ErrorFrame(_Frame, tag="err"):
     message: str
 
 
-OutputFrame = TokenFrame | FinalFrame | ErrorFrame
+OutputFrame = TokenFrame | FinalFrame | ResultFrame | ErrorFrame
 ReaderFrame = (
-    RegisterFrame | LoadedFrame | LoadFailedFrame | HeartbeatFrame | DrainFrame | TokenFrame | FinalFrame | ErrorFrame
+    RegisterFrame
+    | LoadedFrame
+    | LoadFailedFrame
+    | HeartbeatFrame
+    | DrainFrame
+    | TokenFrame
+    | FinalFrame
+    | ResultFrame
+    | ErrorFrame
 )
 GatewayFrame = WelcomeFrame | RequestFrame | AbortFrame | StopFrame
 

@@ -33,6 +33,9 @@ class RequestKind(enum.StrEnum):
     """The kinds of work a reader can be asked to do."""
 
     GENERATE = "generate"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+    CHAT_TEMPLATE = "chat_template"
 
 
 class FinishReason(enum.StrEnum):

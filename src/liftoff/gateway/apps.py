@@ -10,11 +10,11 @@ from liftoff.gateway.errors import install_error_handlers, render_native
 from liftoff.gateway.fastpath import FastRoutes
 from liftoff.gateway.http import BodyLimitMiddleware
 from liftoff.gateway.state import GatewayState
-from liftoff.gateway.surfaces import health, internal, management, native
+from liftoff.gateway.surfaces import health, internal, management, native, tokens
 
 # config key of the port → (title, routers)
 PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
-    "port": ("inference", [native.router, health.router]),
+    "port": ("inference", [native.router, tokens.router, health.router]),
     "management_port": ("management", [management.router, health.router]),
     "vertex_port": ("vertex", [health.router]),
     "openai_port": ("openai", [health.router]),

@@ -23,7 +23,8 @@ from liftoff.core.errors import (
     ShuttingDownError,
     error_from_type,
 )
-from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, TokenFrame
+from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, ResultFrame, TokenFrame
+from liftoff.core.types import ReaderState
 from liftoff.management.registry import ReaderRegistry
 
 
@@ -172,6 +173,25 @@ class Dispatcher:
                 raise
         return collector
 
+    def submit_to_reader(self, frame: RequestFrame) -> Collector:
+        """Send a request to one reader (``frame.reader_id``): 404 if unknown, 503 if not live."""
+        if self.closing:
+            raise ShuttingDownError("the server is shutting down")
+        record = self.registry.get(frame.reader_id)
+        if record is None:
+            raise NotFoundError(f"reader {frame.reader_id!r} does not exist", param="reader_id")
+        if record.state is not ReaderState.LIVE:
+            raise NoReadersAvailableError(f"reader {frame.reader_id!r} is {record.state.value}, not live")
+        deadline = monotonic() + self.config.request_timeout_s
+        collector = Collector([frame.request_id], deadline)
+        self._routes[frame.request_id] = (collector, 0)
+        try:
+            self.broker.submit(frame, deadline)
+        except LiftoffError:
+            self.abort(collector)
+            raise
+        return collector
+
     def abort(self, collector: Collector) -> None:
         """Cancel every unfinished prompt of a collector."""
         collector.close()
@@ -193,4 +213,4 @@ class Dispatcher:
 
 def is_final(frame: OutputFrame) -> bool:
     """Whether a frame ends its request."""
-    return isinstance(frame, FinalFrame | ErrorFrame)
+    return isinstance(frame, FinalFrame | ResultFrame | ErrorFrame)

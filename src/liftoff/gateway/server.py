@@ -110,6 +110,7 @@ class Gateway:
             log_format=config.log_format,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             default_batch_size=config.max_batch_size or DEFAULT_BATCH_SIZE,
+            repository_path=config.repository_path,
             shutdown_timeout_s=config.shutdown_timeout_s,
         )
         manager_ref: list[ReaderManager] = []

@@ -43,6 +43,7 @@ class SpawnSettings:
     log_format: str
     heartbeat_interval_ms: int
     default_batch_size: int
+    repository_path: str
     shutdown_timeout_s: float
 
 
@@ -78,6 +79,7 @@ class Supervisor:
             "--log-format", settings.log_format,
             "--heartbeat-interval-ms", str(settings.heartbeat_interval_ms),
             "--default-batch-size", str(settings.default_batch_size),
+            "--repository-path", settings.repository_path,
             "--shutdown-timeout-s", str(settings.shutdown_timeout_s),
         ]  # fmt: skip
         process = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)

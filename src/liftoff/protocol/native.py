@@ -51,6 +51,62 @@ class GenerateResponse(BaseModel):
     metadata: GenerateMetadata | list[GenerateMetadata] | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize/{reader_id}``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str = Field(..., description="The text to tokenize (no batching).")
+    use_chat_template: bool | None = Field(None, description="Wrap the text as a user turn of the chat template.")
+    skip_special_tokens: bool | None = Field(None, description="Do not add special tokens (BOS) to the tokens.")
+
+
+class TokenizeResponse(BaseModel):
+    """Tokens as vocabulary strings, and their number."""
+
+    tokens: list[str]
+    tokens_count: int
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize/{reader_id}``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    tokens: list[int] | list[str] = Field(..., description="Token ids, or tokens as vocabulary strings.")
+    skip_special_tokens: bool | None = Field(None, description="Leave special tokens out of the text (default).")
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of the tokens."""
+
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str
+    content: str
+
+
+class ChatTemplateRequest(BaseModel):
+    """``POST /chat_template/{reader_id}``: a batch of conversations."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    inputs: list[list[ChatMessage]] = Field(..., min_length=1, description="Conversations to render.")
+    add_generation_prompt: bool | None = Field(None, description="End with the assistant's turn prompt.")
+
+
+class ChatTemplateResponse(BaseModel):
+    """One rendered string per conversation."""
+
+    messages: list[str]
+
+
 class ErrorBody(BaseModel):
     """Every error of the native, management, Vertex and Snowflake ports."""
 

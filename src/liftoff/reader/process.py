@@ -14,10 +14,11 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from liftoff.backends.base import Backend
+from liftoff.backends.base import Backend, BackendContext
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.config.models import ReaderConfig
@@ -35,7 +36,8 @@ from liftoff.core.frames import (
     WelcomeFrame,
 )
 from liftoff.core.runtime import tune_gc
-from liftoff.core.types import ReaderInfo
+from liftoff.core.types import ReaderInfo, RequestKind
+from liftoff.reader import services
 from liftoff.reader.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class ReaderOptions:
     config: ReaderConfig
     supervised: bool = False
     default_batch_size: int = 8
+    repository_path: Path = field(default_factory=lambda: Path.home() / "artefacts")
     heartbeat_interval_ms: int = 1000
     shutdown_timeout_s: float = 30.0
     max_backoff_s: float = 10.0
@@ -69,6 +72,7 @@ class ReaderProcess:
         self._loaded = False
         self._exit_code: int | None = None
         self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._stop_reason = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,12 +144,17 @@ class ReaderProcess:
         )
 
     def _set_progress(self, fraction: float) -> None:
+        """Loading progress from the backend (any thread): kept for heartbeats, logged every quarter."""
+        if int(fraction * 4) > int(self._progress * 4):
+            logger.info("reader %s: loading %s: %d%%", self.options.reader_id, self.options.config.model_name,
+                        round(fraction * 100))  # fmt: skip
         self._progress = fraction
 
     async def _load(self) -> None:
         config = self.options.config
         try:
-            backend = create_backend(config, self.options.default_batch_size)
+            context = BackendContext(self.options.default_batch_size, self.options.repository_path)
+            backend = await asyncio.to_thread(create_backend, config, context)
             self._backend = backend
             logger.info("reader %s: loading %s (%s backend)", self.options.reader_id, config.model_name, backend.name)
             await asyncio.to_thread(backend.load, self._set_progress)
@@ -208,13 +217,22 @@ class ReaderProcess:
                 logger.warning("reader %s: gateway link closed: %s", self.options.reader_id, exc)
 
     def _on_frame(self, frame: object) -> None:
-        if isinstance(frame, RequestFrame) and self._engine is not None:
+        if isinstance(frame, RequestFrame) and frame.kind is not RequestKind.GENERATE:
+            task = asyncio.create_task(self._serve(frame))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(frame, RequestFrame) and self._engine is not None:
             self._engine.submit(frame)
         elif isinstance(frame, AbortFrame) and self._engine is not None:
             self._engine.abort(frame.request_id)
         elif isinstance(frame, StopFrame):
             self._engine_abort_all()
             self.request_stop(f"the gateway asked: {frame.reason}")
+
+    async def _serve(self, frame: RequestFrame) -> None:
+        if self._backend is None or not self._loaded:
+            return
+        self._emit([await asyncio.to_thread(services.serve, self._backend, frame)])
 
     def _engine_abort_all(self) -> None:
         if self._engine is not None:

@@ -129,6 +129,8 @@ def _render(item: Item, *, batch: bool, metadata: bool) -> str:
             return ""
         meta = _metadata(frame) | ({"batch_id": item.index} if batch else {})
         return sse_event(msgspec.json.encode(meta).decode(), event="metadata")
+    if not isinstance(frame, ErrorFrame):
+        return ""
     error = {"detail": frame.message, "error_type": frame.error_type} | ({"batch_id": item.index} if batch else {})
     return sse_event(msgspec.json.encode(error).decode(), event="error")
 

@@ -1,0 +1,402 @@
+"""The transformers backend: causal language models with continuous batching over a KV cache kept across steps.
+
+Loading: a Hugging Face checkpoint directory is loaded as it is; a GGUF file is first dequantized once into
+``<repository_path>/dequantized/`` (:mod:`liftoff.backends.hf_convert`). ``backend_options``: ``dtype``
+(``bfloat16`` by default, fast on CPUs with AVX512-BF16/AMX; ``float32``; ``float16``) and ``n_threads`` (torch
+threads, default: every CPU this process may use). The reader's ``device`` is ``cpu`` or ``cuda``.
+
+Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.hf_cache`). A step
+prefills newly admitted prompts in one right-padded batched forward (at most ``prefill_chunk_size`` padded tokens
+per step, 1024 by default; a longer prompt is prefilled alone, one chunk per step) and advances every running
+sequence by one token with a single ``[n, 1]`` forward. Tokens are chosen by the shared numpy sampler
+(:mod:`liftoff.backends.sampling`) and turned into text incrementally (:mod:`liftoff.backends.hf_detok`).
+
+Threads: importing this module before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says
+otherwise. With OpenMP's default spinning, torch's threads on a small machine shared with other busy processes
+(the gateway, a load generator) wait for each other a whole scheduler slice per operation: 10-30x slower
+forwards were measured on 2 cores. Passive waiting costs a few microseconds per parallel region instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: libgomp reads it when it loads
+
+import gc
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.hf_cache import SlotCache
+from liftoff.backends.hf_convert import ensure_dequantized
+from liftoff.backends.hf_detok import Detokenizer, TextStream, token_ids
+from liftoff.backends.hf_load import (
+    DEFAULT_CONTEXT,
+    LoadedModel,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    set_threads as set_torch_threads,
+)
+from liftoff.backends.resolve import resolve_model
+from liftoff.backends.sampling import SamplerState, sample
+from liftoff.backends.text import fit_prompt, user_turn
+from liftoff.config.models import ReaderConfig
+from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.core.types import FinishReason, GenerationParams, ModelType
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_BUDGET = 1024
+BACKEND_OPTIONS = frozenset({"dtype", "n_threads"})
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    sampler: SamplerState
+    budget: int
+    stream: TextStream
+    length: int = 0  # positions held in the cache
+    last: int = 0  # the token the next decode feeds
+    unreported: int = 0  # tokens not yet counted in a StepOutput
+    done: bool = False
+
+
+class TransformersBackend(Backend):
+    """Causal LMs through ``transformers`` + ``torch``, continuously batched."""
+
+    name = "transformers"
+    honoured_options = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+
+    def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
+        super().__init__(config, context)
+        self._loaded: LoadedModel | None = None
+        self._cache: SlotCache | None = None
+        self._detok: Detokenizer | None = None
+        self._context: int | None = None
+        self._eos = np.zeros(0, dtype=np.int64)
+        self._eos_set: frozenset[int] = frozenset()
+        self._budget = config.prefill_chunk_size or DEFAULT_PREFILL_BUDGET
+        self._waiting: deque[_Sequence] = deque()
+        self._rows: list[_Sequence] = []  # decoding sequences; row i of the cache is self._rows[i]
+        self._chunking: _Sequence | None = None  # a long prompt being prefilled in the last slot
+        self._empty: list[_Sequence] = []  # admitted with nothing to generate
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def model_type(self) -> ModelType:
+        return ModelType.CAUSAL
+
+    @property
+    def context_length(self) -> int | None:
+        return self._context if self._context is not None else self.config.max_sequence_length
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+
+    def load(self, progress: ProgressCallback) -> None:
+        progress(0.0)
+        dtype = resolve_dtype(self.options.get("dtype"))
+        device = resolve_device(self.config.device)
+        if device.type == "cpu":
+            set_torch_threads(self.options.get("n_threads"))
+        model = self.context.model or resolve_model(
+            self.config.model_name, self.context.repository_path, self.config.access_token
+        )
+        path = model.path
+        if model.format == "gguf":
+            path = ensure_dequantized(path, self.context.repository_path, dtype, lambda f: progress(0.85 * f))
+        progress(0.85)
+        loaded = load_causal_lm(path, dtype=dtype, device=device)
+        progress(0.95)
+        context = self._context_for(loaded)
+        self._loaded = loaded
+        self._context = context
+        self._cache = SlotCache(self.capacity, context, dtype=dtype, device=device)
+        self._detok = Detokenizer(loaded.tokenizer)
+        self._eos = np.array(loaded.eos_ids, dtype=np.int64)
+        self._eos_set = frozenset(loaded.eos_ids)
+        with torch.inference_mode():  # allocate the cache and warm the kernels up
+            self._forward_prefill([[loaded.pad_id]], 0, 0)
+        logger.info(
+            "loaded %s (%s, %s) with %d slots of %d tokens; KV cache %.0f MiB",
+            path,
+            str(dtype).removeprefix("torch."),
+            device,
+            self.capacity,
+            context,
+            self._cache.allocated_bytes / 2**20,
+        )
+        progress(1.0)
+
+    def _context_for(self, loaded: LoadedModel) -> int:
+        """``max_sequence_length``, else the model's trained context capped at 2048; never beyond the model's."""
+        limit = loaded.max_positions
+        wanted = self.config.max_sequence_length
+        if wanted is None:
+            return min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+        if limit is not None and wanted > limit:
+            logger.warning("max_sequence_length %d is beyond the model's %d positions; using %d", wanted, limit, limit)
+            return limit
+        return wanted
+
+    def close(self) -> None:
+        self._loaded = self._cache = self._detok = None
+        self._waiting.clear()
+        self._rows.clear()
+        self._chunking = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _model(self) -> LoadedModel:
+        if self._loaded is None:
+            raise RuntimeError("the transformers backend is not loaded")
+        return self._loaded
+
+    # ---- admission ----------------------------------------------------------------------------------------------
+
+    def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
+        loaded = self._model()
+        for name in ("regex_string", "json_schema"):
+            if getattr(params, name) is not None:
+                raise NotSupportedError(f"{name}: the transformers backend has no constrained decoding yet", param=name)
+        if params.lora_id is not None:
+            raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
+        ids = self._encode(text, chat=params.use_chat_template, special=True)
+        if not ids:
+            bos = loaded.tokenizer.bos_token_id
+            if bos is None:
+                raise InvalidRequestError("the prompt is empty and this model has no BOS token to start from")
+            ids = [int(bos)]
+        prompt, budget = fit_prompt(ids, params, self.context_length)
+        seq = _Sequence(request_id, prompt, SamplerState(params, prompt), budget, TextStream(prompt))
+        if budget <= 0:
+            self._empty.append(seq)
+        else:
+            self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        for queue in (self._waiting, self._empty):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    return True
+        if self._chunking is not None and self._chunking.request_id == request_id:
+            self._chunking = None
+            return True
+        for index, seq in enumerate(self._rows):
+            if seq.request_id == request_id:
+                with torch.inference_mode():
+                    self._remove_row(index)
+                return True
+        return False
+
+    def active(self) -> int:
+        return len(self._waiting) + len(self._rows) + len(self._empty) + (self._chunking is not None)
+
+    # ---- stepping -----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        out = [self._finish(seq, FinishReason.LENGTH, "") for seq in self._empty]
+        self._empty.clear()
+        with torch.inference_mode():
+            if self._rows:
+                self._decode(out)
+            if self._chunking is not None or self._waiting:
+                self._prefill(out)
+            for index in sorted((i for i, seq in enumerate(self._rows) if seq.done), reverse=True):
+                self._remove_row(index)
+        return out
+
+    def _decode(self, out: list[StepOutput]) -> None:
+        loaded, cache = self._model(), self._require_cache()
+        rows = self._rows
+        n = len(rows)
+        lengths = [seq.length for seq in rows]
+        positions = torch.tensor(lengths, dtype=torch.long, device=loaded.device)
+        span = max(lengths) + 1
+        cache.begin_decode(positions, span)
+        output = loaded.model(
+            input_ids=torch.tensor([[seq.last] for seq in rows], device=loaded.device),
+            position_ids=positions.view(n, 1),
+            attention_mask=loaded.masks.decode(positions, span),
+            cache=cache,
+            use_cache=True,
+        )
+        for seq in rows:
+            seq.length += 1
+        self._advance(rows, self._sample(output.logits[:, -1], rows), out)
+
+    def _prefill(self, out: list[StepOutput]) -> None:
+        free = self.capacity - len(self._rows)
+        if free <= 0:  # only when admitted beyond capacity: the rest waits for free rows
+            return
+        seq = self._chunking
+        if seq is None and len(self._waiting[0].prompt) > self._budget:
+            seq = self._chunking = self._waiting.popleft()
+        if seq is not None:
+            self._prefill_chunk(seq, out)
+            return
+        batch: list[_Sequence] = []
+        width = 0
+        while self._waiting and len(batch) < free and len(self._waiting[0].prompt) <= self._budget:
+            wider = max(width, len(self._waiting[0].prompt))
+            if batch and wider * (len(batch) + 1) > self._budget:
+                break
+            batch.append(self._waiting.popleft())
+            width = wider
+        row0 = len(self._rows)
+        logits = self._forward_prefill([seq.prompt for seq in batch], row0, 0)
+        for seq in batch:
+            seq.length = len(seq.prompt)
+            self._rows.append(seq)
+        self._advance(batch, self._sample(logits, batch), out)
+
+    def _prefill_chunk(self, seq: _Sequence, out: list[StepOutput]) -> None:
+        """One chunk of a prompt longer than the prefill budget, in the last slot; it joins the rows when done."""
+        slot = self.capacity - 1
+        start = seq.length
+        end = min(len(seq.prompt), start + self._budget)
+        logits = self._forward_prefill([seq.prompt[start:end]], slot, start)
+        seq.length = end
+        if end < len(seq.prompt):
+            return
+        self._chunking = None
+        self._require_cache().move_row(slot, len(self._rows), seq.length)
+        self._rows.append(seq)
+        self._advance([seq], self._sample(logits, [seq]), out)
+
+    def _forward_prefill(self, prompts: list[list[int]], row0: int, start: int) -> torch.Tensor:
+        """Run ``prompts`` (right-padded) into rows ``row0..`` from position ``start``; each one's last logits."""
+        loaded, cache = self._model(), self._require_cache()
+        device = loaded.device
+        width = max(len(p) for p in prompts)
+        padded = [p + [loaded.pad_id] * (width - len(p)) for p in prompts]
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        positions = (torch.arange(width, device=device) + start).expand(len(prompts), width)
+        cache.begin_prefill(row0, len(prompts), start, width)
+        output = loaded.model(
+            input_ids=torch.tensor(padded, device=device),
+            position_ids=positions,
+            attention_mask=loaded.masks.prefill(lengths, start, width),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=(lengths - 1).view(-1, 1),
+        )
+        logits: torch.Tensor = output.logits[:, -1]
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        scores = logits.float().cpu().numpy()
+        return sample(scores, [seq.sampler for seq in seqs], self._eos)
+
+    def _advance(self, seqs: list[_Sequence], tokens: list[int], out: list[StepOutput]) -> None:
+        """Account each sequence's new token: text, end of sequence, length limit."""
+        detok = self._require_detok()
+        eos = self._eos_set
+        with self._tokenizer_lock:  # the tokenizer services may be encoding on another thread
+            for seq, token in zip(seqs, tokens, strict=True):
+                self._account(seq, token, detok, eos, out)
+
+    def _account(
+        self, seq: _Sequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]
+    ) -> None:
+        seq.last = token
+        seq.unreported += 1
+        if token in eos:
+            out.append(self._finish(seq, FinishReason.STOP, detok.next(seq.stream, final=True)))
+            return
+        seq.stream.ids.append(token)
+        if len(seq.sampler.generated) >= seq.budget:
+            out.append(self._finish(seq, FinishReason.LENGTH, detok.next(seq.stream, final=True)))
+            return
+        text = detok.next(seq.stream)
+        if text:
+            out.append(StepOutput(seq.request_id, text, seq.unreported))
+            seq.unreported = 0
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str) -> StepOutput:
+        seq.done = True
+        return StepOutput(
+            seq.request_id,
+            text,
+            seq.unreported,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.sampler.generated),
+        )
+
+    def _remove_row(self, index: int) -> None:
+        """Free row ``index``: the last row moves into it, so the running rows stay contiguous."""
+        last = len(self._rows) - 1
+        if index != last:
+            moved = self._rows[last]
+            self._require_cache().move_row(last, index, moved.length)
+            self._rows[index] = moved
+        self._rows.pop()
+
+    def _require_cache(self) -> SlotCache:
+        if self._cache is None:
+            raise RuntimeError("the transformers backend is not loaded")
+        return self._cache
+
+    def _require_detok(self) -> Detokenizer:
+        if self._detok is None:
+            raise RuntimeError("the transformers backend is not loaded")
+        return self._detok
+
+    # ---- tokenizer services -------------------------------------------------------------------------------------
+
+    def _encode(self, text: str, *, chat: bool, special: bool) -> list[int]:
+        tokenizer = self._model().tokenizer
+        if chat:
+            text = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
+            special = False
+        with self._tokenizer_lock:
+            return list(tokenizer.encode(text, add_special_tokens=special))
+
+    def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
+        ids = self._encode(text, chat=use_chat_template, special=add_special_tokens)
+        with self._tokenizer_lock:
+            tokens = self._model().tokenizer.convert_ids_to_tokens(ids)
+        return [str(token) for token in tokens]
+
+    def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
+        tokenizer = self._model().tokenizer
+        ids = token_ids(tokenizer, tokens)
+        with self._tokenizer_lock:
+            text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text if isinstance(text, str) else "".join(text)
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        tokenizer = self._model().tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise NotSupportedError("this model has no chat template")
+        try:
+            with self._tokenizer_lock:
+                rendered = tokenizer.apply_chat_template(
+                    conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+                )
+        except Exception as exc:  # jinja2 errors and raise_exception() in templates
+            raise InvalidRequestError(f"the chat template refused the conversation: {exc}") from None
+        return str(rendered)
+
+    def notes(self) -> list[str]:
+        notes = super().notes()
+        options: dict[str, Any] = self.options
+        notes.extend(
+            f"backend_options {name}={options[name]!r} is not an option of the transformers backend (it has: "
+            f"{', '.join(sorted(BACKEND_OPTIONS))})"
+            for name in sorted(options)
+            if name not in BACKEND_OPTIONS
+        )
+        return notes

