@@ -18,7 +18,8 @@ import yaml
 
 T = TypeVar("T")
 
-PORT_KEYS = ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "internal_port")
+PORT_KEYS = ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "sagemaker_port",
+             "internal_port")  # fmt: skip
 
 
 def free_ports(count: int) -> list[int]:

@@ -38,7 +38,7 @@ def smollm2_dequantized(tmp_path_factory: pytest.TempPathFactory) -> Dequantized
     from liftoff.config.models import ReaderConfig
 
     repository = tmp_path_factory.mktemp("repository")
-    options = {"n_threads": 1}  # see make_backend in test_transformers_backend.py
+    options = {"n_threads": 1, "dtype": "bfloat16"}  # see make_backend in test_transformers_backend.py
     config = ReaderConfig(model_name="smollm2", device="cpu", max_batch_size=1, backend_options=options)
     context = BackendContext(repository_path=repository, model=ResolvedModel("smollm2", gguf, "gguf"))
     backend = TransformersBackend(config, context)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make venv builds it)")
 
 from liftoff.backends import llamacpp as llamacpp_module
-from liftoff.backends.base import BackendContext, StepOutput
+from liftoff.backends.base import BackendContext
 from liftoff.backends.llamacpp import LlamaCppBackend
 from liftoff.backends.resolve import resolve_model
 from liftoff.backends.sampling import SamplerState
@@ -27,6 +26,7 @@ from liftoff.core.errors import ContextLengthExceededError, InvalidRequestError,
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.types import FinishReason, GenerationParams
 from liftoff.reader.engine import Engine
+from tests.models.runs import Run, drain, step_into
 
 MODEL = "smollm2-135m-instruct"
 CONTEXT = 512
@@ -44,7 +44,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppBacken
         max_batch_size=CAPACITY,
         max_sequence_length=CONTEXT,
         prefill_chunk_size=128,
-        backend_options={"n_threads": 2},
+        backend_options={"n_threads": 2, "prefix_cache": False},  # exact numerics: see test_llamacpp_prefix_cache
     )
     backend = LlamaCppBackend(config, BackendContext(model=resolved))
     progress: list[float] = []
@@ -61,44 +61,6 @@ def _empty_afterwards(request: pytest.FixtureRequest) -> Iterator[None]:
     if "backend" in request.fixturenames:
         backend: LlamaCppBackend = request.getfixturevalue("backend")
         assert backend.active() == 0, "a test left sequences in the backend"
-
-
-@dataclass
-class Run:
-    """What one request produced."""
-
-    pieces: list[str] = field(default_factory=list)
-    final: StepOutput | None = None
-    n_tokens: int = 0
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    @property
-    def reason(self) -> FinishReason | None:
-        return self.final.finish_reason if self.final else None
-
-
-def step_into(backend: LlamaCppBackend, runs: dict[str, Run]) -> None:
-    """One step, its outputs added to ``runs``."""
-    for out in backend.step():
-        run = runs.setdefault(out.request_id, Run())
-        assert run.final is None, f"{out.request_id} produced output after finishing"
-        assert out.error is None
-        run.pieces.append(out.text)
-        run.n_tokens += out.n_tokens
-        if out.finish_reason is not None:
-            run.final = out
-
-
-def drain(backend: LlamaCppBackend, runs: dict[str, Run], max_steps: int = 2000) -> dict[str, Run]:
-    """Step until the backend is empty, collecting every output."""
-    for _ in range(max_steps):
-        if not backend.active():
-            return runs
-        step_into(backend, runs)
-    raise AssertionError("the backend did not finish")
 
 
 def generate(backend: LlamaCppBackend, text: str, **params: Any) -> Run:
@@ -509,3 +471,20 @@ def test_engine_streams_frames_from_the_backend(backend: LlamaCppBackend) -> Non
     finally:
         engine.stop()
     assert backend.active() == 0
+
+
+def test_a_conversation_is_rendered_with_the_models_template(backend: LlamaCppBackend) -> None:
+    turns = (("system", "You answer in one word."), ("user", "Capital of Italy?"))
+    params = GenerationParams(max_new_tokens=4, use_chat_template=True, messages=turns)
+    conversation = [{"role": role, "content": content} for role, content in turns]
+    rendered = backend.apply_chat_template(conversation, add_generation_prompt=True)
+    assert "You answer in one word." in rendered
+    assert "You are a helpful AI assistant" not in rendered  # the template's default system prompt is replaced
+    model, _ = backend._loaded()
+    expected = len(model.tokenize(rendered, add_special=False, parse_special=True))  # special tokens as one each
+    assert expected < len(backend.tokenize(rendered, add_special_tokens=False))  # the plain text path splits them
+    assert backend.prompt_length("ignored when there are messages", params) == expected
+    backend.admit("conversation", "ignored when there are messages", params)
+    run = drain(backend, {})["conversation"]
+    assert run.final is not None
+    assert run.final.prompt_tokens == expected

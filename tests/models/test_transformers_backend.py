@@ -21,11 +21,11 @@ pytest.importorskip("transformers")
 
 import torch
 
-from liftoff.backends import hf_convert
+from liftoff.backends import hf_convert, hf_load
 from liftoff.backends.base import BackendContext, StepOutput
 from liftoff.backends.hf_cache import MaskPolicy, SlotCache
 from liftoff.backends.hf_detok import Detokenizer, TextStream
-from liftoff.backends.hf_load import ModelLoadError
+from liftoff.backends.hf_load import ModelLoadError, resolve_dtype
 from liftoff.backends.hf_transformers import TransformersBackend
 from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
@@ -46,7 +46,9 @@ PROMPTS = {
 
 def make_backend(path: Path, fmt: str = "hf", repository: Path | None = None, **fields: Any) -> TransformersBackend:
     # One torch thread: on a shared 2-core machine OpenMP's spinning threads slow small forwards down 10-30x.
-    fields["backend_options"] = {"dtype": "float32", "n_threads": 1, **fields.get("backend_options", {})}
+    # No prefix cache unless asked for: these tests compare exact numerics (see test_transformers_prefix_cache).
+    options = {"dtype": "float32", "n_threads": 1, "prefix_cache": False, **fields.get("backend_options", {})}
+    fields["backend_options"] = options
     config = ReaderConfig.model_validate({"model_name": "test-model", "device": "cpu", **fields})
     model = ResolvedModel("test-model", path, fmt)  # type: ignore[arg-type]
     context = BackendContext(repository_path=repository or path.parent, model=model)
@@ -466,6 +468,16 @@ def test_bad_device_and_dtype_are_clear_errors(tiny_llama: Path) -> None:
             make_backend(tiny_llama, device="cuda")
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_dtype_is_bf16_only_where_it_is_fast(amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_load, "cpu_has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == (torch.bfloat16 if amx else torch.float32)
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("BF16", cpu) == torch.bfloat16
+    assert resolve_dtype("torch.float32", torch.device("cuda")) == torch.float32
+
+
 def test_notes_name_ignored_options(tiny_llama: Path) -> None:
     config = ReaderConfig(
         model_name="x", device="cpu", quant_type="awq", backend_options={"dtype": "float32", "colour": "red"}
@@ -581,3 +593,21 @@ def test_smollm2_repetition_penalty_and_no_repeat_ngram_size(
     assert repeats(tokens["penalty"]) < repeats(tokens["plain"])
     assert repeated_bigrams(prompt + tokens["plain"]) > repeated_bigrams(prompt)
     assert repeated_bigrams(prompt + tokens["ngram"]) == repeated_bigrams(prompt)  # the prompt has some already
+
+
+def test_a_conversation_is_rendered_with_the_models_template(tiny: TransformersBackend) -> None:
+    turns = (
+        ("system", "You answer in one word."),
+        ("user", "Capital of Italy?"),
+        ("assistant", "Rome."),
+        ("user", "And?"),
+    )
+    params = GenerationParams(max_new_tokens=3, ignore_eos=True, use_chat_template=True, messages=turns)
+    conversation = [{"role": role, "content": content} for role, content in turns]
+    rendered = tiny.apply_chat_template(conversation, add_generation_prompt=True)
+    assert rendered.count("<|im_start|>") == 5  # four turns and the generation prompt, no default system turn
+    expected = len(tiny.tokenize(rendered, add_special_tokens=False))
+    assert tiny.prompt_length("ignored", params) == expected
+    final = generate(tiny, {"conversation": ("ignored", params)})["conversation"].final
+    assert final is not None
+    assert final.prompt_tokens == expected

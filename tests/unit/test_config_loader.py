@@ -348,3 +348,33 @@ def test_env_reader_errors_name_the_variable() -> None:
 def test_flag_reader_errors_name_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"max_batch_size.*--max-batch-size"):
         load_config(env={}, reader_flags={"model_name": "echo", "max_batch_size": 0})
+
+
+def test_vertex_routes_default_to_the_aip_variables() -> None:
+    aip = {"AIP_HEALTH_ROUTE": "/health", "AIP_PREDICT_ROUTE": "/v1/endpoints/1:predict"}
+    server = load_config(env=aip).server
+    assert (server.vertex_health_route, server.vertex_predict_route) == ("/health", "/v1/endpoints/1:predict")
+    mine = load_config(env={**aip, "TAKEOFF_VERTEX_PREDICT_ROUTE": "/mine"}).server
+    assert (mine.vertex_health_route, mine.vertex_predict_route) == ("/health", "/mine")
+    unset = load_config(env={}).server
+    assert (unset.vertex_health_route, unset.vertex_predict_route) == (None, None)
+    with pytest.raises(ConfigError, match="vertex_health_route"):
+        load_config(env={"AIP_HEALTH_ROUTE": "health"})
+
+
+def test_vertex_port_defaults_to_aip_http_port() -> None:
+    assert load_config(env={"AIP_HTTP_PORT": "7070"}).server.vertex_port == 7070
+    assert load_config(env={"AIP_HTTP_PORT": "7070", "TAKEOFF_VERTEX_PORT": "7071"}).server.vertex_port == 7071
+    with pytest.raises(ConfigError, match="sagemaker_port and vertex_port are both 8080"):
+        load_config(env={"AIP_HTTP_PORT": "8080"})  # Vertex's default port: move sagemaker_port
+    moved = load_config(env={"AIP_HTTP_PORT": "8080", "TAKEOFF_SAGEMAKER_PORT": "8081"}).server
+    assert (moved.vertex_port, moved.sagemaker_port) == (8080, 8081)
+
+
+def test_sagemaker_port_is_a_served_port_but_not_in_the_status_view() -> None:
+    server = load_config(env={"TAKEOFF_SAGEMAKER_PORT": "9090"}).server
+    assert server.sagemaker_port == 9090
+    assert "sagemaker_port" in server.port_fields()
+    assert "sagemaker_port" not in server.status_view()
+    with pytest.raises(ConfigError, match="sagemaker_port and port are both 3000"):
+        load_config(env={"TAKEOFF_SAGEMAKER_PORT": "3000"})

@@ -194,7 +194,8 @@ def test_reserved_groups_parsing() -> None:
 def test_port_fields_cover_every_port() -> None:
     fields = AppConfig.port_fields()
     assert fields[0] == "port"
-    assert set(fields) == {"port", "management_port", "vertex_port", "openai_port", "snowflake_port", "internal_port"}
+    assert set(fields) == {"port", "management_port", "vertex_port", "openai_port", "snowflake_port",
+                           "sagemaker_port", "internal_port"}  # fmt: skip
 
 
 def test_app_config_rejects_duplicate_ports_and_unknown_keys() -> None:

@@ -8,8 +8,18 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from liftoff.core.errors import InvalidRequestError, LiftoffError, NotFoundError, ValidationFailedError
-from liftoff.gateway.errors import HTTPStatusError, from_validation_error, render_native
+from liftoff.core.errors import (
+    InvalidRequestError,
+    LiftoffError,
+    NoReadersAvailableError,
+    NotFoundError,
+    NotSupportedError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ValidationFailedError,
+)
+from liftoff.gateway.errors import HTTPStatusError, from_validation_error, render_native, render_openai
 from liftoff.protocol.native import GenerateRequest
 
 
@@ -104,3 +114,48 @@ def test_http_status_error(status: int, error_type: str) -> None:
     error = HTTPStatusError(status, "nope")
     assert error.status == status
     assert error.error_type == error_type
+
+
+def openai_body(exc: LiftoffError) -> tuple[int, dict[str, object]]:
+    response = render_openai(exc)
+    return response.status_code, json.loads(bytes(response.body))
+
+
+def test_openai_renderer_uses_openai_shape_and_names_the_param() -> None:
+    status, body = openai_body(NotSupportedError("tools is not supported", param="tools"))
+    assert status == 400
+    assert body == {"error": {"message": "tools is not supported", "type": "invalid_request_error",
+                              "param": "tools", "code": "not_supported"}}  # fmt: skip
+
+
+def test_openai_renderer_calls_the_consumer_group_model() -> None:
+    status, body = openai_body(NotFoundError("consumer group 'x' does not exist", param="consumer_group"))
+    assert status == 404
+    assert body["error"] == {"message": "consumer group 'x' does not exist", "type": "not_found_error",
+                             "param": "model", "code": "not_found"}  # fmt: skip
+
+
+def test_openai_renderer_turns_malformed_bodies_into_400s_naming_the_first_field() -> None:
+    status, body = openai_body(error_for(b'{"text": 5}'))
+    assert status == 400
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "validation_error", "text.str")
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "kind"),
+    [
+        (NoReadersAvailableError("none"), 503, "service_unavailable_error"),
+        (OverloadedError("full"), 429, "rate_limit_error"),
+        (RequestTimeoutError("late"), 504, "timeout_error"),
+        (LiftoffError("boom"), 500, "server_error"),
+        (PayloadTooLargeError("big"), 413, "invalid_request_error"),
+    ],
+)
+def test_openai_renderer_statuses_and_types(exc: LiftoffError, status: int, kind: str) -> None:
+    got_status, body = openai_body(exc)
+    assert got_status == status
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"], error["param"]) == (kind, exc.error_type, None)

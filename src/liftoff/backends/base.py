@@ -112,6 +112,12 @@ class Backend(abc.ABC):
         """The tokens of ``text`` as vocabulary strings (``▁hello``, ``Ġworld``)."""
         raise NotSupportedError(f"the {self.name} backend has no tokenizer")
 
+    def prompt_length(self, text: str, params: GenerationParams) -> int:
+        """Tokens in a request's prompt as the model sees it (chat template, ``messages``), before truncation."""
+        if params.messages:
+            raise NotSupportedError(f"the {self.name} backend cannot count the tokens of a conversation")
+        return len(self.tokenize(text, use_chat_template=params.use_chat_template))
+
     def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
         """Text of token ids or vocabulary strings."""
         raise NotSupportedError(f"the {self.name} backend has no tokenizer")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
-from liftoff.backends.text import fit_prompt, render_chat_template, user_turn
+from liftoff.backends.text import conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -68,9 +68,7 @@ class EchoBackend(Backend):
             raise RuntimeError(str(self.options["fail_load"]))
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
-        if params.use_chat_template:
-            text = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
-        words = tokenize(text)
+        words = tokenize(self._prompt(text, params))
         kept, budget = fit_prompt(range(len(words)), params, self.context_length)
         tokens = [words[i] for i in kept]
         self._sequences[request_id] = _Sequence(request_id, tokens, params, budget=budget)
@@ -108,6 +106,14 @@ class EchoBackend(Backend):
 
     def active(self) -> int:
         return len(self._sequences)
+
+    def _prompt(self, text: str, params: GenerationParams) -> str:
+        if params.use_chat_template or params.messages:
+            return self.apply_chat_template(conversation(text, params.messages), add_generation_prompt=True)
+        return text
+
+    def prompt_length(self, text: str, params: GenerationParams) -> int:
+        return len(tokenize(self._prompt(text, params)))
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
         if use_chat_template:

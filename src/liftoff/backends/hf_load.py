@@ -47,14 +47,32 @@ class LoadedModel:
     masks: MaskPolicy
 
 
-def resolve_dtype(value: object) -> torch.dtype:
-    """``backend_options["dtype"]``: bfloat16 (the default), float32 or float16."""
-    if value is None:
-        return torch.bfloat16
-    dtype = DTYPES.get(str(value).lower().removeprefix("torch."))
+def resolve_dtype(value: object, device: torch.device) -> torch.dtype:
+    """``backend_options["dtype"]``: ``auto`` (the default), bfloat16, float32 or float16.
+
+    ``auto`` is bfloat16 on CUDA and on CPUs with AMX tiles, float32 on other CPUs: without AMX, torch's bf16
+    matrix products on CPU run at about half the fp32 speed (measured on AVX512-BF16 Xeons: 167 against
+    329 GFLOP/s for a 3200 x 576 x 1536 product), so bf16 only saves memory there.
+    """
+    name = "auto" if value is None else str(value).lower().removeprefix("torch.")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_amx() else torch.float32
+    dtype = DTYPES.get(name)
     if dtype is None:
-        raise ModelLoadError(f"backend_options dtype={value!r} is not one of: bfloat16, float32, float16")
+        raise ModelLoadError(f"backend_options dtype={value!r} is not one of: auto, bfloat16, float32, float16")
     return dtype
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux: from /proc/cpuinfo; elsewhere: assume not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def resolve_device(device: str) -> torch.device:

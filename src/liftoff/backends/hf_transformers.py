@@ -2,7 +2,8 @@
 
 Loading: a Hugging Face checkpoint directory is loaded as it is; a GGUF file is first dequantized once into
 ``<repository_path>/dequantized/`` (:mod:`liftoff.backends.hf_convert`). ``backend_options``: ``dtype``
-(``bfloat16`` by default, fast on CPUs with AVX512-BF16/AMX; ``float32``; ``float16``) and ``n_threads`` (torch
+(``auto`` by default: bfloat16 on CUDA and AMX CPUs, float32 on other CPUs, where it is faster; or ``bfloat16``,
+``float32``, ``float16``) and ``n_threads`` (torch
 threads, default: every CPU this process may use). The reader's ``device`` is ``cpu`` or ``cuda``.
 
 Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.hf_cache`). A step
@@ -45,9 +46,10 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
+from liftoff.backends.prefix import RowPrefixes, flag
 from liftoff.backends.resolve import resolve_model
 from liftoff.backends.sampling import SamplerState, sample
-from liftoff.backends.text import fit_prompt, user_turn
+from liftoff.backends.text import conversation, fit_prompt
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -55,7 +57,7 @@ from liftoff.core.types import FinishReason, GenerationParams, ModelType
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_BUDGET = 1024
-BACKEND_OPTIONS = frozenset({"dtype", "n_threads"})
+BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache"})
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +93,9 @@ class TransformersBackend(Backend):
         self._chunking: _Sequence | None = None  # a long prompt being prefilled in the last slot
         self._empty: list[_Sequence] = []  # admitted with nothing to generate
         self._tokenizer_lock = threading.Lock()
+        self._prefix_cache = flag(self.options.get("prefix_cache"), default=True)
+        self._prefixes = RowPrefixes()  # what the free rows still hold
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in total
 
     @property
     def model_type(self) -> ModelType:
@@ -104,8 +109,8 @@ class TransformersBackend(Backend):
 
     def load(self, progress: ProgressCallback) -> None:
         progress(0.0)
-        dtype = resolve_dtype(self.options.get("dtype"))
         device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.options.get("dtype"), device)
         if device.type == "cpu":
             set_torch_threads(self.options.get("n_threads"))
         model = self.context.model or resolve_model(
@@ -152,6 +157,7 @@ class TransformersBackend(Backend):
         self._loaded = self._cache = self._detok = None
         self._waiting.clear()
         self._rows.clear()
+        self._prefixes.clear()
         self._chunking = None
         gc.collect()
         if torch.cuda.is_available():
@@ -171,7 +177,7 @@ class TransformersBackend(Backend):
                 raise NotSupportedError(f"{name}: the transformers backend has no constrained decoding yet", param=name)
         if params.lora_id is not None:
             raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
-        ids = self._encode(text, chat=params.use_chat_template, special=True)
+        ids = self._encode(text, chat=params.use_chat_template, special=True, messages=params.messages)
         if not ids:
             bos = loaded.tokenizer.bos_token_id
             if bos is None:
@@ -255,15 +261,39 @@ class TransformersBackend(Backend):
             batch.append(self._waiting.popleft())
             width = wider
         row0 = len(self._rows)
-        logits = self._forward_prefill([seq.prompt for seq in batch], row0, 0)
+        start = self._reuse_prefixes(batch, row0)
+        logits = self._forward_prefill([seq.prompt[start:] for seq in batch], row0, start)
         for seq in batch:
             seq.length = len(seq.prompt)
             self._rows.append(seq)
         self._advance(batch, self._sample(logits, batch), out)
 
+    def _reuse_prefixes(self, batch: list[_Sequence], row0: int) -> int:
+        """Copy the longest cached prefix every prompt of ``batch`` shares into its row; the positions to skip.
+
+        The batch prefills from one position, so it skips what all its prompts have (always keeping each prompt's
+        last token, whose logits choose the first output token).
+        """
+        rows = range(row0, row0 + len(batch))
+        if not self._prefix_cache:
+            for row in rows:
+                self._prefixes.overwrite(row)
+            return 0
+        running = [seq.prompt + seq.sampler.generated[: seq.length - len(seq.prompt)] for seq in self._rows]
+        sources = [self._prefixes.best_source(seq.prompt, row, running) for seq, row in zip(batch, rows, strict=True)]
+        start = min(min(shared, len(seq.prompt) - 1) for seq, (_, shared) in zip(batch, sources, strict=True))
+        cache = self._require_cache()
+        for (source, _), row in zip(sources, rows, strict=True):
+            if start and source != row:
+                cache.move_row(source, row, start)
+            self._prefixes.overwrite(row)
+        self.reused_tokens += start * len(batch)
+        return start
+
     def _prefill_chunk(self, seq: _Sequence, out: list[StepOutput]) -> None:
         """One chunk of a prompt longer than the prefill budget, in the last slot; it joins the rows when done."""
         slot = self.capacity - 1
+        self._prefixes.overwrite(slot)
         start = seq.length
         end = min(len(seq.prompt), start + self._budget)
         logits = self._forward_prefill([seq.prompt[start:end]], slot, start)
@@ -271,6 +301,7 @@ class TransformersBackend(Backend):
         if end < len(seq.prompt):
             return
         self._chunking = None
+        self._prefixes.overwrite(len(self._rows))
         self._require_cache().move_row(slot, len(self._rows), seq.length)
         self._rows.append(seq)
         self._advance([seq], self._sample(logits, [seq]), out)
@@ -338,11 +369,13 @@ class TransformersBackend(Backend):
     def _remove_row(self, index: int) -> None:
         """Free row ``index``: the last row moves into it, so the running rows stay contiguous."""
         last = len(self._rows) - 1
+        left = self._rows[last]  # its tokens stay in row ``last``, which becomes free
         if index != last:
-            moved = self._rows[last]
-            self._require_cache().move_row(last, index, moved.length)
-            self._rows[index] = moved
+            self._require_cache().move_row(last, index, left.length)
+            self._rows[index] = left
         self._rows.pop()
+        if self._prefix_cache:
+            self._prefixes.keep(last, (left.prompt + left.sampler.generated)[: left.length])
 
     def _require_cache(self) -> SlotCache:
         if self._cache is None:
@@ -356,13 +389,16 @@ class TransformersBackend(Backend):
 
     # ---- tokenizer services -------------------------------------------------------------------------------------
 
-    def _encode(self, text: str, *, chat: bool, special: bool) -> list[int]:
+    def _encode(self, text: str, *, chat: bool, special: bool, messages: tuple[tuple[str, str], ...] = ()) -> list[int]:
         tokenizer = self._model().tokenizer
-        if chat:
-            text = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
+        if chat or messages:
+            text = self.apply_chat_template(conversation(text, messages), add_generation_prompt=True)
             special = False
         with self._tokenizer_lock:
             return list(tokenizer.encode(text, add_special_tokens=special))
+
+    def prompt_length(self, text: str, params: GenerationParams) -> int:
+        return len(self._encode(text, chat=params.use_chat_template, special=True, messages=params.messages))
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
         ids = self._encode(text, chat=use_chat_template, special=add_special_tokens)

@@ -18,9 +18,15 @@ flash-attention kernel rounds differently from 64 query rows of a sequence up (t
 row), so a shared call would let the neighbours move a prompt's numerics. Rows computed row by row (chunks under
 64 tokens, the one-token decode rows) give the same bits whatever else is in the call.
 
+Prefix cache: a finished sequence leaves its tokens in its slot's KV stream. A new prompt takes the free slot
+whose kept tokens share the longest prefix with it (a system prompt, the earlier turns of a chat) and prefills
+only the rest, as llama-server does. The reused positions were computed in other calls than a fresh prefill
+would use, so a cache hit may round differently from a cold start; the batch-independence promise above holds
+with ``prefix_cache: false``.
+
 Options (``backend_options``): ``n_threads`` (default: every CPU), ``prefill_chunk_size`` (default 512; also
-the reader option of that name), ``prefill_tokens_per_step`` (default 512) and ``n_batch`` (llama.cpp's batch
-size, default the larger of 512, the chunk size and the capacity).
+the reader option of that name), ``prefill_tokens_per_step`` (default 512), ``n_batch`` (llama.cpp's batch
+size, default the larger of 512, the chunk size and the capacity) and ``prefix_cache`` (default true).
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import numpy.typing as npt
 
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
 from liftoff.backends.llamacpp_native import NativeContext, NativeModel
+from liftoff.backends.prefix import flag, shared_prefix
 from liftoff.backends.sampling import SamplerState, sample
-from liftoff.backends.text import Utf8Stream, fit_prompt, render_chat_template, user_turn
+from liftoff.backends.text import Utf8Stream, conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -45,7 +52,7 @@ DEFAULT_CONTEXT = 2048
 DEFAULT_CHUNK = 512
 DEFAULT_PREFILL_PER_STEP = 512
 ROW_WISE_LIMIT = 64  # llama.cpp's CPU flash attention is tiled from this many query rows per sequence
-KNOWN_OPTIONS = frozenset({"n_threads", "prefill_chunk_size", "prefill_tokens_per_step", "n_batch"})
+KNOWN_OPTIONS = frozenset({"n_threads", "prefill_chunk_size", "prefill_tokens_per_step", "n_batch", "prefix_cache"})
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +65,7 @@ class _Sequence:
     stream: Utf8Stream
     prefilled: int = 0  # prompt tokens already in the KV cache
     pending: int = -1  # the last sampled token, not yet in the KV cache
+    kv_len: int = 0  # positions of this sequence in the KV cache
 
     @property
     def position(self) -> int:
@@ -81,6 +89,9 @@ class LlamaCppBackend(Backend):
         self._sequences: dict[str, _Sequence] = {}
         self._slots: list[_Sequence | None] = [None] * self.capacity
         self._free = list(range(self.capacity))
+        self._prefix_cache = flag(self.options.get("prefix_cache"), default=True)
+        self._kept: list[list[int]] = [[] for _ in range(self.capacity)]  # tokens left in each free slot's KV
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in total
         self._prefilling: list[_Sequence] = []  # admission order
         self._eog: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._eog_set: frozenset[int] = frozenset()
@@ -152,15 +163,19 @@ class LlamaCppBackend(Backend):
         _refuse_unsupported(params)
         if not self._free:
             raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
-        ids = self._encode(model, text, use_chat_template=params.use_chat_template, add_special=True)
+        ids = self._encode(
+            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
+        )
         prompt, budget = fit_prompt(ids, params, self._context_length)
         if not prompt:
             if model.bos < 0:
                 raise InvalidRequestError("the prompt is empty and this model has no BOS token to start from")
             prompt = [model.bos]
             budget = min(budget, (self._context_length or budget + 1) - 1)
-        slot = heapq.heappop(self._free)
+        slot, reused = self._take_slot(prompt)
         seq = _Sequence(request_id, slot, prompt, budget, SamplerState(params, prompt), Utf8Stream())
+        seq.prefilled = seq.kv_len = reused
+        self.reused_tokens += reused
         self._sequences[request_id] = seq
         self._slots[slot] = seq
         self._prefilling.append(seq)
@@ -175,13 +190,38 @@ class LlamaCppBackend(Backend):
     def active(self) -> int:
         return len(self._sequences)
 
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for ``prompt``, and how many of its first tokens that slot's KV already holds.
+
+        Without a prefix to reuse, the lowest free slot (decode rows in slot order make fewer micro-batches). At
+        least the last prompt token is always prefilled again: its logits choose the first output token.
+        """
+        slot, reused = self._free[0], 0
+        if self._prefix_cache:
+            for candidate in self._free:
+                shared = shared_prefix(self._kept[candidate], prompt)
+                if shared > reused:
+                    slot, reused = candidate, shared
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        reused = min(reused, len(prompt) - 1)
+        _, ctx = self._loaded()
+        if self._kept[slot] and not (reused and ctx.keep_prefix(slot, reused)):
+            ctx.forget(slot)
+            reused = 0
+        self._kept[slot] = []
+        return slot, reused
+
     def _release(self, seq: _Sequence) -> None:
         del self._sequences[seq.request_id]
         self._slots[seq.slot] = None
         if seq.prefilled < len(seq.prompt):
             self._prefilling.remove(seq)
         if self._ctx is not None:
-            self._ctx.forget(seq.slot)
+            if self._prefix_cache:
+                self._kept[seq.slot] = (seq.prompt + seq.sampler.generated)[: seq.kv_len]
+            else:
+                self._ctx.forget(seq.slot)
         heapq.heappush(self._free, seq.slot)
 
     # ---- stepping -------------------------------------------------------------------------------------------------
@@ -199,6 +239,8 @@ class LlamaCppBackend(Backend):
             batch.seq_ptr[: len(running)] = batch.seq_address[[seq.slot for seq in running]]
             batch.logits[: len(running)] = 1
             ctx.decode(len(running))
+            for seq in running:
+                seq.kv_len = seq.position + 1
             self._sample(ctx, running, outputs)
         self._prefill(ctx, outputs, limit=self._prefill_per_step if running else None)
         return outputs
@@ -233,7 +275,7 @@ class LlamaCppBackend(Backend):
                 row, ready = 0, []
             last = end == len(seq.prompt)
             row = ctx.batch.put_span(row, seq.prompt[start:end], start, seq.slot, last_logits=last)
-            seq.prefilled = end
+            seq.prefilled = seq.kv_len = end
             if last:
                 ready.append(seq)
                 self._prefilling.remove(seq)
@@ -278,12 +320,27 @@ class LlamaCppBackend(Backend):
 
     # ---- tokenizer services (any thread: model and vocabulary only) ----------------------------------------------
 
-    def _encode(self, model: NativeModel, text: str, *, use_chat_template: bool, add_special: bool) -> list[int]:
-        if not use_chat_template:
+    def _encode(
+        self,
+        model: NativeModel,
+        text: str,
+        *,
+        use_chat_template: bool,
+        add_special: bool,
+        messages: tuple[tuple[str, str], ...] = (),
+    ) -> list[int]:
+        if not (use_chat_template or messages):
             return model.tokenize(text, add_special=add_special, parse_special=False)
-        rendered = self.apply_chat_template(user_turn(text), add_generation_prompt=True)
+        rendered = self.apply_chat_template(conversation(text, messages), add_generation_prompt=True)
         has_bos = bool(model.bos_text) and rendered.startswith(model.bos_text)  # no second BOS
         return model.tokenize(rendered, add_special=add_special and not has_bos, parse_special=True)
+
+    def prompt_length(self, text: str, params: GenerationParams) -> int:
+        model, _ = self._loaded()
+        ids = self._encode(
+            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
+        )
+        return len(ids) or 1  # an empty prompt starts from BOS
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
         model, _ = self._loaded()

@@ -245,6 +245,10 @@ class NativeContext:
         """Drop every cached token of one sequence slot."""
         llama.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
+    def keep_prefix(self, seq_id: int, length: int) -> bool:
+        """Keep the first ``length`` positions of one slot and drop the rest; False when llama.cpp cannot."""
+        return bool(llama.llama_memory_seq_rm(self.memory, seq_id, length, -1))
+
     def close(self) -> None:
         """Free the context and its KV cache."""
         if self.pointer:

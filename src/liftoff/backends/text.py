@@ -80,3 +80,10 @@ def render_chat_template(
 def user_turn(text: str) -> list[dict[str, Any]]:
     """``use_chat_template``: the prompt as a single user message."""
     return [{"role": "user", "content": text}]
+
+
+def conversation(text: str, messages: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """What a request gives the chat template: its ``messages`` when it has some, else ``text`` as one user turn."""
+    if messages:
+        return [{"role": role, "content": content} for role, content in messages]
+    return user_turn(text)

@@ -118,10 +118,22 @@ def _sourced(manifest_values: Mapping[str, Any], env_values: Mapping[str, Any], 
     return data, sources
 
 
+# Variables Vertex AI sets in custom containers, used where the TAKEOFF_* variable is not set.
+VERTEX_ENV = {
+    "vertex_port": "AIP_HTTP_PORT",
+    "vertex_health_route": "AIP_HEALTH_ROUTE",
+    "vertex_predict_route": "AIP_PREDICT_ROUTE",
+}
+
+
 def _load_server(
     manifest: dict[str, Any], env: Mapping[str, str], flags: Mapping[str, Any], path: Path | None
 ) -> AppConfig:
-    data, sources = _sourced(_section(manifest, "server_config", path), _env_values(AppConfig, env), flags, path)
+    env_values = _env_values(AppConfig, env)
+    for key, variable in VERTEX_ENV.items():
+        if key not in env_values and env.get(variable):
+            env_values[key] = env[variable]
+    data, sources = _sourced(_section(manifest, "server_config", path), env_values, flags, path)
     return _validate(AppConfig, data, "server_config", sources)
 
 

@@ -98,6 +98,15 @@ class AppConfig(BaseModel):
     )
     log_level: str = Field("INFO", description="[Liftoff] Log level of the gateway (and default of readers).")
     log_format: Literal["text", "json"] = Field("text", description="[Liftoff] Log line format.")
+    sagemaker_port: Port = Field(
+        8080, ge=0, le=65535, description="[Liftoff] SageMaker port (POST /invocations, GET /ping)."
+    )
+    vertex_health_route: str | None = Field(
+        None, description="[Liftoff] Extra health route on the Vertex port; default AIP_HEALTH_ROUTE (set by Vertex)."
+    )
+    vertex_predict_route: str | None = Field(
+        None, description="[Liftoff] Extra predict route on the Vertex port; default AIP_PREDICT_ROUTE (set by Vertex)."
+    )
 
     # ---- legacy keys (Takeoff <= 0.16), accepted ---------------------------------------------------------------
     max_batch_size: int | None = Field(
@@ -117,6 +126,13 @@ class AppConfig(BaseModel):
         path = value.removeprefix("file://")
         return os.path.expandvars(os.path.expanduser(path))
 
+    @field_validator("vertex_health_route", "vertex_predict_route")
+    @classmethod
+    def _absolute_route(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"a route starts with '/', not {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> AppConfig:
         ports = {name: getattr(self, name) for name in self.port_fields() if getattr(self, name) != 0}
@@ -130,7 +146,8 @@ class AppConfig(BaseModel):
     @staticmethod
     def port_fields() -> tuple[str, ...]:
         """The config keys that name a listening port, inference port first."""
-        return ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "internal_port")
+        return ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "sagemaker_port",
+                "internal_port")  # fmt: skip
 
     def reserved_groups(self) -> list[str]:
         """``reserved_consumers`` parsed into a list (as ``status.reserved_consumers`` shows it)."""

@@ -101,12 +101,18 @@ class DrainFrame(_Frame, tag="drain"):
 
 
 class TokenFrame(_Frame, tag="tok"):
-    """A piece of generated text for one request (may stand for several tokens)."""
+    """A piece of generated text for one request (may stand for several tokens).
+
+    With ``GenerationParams.running_counts`` it also carries the prompt's token count and the tokens generated so
+    far (0 otherwise).
+    """
 
     request_id: str
     seq: int
     text: str
     n_tokens: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class FinalFrame(_Frame, tag="fin"):

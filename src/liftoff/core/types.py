@@ -66,6 +66,8 @@ class GenerationParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_l
     seed: int | None = None
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    running_counts: bool = False  # token frames carry the prompt's and the output's token counts so far
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) turns for the chat template, in place of the text
 
 
 class ReaderInfo(msgspec.Struct, kw_only=True):

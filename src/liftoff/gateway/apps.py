@@ -6,21 +6,36 @@ from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
 from liftoff import __version__
-from liftoff.gateway.errors import install_error_handlers, render_native
+from liftoff.gateway.errors import Renderer, install_error_handlers, render_native, render_openai
 from liftoff.gateway.fastpath import FastRoutes
 from liftoff.gateway.http import BodyLimitMiddleware
 from liftoff.gateway.state import GatewayState
-from liftoff.gateway.surfaces import health, internal, management, native, tokens
+from liftoff.gateway.surfaces import (
+    extras,
+    health,
+    internal,
+    management,
+    native,
+    openai,
+    sagemaker,
+    snowflake,
+    tokens,
+    vertex,
+)
 
 # config key of the port → (title, routers)
 PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
-    "port": ("inference", [native.router, tokens.router, health.router]),
+    "port": ("inference", [native.router, tokens.router, extras.router, health.router]),
     "management_port": ("management", [management.router, health.router]),
-    "vertex_port": ("vertex", [health.router]),
-    "openai_port": ("openai", [health.router]),
-    "snowflake_port": ("snowflake", [health.router]),
+    "vertex_port": ("vertex", [vertex.router, health.router]),
+    "openai_port": ("openai", [openai.router, health.router]),
+    "snowflake_port": ("snowflake", [snowflake.router, health.router]),
+    "sagemaker_port": ("sagemaker", [sagemaker.router, health.router]),
     "internal_port": ("internal", [internal.router, health.router]),
 }
+
+# config key of the port → how its errors look (native JSON unless listed)
+RENDERERS: dict[str, Renderer] = {"openai_port": render_openai}
 
 
 def build_app(port_key: str, state: GatewayState) -> ASGIApp:
@@ -36,9 +51,12 @@ def build_app(port_key: str, state: GatewayState) -> ASGIApp:
     app.state.liftoff = state
     for router in routers:
         app.include_router(router)
-    install_error_handlers(app, render_native)
+    if port_key == "vertex_port":
+        vertex.add_aip_routes(app, state.config.vertex_health_route, state.config.vertex_predict_route)
+    render = RENDERERS.get(port_key, render_native)
+    install_error_handlers(app, render)
     asgi: ASGIApp = app
     if port_key == "port":
         hot = {("POST", "/generate"): native.generate, ("POST", "/generate_stream"): native.generate_stream}
         asgi = FastRoutes(app, hot, render_native)
-    return BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render_native)
+    return BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)

@@ -129,6 +129,22 @@ def raise_if_error(item: Item) -> None:
         raise error_from_type(item.frame.error_type, item.frame.message)
 
 
+async def gather(collector: Collector) -> tuple[list[list[str]], list[FinalFrame | None]]:
+    """Every prompt's text pieces and final frame; raises the first error."""
+    texts: list[list[str]] = [[] for _ in collector.request_ids]
+    finals: list[FinalFrame | None] = [None] * len(collector.request_ids)
+    while items := await collector.next():
+        for item in items:
+            frame = item.frame
+            if isinstance(frame, TokenFrame):
+                texts[item.index].append(frame.text)
+            elif isinstance(frame, FinalFrame):
+                finals[item.index] = frame
+            else:
+                raise_if_error(item)
+    return texts, finals
+
+
 class Dispatcher:
     """Submits requests to the broker and routes their frames to collectors."""
 

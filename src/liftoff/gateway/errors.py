@@ -1,6 +1,7 @@
 """The one place where exceptions become HTTP responses.
 
-Each surface has a renderer (native JSON here; OpenAI's shape joins later) and :func:`install_error_handlers`
+Each surface has a renderer (native JSON for the native, management, Vertex, Snowflake and SageMaker ports;
+OpenAI's ``{"error": {...}}`` for the OpenAI port) and :func:`install_error_handlers`
 registers, for an app, handlers by base class: :class:`LiftoffError`, FastAPI's validation error, Starlette's
 HTTP errors (404, 405) and any other exception (a 500 whose details go to the log, not the client).
 """
@@ -47,6 +48,30 @@ def render_native(exc: LiftoffError) -> Response:
     if isinstance(exc, ValidationFailedError) and exc.errors:
         body["errors"] = exc.errors
     return json_response(body, exc.status)
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                 429: "rate_limit_error", 499: "request_cancelled", 503: "service_unavailable_error",
+                 504: "timeout_error"}  # fmt: skip
+
+
+def openai_error(exc: LiftoffError) -> tuple[int, dict[str, Any]]:
+    """Status and body of an error on the OpenAI port: ``{"error": {"message", "type", "param", "code"}}``.
+
+    Malformed bodies are 400s there (OpenAI answers 400 where the native API answers 422).
+    """
+    status = 400 if isinstance(exc, ValidationFailedError) else exc.status
+    param = "model" if exc.param == "consumer_group" else exc.param  # ``model`` names the group there
+    if param is None and isinstance(exc, ValidationFailedError) and exc.errors:
+        param = str(exc.errors[0]["loc"])
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.error_type}}
+
+
+def render_openai(exc: LiftoffError) -> Response:
+    """An error response in OpenAI's shape (see :func:`openai_error`)."""
+    status, body = openai_error(exc)
+    return json_response(body, status)
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -51,6 +51,24 @@ class GenerateResponse(BaseModel):
     metadata: GenerateMetadata | list[GenerateMetadata] | None = None
 
 
+class EmbedRequest(BaseModel):
+    """``POST /embed``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | list[str] = Field(..., description="A text, or a list of texts.")
+    consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /classify``: texts, or lists of texts joined as sentence pairs by the tokenizer."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | list[str] | list[list[str]] = Field(..., description="A text, a list, or a list of text pairs.")
+    consumer_group: str | None = Field(None, description="Target consumer group; default 'classify'.")
+
+
 class TokenizeRequest(BaseModel):
     """``POST /tokenize/{reader_id}``."""
 

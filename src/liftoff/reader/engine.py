@@ -12,12 +12,14 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from liftoff.backends.base import Backend, StepOutput
 from liftoff.core.errors import BackendError, LiftoffError
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.types import FinishReason
+from liftoff.reader.stops import StopScanner
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,20 @@ Emit = Callable[[list[Any]], None]
 
 _STOP = object()
 _ABORT_ALL = object()
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A request the engine follows token by token: stop strings, running token counts."""
+
+    frame: RequestFrame
+    scanner: StopScanner | None = field(init=False)
+    tokens: int = 0
+    prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        stops = self.frame.params.stop
+        self.scanner = StopScanner(stops) if stops else None
 
 
 class Engine:
@@ -37,6 +53,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[RequestFrame] = deque()
         self._seq: dict[str, int] = {}
+        self._tracked: dict[str, _Tracked] = {}
         self._thread = threading.Thread(target=self._run, name="liftoff-engine", daemon=True)
         self._running = False
 
@@ -102,6 +119,8 @@ class Engine:
             return False
         if isinstance(command, RequestFrame):
             self._seq[command.request_id] = 0
+            if command.params.stop or command.params.running_counts:
+                self._tracked[command.request_id] = _Tracked(command)
             self._waiting.append(command)
         elif isinstance(command, str):
             self._abort(command)
@@ -119,6 +138,7 @@ class Engine:
                 break
         else:
             self._backend.abort(request_id)
+        self._tracked.pop(request_id, None)
         seq = self._seq.pop(request_id)
         final = FinalFrame(
             request_id=request_id, seq=seq, finish_reason=FinishReason.ABORTED, reader_id=self._reader_id
@@ -163,21 +183,66 @@ class Engine:
             if out.error is not None:
                 frames.append(self._error_frame(rid, out.error))
                 continue
+            tracked = self._tracked.get(rid) if self._tracked else None
+            if tracked is not None:
+                frames.extend(self._tracked_frames(out, tracked))
+                continue
             if out.text:
                 frames.append(TokenFrame(request_id=rid, seq=self._next_seq(rid), text=out.text, n_tokens=out.n_tokens))
             if out.finish_reason is not None:
-                seq = self._seq.pop(rid)
-                frames.append(
-                    FinalFrame(
-                        request_id=rid,
-                        seq=seq,
-                        finish_reason=out.finish_reason,
-                        prompt_tokens=out.prompt_tokens,
-                        completion_tokens=out.completion_tokens,
-                        reader_id=self._reader_id,
-                    )
-                )
+                frames.append(self._final(rid, out.finish_reason, out.prompt_tokens, out.completion_tokens))
         return frames
+
+    def _final(self, request_id: str, reason: FinishReason, prompt_tokens: int, completion_tokens: int) -> FinalFrame:
+        self._tracked.pop(request_id, None)
+        return FinalFrame(
+            request_id=request_id,
+            seq=self._seq.pop(request_id),
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            reader_id=self._reader_id,
+        )
+
+    def _tracked_frames(self, out: StepOutput, tracked: _Tracked) -> list[Any]:
+        """Frames of a followed request: text up to its first stop string (then a ``stop`` final), with counts."""
+        rid = out.request_id
+        tracked.tokens += out.n_tokens
+        text, hit = tracked.scanner.feed(out.text) if tracked.scanner is not None else (out.text, False)
+        if not hit and out.finish_reason is not None and tracked.scanner is not None:
+            text += tracked.scanner.flush()
+        frames: list[Any] = []
+        if text:
+            frames.append(self._token_frame(rid, text, out.n_tokens, tracked))
+        if hit:
+            if out.finish_reason is None:
+                self._backend.abort(rid)  # free the slot now
+            prompt = out.prompt_tokens or self._prompt_count(tracked)
+            frames.append(self._final(rid, FinishReason.STOP, prompt, out.completion_tokens or tracked.tokens))
+        elif out.finish_reason is not None:
+            frames.append(self._final(rid, out.finish_reason, out.prompt_tokens, out.completion_tokens))
+        return frames
+
+    def _token_frame(self, request_id: str, text: str, n_tokens: int, tracked: _Tracked) -> TokenFrame:
+        counts: dict[str, int] = {}
+        if tracked.frame.params.running_counts:
+            counts = {"prompt_tokens": self._prompt_count(tracked), "completion_tokens": tracked.tokens}
+        return TokenFrame(request_id=request_id, seq=self._next_seq(request_id), text=text, n_tokens=n_tokens, **counts)
+
+    def _prompt_count(self, tracked: _Tracked) -> int:
+        if tracked.prompt_tokens is None:
+            tracked.prompt_tokens = self._prompt_tokens(tracked.frame)
+        return tracked.prompt_tokens
+
+    def _prompt_tokens(self, frame: RequestFrame) -> int:
+        """The prompt's token count before the request ends (a backend reports its counts only at the end)."""
+        try:
+            count = self._backend.prompt_length(frame.text, frame.params)
+        except Exception:
+            logger.exception("could not count the prompt tokens of %s", frame.request_id)
+            return 0
+        limit = frame.params.prompt_max_tokens
+        return min(count, limit) if limit else count
 
     def _next_seq(self, request_id: str) -> int:
         seq = self._seq[request_id]
@@ -185,5 +250,6 @@ class Engine:
         return seq
 
     def _error_frame(self, request_id: str, exc: LiftoffError) -> ErrorFrame:
+        self._tracked.pop(request_id, None)
         seq = self._seq.pop(request_id, 0)
         return ErrorFrame(request_id=request_id, seq=seq, error_type=exc.error_type, message=exc.message)

@@ -12,12 +12,13 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from liftoff.core.errors import LiftoffError, RequestCancelledError
 from liftoff.core.frames import ErrorFrame, FinalFrame, TokenFrame
 from liftoff.core.types import ReaderState
-from liftoff.gateway.dispatch import Collector, Item, raise_if_error
+from liftoff.gateway.dispatch import Collector, Item, gather, raise_if_error
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import EventStreamResponse, cancel_on_disconnect, json_body, read_model, sse_event
 from liftoff.gateway.state import GatewayState, get_state
@@ -31,6 +32,11 @@ router = APIRouter(tags=["inference"])
 _BODY = json_body(GenerateRequest)
 
 
+def generate_body() -> dict[str, object]:
+    """``openapi_extra`` of a route whose body is a ``GenerateRequest``."""
+    return _BODY
+
+
 def _metadata(frame: FinalFrame) -> dict[str, Any]:
     return {
         "prompt_tokens": frame.prompt_tokens,
@@ -40,8 +46,8 @@ def _metadata(frame: FinalFrame) -> dict[str, Any]:
     }
 
 
-def _echo(state: GatewayState, path: str, body: GenerateRequest, result: object) -> None:
-    """Takeoff's ``echo`` option: log each request with its response."""
+def echo(state: GatewayState, path: str, body: BaseModel, result: object) -> None:
+    """Takeoff's ``echo`` option: log each request with its response (every generation surface calls this)."""
     if state.config.echo:
         logger.info("echo %s request=%s response=%s", path, body.model_dump_json(exclude_none=True), result)
 
@@ -49,32 +55,21 @@ def _echo(state: GatewayState, path: str, body: GenerateRequest, result: object)
 async def _submit(request: Request) -> tuple[GatewayState, GenerateRequest, Collector]:
     state = get_state(request)
     body = await read_model(request, GenerateRequest)
-    collector = state.dispatcher.submit(generate_frames(body, state.config))
-    return state, body, collector
+    return state, body, start_generate(state, body)
 
 
-async def _gather(collector: Collector) -> tuple[list[list[str]], list[FinalFrame | None]]:
-    texts: list[list[str]] = [[] for _ in collector.request_ids]
-    finals: list[FinalFrame | None] = [None] * len(collector.request_ids)
-    while items := await collector.next():
-        for item in items:
-            frame = item.frame
-            if isinstance(frame, TokenFrame):
-                texts[item.index].append(frame.text)
-            elif isinstance(frame, FinalFrame):
-                finals[item.index] = frame
-            else:
-                raise_if_error(item)
-    return texts, finals
+def start_generate(state: GatewayState, body: GenerateRequest) -> Collector:
+    """Submit a ``GenerateRequest`` (its prompts start on the readers at once)."""
+    return state.dispatcher.submit(generate_frames(body, state.config))
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY)
-async def generate(request: Request) -> Response:
-    """Generate a completion (or one per prompt of a list), buffered."""
-    state, body, collector = await _submit(request)
+async def finish_generate(
+    request: Request, state: GatewayState, body: GenerateRequest, collector: Collector
+) -> dict[str, Any]:
+    """Wait for a submitted request and return ``/generate``'s answer; on any failure, abort what is left."""
     try:
         with cancel_on_disconnect(request.receive, collector):
-            texts, finals = await _gather(collector)
+            texts, finals = await gather(collector)
     finally:
         if not collector.done:
             state.dispatcher.abort(collector)
@@ -83,7 +78,15 @@ async def generate(request: Request) -> Response:
     if body.return_metadata:
         metas = [_metadata(final) for final in finals if final is not None]
         result["metadata"] = metas[0] if isinstance(body.text, str) else metas
-    _echo(state, "/generate", body, result)
+    return result
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY)
+async def generate(request: Request) -> Response:
+    """Generate a completion (or one per prompt of a list), buffered."""
+    state, body, collector = await _submit(request)
+    result = await finish_generate(request, state, body, collector)
+    echo(state, "/generate", body, result)
     return json_response(result)
 
 
@@ -111,7 +114,7 @@ async def generate_stream(request: Request) -> Response:
     def close() -> None:
         if not collector.done:
             state.dispatcher.abort(collector)
-        _echo(state, "/generate_stream", body, "(streamed)" if collector.done else "(cancelled)")
+        echo(state, "/generate_stream", body, "(streamed)" if collector.done else "(cancelled)")
 
     return EventStreamResponse(chunks, collector, close)
 

@@ -1,0 +1,122 @@
+"""The OpenAI-compatible API (port 3003): chat completions, completions, embeddings and the model list.
+
+``model`` is a consumer group. Requests are translated in ``gateway/translate/openai.py``; buffered answers are
+built here, streams in ``openai_stream.py``. Token counts are the reader's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from liftoff.core.errors import NotFoundError, NotSupportedError
+from liftoff.core.frames import FinalFrame
+from liftoff.gateway.dispatch import gather
+from liftoff.gateway.errors import json_response
+from liftoff.gateway.http import cancel_on_disconnect, json_body, read_model
+from liftoff.gateway.state import get_state
+from liftoff.gateway.surfaces.native import echo
+from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
+from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
+from liftoff.protocol.openai import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter(tags=["openai"])
+
+_STARTED = int(time.time())
+_SSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or server-sent events when stream is true", "content": {"text/event-stream": {}}}
+}
+
+
+def _choice(call: Call, index: int, text: str, final: FinalFrame | None) -> dict[str, Any]:
+    reason = finish_reason(final)
+    if call.chat:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def _call(body: ChatCompletionRequest | CompletionRequest, plan: Plan, *, chat: bool) -> Call:
+    options = body.stream_options
+    include = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    return Call(body.model, chat=chat, n=plan.n, include_usage=include, continuous_usage=continuous)
+
+
+async def _serve(
+    request: Request, body: ChatCompletionRequest | CompletionRequest, plan: Plan, *, chat: bool
+) -> Response:
+    state = get_state(request)
+    call = _call(body, plan, chat=chat)
+    collector = state.dispatcher.submit(plan.frames)
+    if body.stream:
+        echo(state, request.url.path, body, "(streamed)")
+        return await stream(request, state, collector, call)
+    try:
+        with cancel_on_disconnect(request.receive, collector):
+            texts, finals = await gather(collector)
+    finally:
+        if not collector.done:
+            state.dispatcher.abort(collector)
+    choices = []
+    for index, (parts, final) in enumerate(zip(texts, finals, strict=True)):
+        if final is not None:
+            call.count(index, final)
+        choices.append(_choice(call, index, "".join(parts), final))
+    kind = "chat.completion" if call.chat else "text_completion"
+    result = call.head(kind) | {"choices": choices, "usage": call.usage()}
+    echo(state, request.url.path, body, result)
+    return json_response(result)
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_SSE | ERROR_RESPONSES,
+             openapi_extra=json_body(ChatCompletionRequest))  # fmt: skip
+async def chat_completions(request: Request) -> Response:
+    """A chat completion of a single user message, through the reader's chat template."""
+    state = get_state(request)
+    body = await read_model(request, ChatCompletionRequest)
+    plan = chat_plan(body, state.config)
+    return await _serve(request, body, plan, chat=True)
+
+
+@router.post("/v1/completions", response_model=None, responses=_SSE | ERROR_RESPONSES,
+             openapi_extra=json_body(CompletionRequest))  # fmt: skip
+async def completions(request: Request) -> Response:
+    """A completion of a prompt (or of each prompt of a list), with no chat template."""
+    state = get_state(request)
+    body = await read_model(request, CompletionRequest)
+    plan = completion_plan(body, state.config)
+    return await _serve(request, body, plan, chat=False)
+
+
+@router.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=json_body(EmbeddingRequest))
+async def embeddings(request: Request) -> Response:
+    """Embeddings need an embedding reader; no backend serves embeddings yet, so this answers 400."""
+    await read_model(request, EmbeddingRequest)
+    raise NotSupportedError(
+        "embeddings need an embedding reader, and no Liftoff backend serves embedding models yet", param="model"
+    )
+
+
+def _model(group: str) -> dict[str, Any]:
+    return {"id": group, "object": "model", "created": _STARTED, "owned_by": "liftoff"}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    """One model per consumer group that has a live reader."""
+    registry = get_state(request).registry
+    groups = [group for group in registry.groups() if registry.has_live(group)]
+    return json_response({"object": "list", "data": [_model(group) for group in groups]})
+
+
+@router.get("/v1/models/{model}", responses={404: ERROR_RESPONSES[404]})
+async def model(request: Request, model: str) -> Response:
+    """One consumer group with a live reader; 404 otherwise."""
+    registry = get_state(request).registry
+    if not registry.has_live(model):
+        raise NotFoundError(f"no consumer group '{model}' with a live reader", param="model")
+    return json_response(_model(model))

@@ -1,0 +1,133 @@
+"""The Snowflake API (port 3004): ``POST /generate_snowflake`` in Snowflake's external-function format.
+
+Snowflake sends ``{"data": [[row, arg], ...]}`` where ``arg`` is a ``GenerateRequest`` object (built in SQL with
+``OBJECT_CONSTRUCT('text', ...)``) or a plain prompt string, and wants ``{"data": [[row, result], ...]}`` back with
+the same row numbers. ``result`` is the generated text (a list for a list of prompts; the whole ``/generate``
+answer when ``return_metadata`` is set). Rows run at once. A row that fails does not fail the batch: its result is
+``{"error": message, "error_type": kind}``, a VARIANT the query can test, and the other rows keep their text.
+Only an envelope that is not Snowflake's shape fails the whole request.
+
+Snowflake names each batch in the ``sf-external-function-query-batch-id`` header and resends a batch it did not
+get an answer for. The header is echoed back, and the answers of recent batches are kept by id (and body), so a
+resent batch is answered again without generating again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from liftoff.core.errors import LiftoffError
+from liftoff.gateway.dispatch import Collector
+from liftoff.gateway.errors import from_validation_error, json_response
+from liftoff.gateway.http import json_body, read_model
+from liftoff.gateway.state import GatewayState, get_state
+from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
+
+router = APIRouter(tags=["snowflake"])
+
+BATCH_HEADER = "sf-external-function-query-batch-id"
+REMEMBERED_BATCHES = 256
+
+Row = tuple[int, Any]
+
+
+class SnowflakeRequest(BaseModel):
+    """A batch of rows: ``[row_number, argument]`` each."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    data: list[tuple[int, dict[str, Any] | str]] = Field(..., description="Rows: [row number, GenerateRequest].")
+
+
+class SnowflakeResponse(BaseModel):
+    """One ``[row_number, result]`` per row, same numbers."""
+
+    data: list[tuple[int, Any]]
+
+
+class _Answers:
+    """The answers of the last batches, by batch id and body digest."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._answers: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> bytes | None:
+        return self._answers.get(key)
+
+    def put(self, key: tuple[str, str], answer: bytes) -> None:
+        self._answers[key] = answer
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+
+
+_ANSWERS = _Answers(REMEMBERED_BATCHES)
+
+
+def _error_cell(exc: LiftoffError) -> dict[str, str]:
+    return {"error": exc.message, "error_type": exc.error_type}
+
+
+def _row_request(argument: dict[str, Any] | str) -> GenerateRequest:
+    fields = {"text": argument} if isinstance(argument, str) else argument
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _start(state: GatewayState, argument: dict[str, Any] | str) -> tuple[GenerateRequest, Collector] | LiftoffError:
+    try:
+        body = _row_request(argument)
+        return body, start_generate(state, body)
+    except LiftoffError as exc:
+        return exc
+
+
+async def _finish(request: Request, state: GatewayState, started: tuple[GenerateRequest, Collector]) -> Any:
+    body, collector = started
+    try:
+        result = await finish_generate(request, state, body, collector)
+    except LiftoffError as exc:
+        return _error_cell(exc)
+    return result if body.return_metadata else result["text"]
+
+
+async def _rows(request: Request, state: GatewayState, rows: list[tuple[int, dict[str, Any] | str]]) -> list[Row]:
+    started = [(number, _start(state, argument)) for number, argument in rows]
+    answers: list[Row] = []
+    try:
+        for number, run in started:
+            cell = _error_cell(run) if isinstance(run, LiftoffError) else await _finish(request, state, run)
+            answers.append((number, cell))
+    finally:
+        for _, run in started:
+            if not isinstance(run, LiftoffError) and not run[1].done:
+                state.dispatcher.abort(run[1])
+    return answers
+
+
+@router.post("/generate_snowflake", response_model=SnowflakeResponse, responses=ERROR_RESPONSES,
+             openapi_extra=json_body(SnowflakeRequest))  # fmt: skip
+async def generate_snowflake(request: Request) -> Response:
+    """Generate for every row; a failed row gets an error object, the others their text."""
+    state = get_state(request)
+    batch_id = request.headers.get(BATCH_HEADER)
+    headers = {BATCH_HEADER: batch_id} if batch_id else None
+    key = (batch_id, hashlib.sha256(await request.body()).hexdigest()) if batch_id else None
+    if key is not None and (answer := _ANSWERS.get(key)) is not None:
+        return Response(answer, media_type="application/json", headers=headers)
+    body = await read_model(request, SnowflakeRequest)
+    result = {"data": await _rows(request, state, body.data)}
+    echo(state, "/generate_snowflake", body, result)
+    response = json_response(result, headers=headers)
+    if key is not None:
+        _ANSWERS.put(key, bytes(response.body))
+    return response

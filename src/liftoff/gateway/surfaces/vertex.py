@@ -1,0 +1,114 @@
+"""The Google Vertex AI API (port 3002): ``POST /generate_vertex`` and, for custom containers, the AIP routes.
+
+A prediction request is ``{"instances": [GenerateRequest, ...], "parameters"?: {...}}``; ``parameters`` are
+defaults every instance may override (an explicit ``null`` in an instance keeps the default). All instances start
+at once and the answer is ``{"predictions": [...]}``, one ``/generate`` answer per instance, in order. Vertex
+expects the whole request to fail if one instance does, so the first error is the answer (and the other instances
+are aborted). Vertex AI custom containers are told their port and their health and predict paths in
+``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE`` and ``AIP_PREDICT_ROUTE``: the config loader makes them the defaults of
+``vertex_port``, ``vertex_health_route`` and ``vertex_predict_route``, and the routes are served beside the fixed
+ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from liftoff.core.errors import LiftoffError, ValidationFailedError
+from liftoff.gateway.dispatch import Collector
+from liftoff.gateway.errors import from_validation_error, json_response
+from liftoff.gateway.http import json_body, read_model
+from liftoff.gateway.state import GatewayState, get_state
+from liftoff.gateway.surfaces import health
+from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest, GenerateResponse
+
+router = APIRouter(tags=["vertex"])
+
+
+class VertexRequest(BaseModel):
+    """A Vertex AI prediction request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    instances: list[dict[str, Any]] = Field(..., min_length=1, description="One GenerateRequest per prediction.")
+    parameters: dict[str, Any] | None = Field(None, description="Defaults of every instance's fields.")
+
+
+class VertexResponse(BaseModel):
+    """One prediction per instance, in order."""
+
+    predictions: list[GenerateResponse]
+
+
+def _instances(body: VertexRequest) -> list[GenerateRequest]:
+    """Each instance over the shared parameters, validated; errors name the instance (``instances.2.text``)."""
+    requests = []
+    for index, instance in enumerate(body.instances):
+        try:
+            fields = {**(body.parameters or {}), **{key: value for key, value in instance.items() if value is not None}}
+            requests.append(GenerateRequest.model_validate(fields))
+        except ValidationError as exc:
+            error = from_validation_error(exc)
+            if not isinstance(error, ValidationFailedError):
+                raise error from None
+            errors = [{**item, "loc": f"instances.{index}.{item['loc']}"} for item in error.errors]
+            raise ValidationFailedError(f"instances.{index}: {error.message}", errors=errors) from None
+    return requests
+
+
+def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Collector]:
+    collectors: list[Collector] = []
+    try:
+        for request in requests:
+            collectors.append(start_generate(state, request))
+    except LiftoffError:
+        for collector in collectors:
+            state.dispatcher.abort(collector)
+        raise
+    return collectors
+
+
+async def predict(request: Request) -> Response:
+    """Run every instance; answer their predictions in order, or the first error."""
+    state = get_state(request)
+    body = await read_model(request, VertexRequest)
+    requests = _instances(body)
+    collectors = _start_all(state, requests)
+    predictions = []
+    try:
+        for instance, collector in zip(requests, collectors, strict=True):
+            predictions.append(await finish_generate(request, state, instance, collector))
+    finally:
+        for collector in collectors:
+            if not collector.done:
+                state.dispatcher.abort(collector)
+    result = {"predictions": predictions}
+    echo(state, "/generate_vertex", body, result)
+    return json_response(result)
+
+
+router.add_api_route(
+    "/generate_vertex",
+    predict,
+    methods=["POST"],
+    response_model=VertexResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=json_body(VertexRequest),
+    summary="Generate Vertex",
+)
+
+
+def add_aip_routes(app: FastAPI, health_route: str | None, predict_route: str | None) -> None:
+    """Serve health and predict at the paths Vertex AI assigned too (when they are set)."""
+    if health_route and health_route != "/healthz":
+        app.add_api_route(health_route, health.healthz, methods=["GET"], tags=["vertex"])
+    if predict_route and predict_route != "/generate_vertex":
+        app.add_api_route(
+            predict_route, predict, methods=["POST"], response_model=VertexResponse, responses=ERROR_RESPONSES,
+            openapi_extra=json_body(VertexRequest), tags=["vertex"],
+        )  # fmt: skip

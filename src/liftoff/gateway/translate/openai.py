@@ -1,0 +1,197 @@
+"""OpenAI API ↔ core: chat and completion requests → one :class:`RequestFrame` per (prompt, choice).
+
+``model`` is the consumer group. A field Liftoff does not implement is refused with a 400 that names it, never
+dropped. Sampling follows OpenAI's defaults (temperature 1, no top-k), not the native API's greedy default.
+Stop strings, ``seed``, ``ignore_eos`` and ``min_tokens`` go to the reader with the other decoding parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from liftoff.config.models import AppConfig
+from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.core.frames import RequestFrame
+from liftoff.core.ids import new_request_id
+from liftoff.core.types import GenerationParams
+from liftoff.gateway.translate.native import prompts_of
+from liftoff.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+# Without max_tokens a chat completion runs until the model stops or its context is full (as OpenAI's does);
+# a completion generates 16 tokens (OpenAI's default).
+CHAT_MAX_TOKENS = 1 << 20
+COMPLETION_MAX_TOKENS = 16
+MAX_STOPS = 4
+_STRUCTURED = "structured generation (response_format json_object / json_schema) is not available yet"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The frames of one OpenAI request: ``n`` choices per prompt, choice ``i * n + j`` is frame ``i * n + j``."""
+
+    frames: list[RequestFrame]
+    n: int
+
+
+def _refuse(fields: Iterable[tuple[str, bool]], extra: dict[str, object] | None) -> None:
+    for name, used in fields:
+        if used:
+            raise NotSupportedError(f"{name} is not supported by this server; leave it out", param=name)
+    for name, value in (extra or {}).items():
+        if value is not None:
+            raise NotSupportedError(f"{name} is not a field this server knows; leave it out", param=name)
+
+
+def _common_unsupported(body: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, bool]]:
+    """The checks both endpoints make; unknown ``stream_options`` are refused here at once."""
+    options = body.stream_options.model_extra if body.stream_options is not None else None
+    _refuse([], {f"stream_options.{name}": value for name, value in (options or {}).items()})
+    return [
+        ("frequency_penalty", body.frequency_penalty not in (None, 0)),
+        ("presence_penalty", body.presence_penalty not in (None, 0)),
+        ("logit_bias", bool(body.logit_bias)),
+        ("logprobs", body.logprobs not in (None, False)),
+    ]
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise InvalidRequestError(f"stop has {len(stops)} strings; send at most {MAX_STOPS}", param="stop")
+    return tuple(text for text in stops if text)
+
+
+def _params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, *, chat: bool) -> GenerationParams:
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        message = f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens})"
+        raise InvalidRequestError(message, param="min_tokens")
+    return GenerationParams(
+        max_new_tokens=max_tokens,
+        min_new_tokens=min_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        use_chat_template=chat,
+        seed=body.seed,
+        ignore_eos=bool(body.ignore_eos),
+        stop=_stops(body.stop),
+        running_counts=bool(body.stream and body.stream_options and body.stream_options.continuous_usage_stats),
+    )
+
+
+def _frames(prompts: list[str], params: GenerationParams, group: str, n: int, config: AppConfig) -> Plan:
+    total = len(prompts) * n
+    if total > config.max_user_batch_size:
+        raise InvalidRequestError(
+            f"{len(prompts)} prompts x n={n} is {total} generations, more than max_user_batch_size "
+            f"({config.max_user_batch_size})",
+            param="n",
+        )
+    frames = []
+    for prompt in prompts:
+        for choice in range(n):
+            seeded = params if params.seed is None or choice == 0 else _reseed(params, params.seed + choice)
+            frames.append(RequestFrame(request_id=new_request_id(), consumer_group=group, text=prompt, params=seeded))
+    return Plan(frames, n)
+
+
+def _prompts(text: str | list[str], config: AppConfig, param: str) -> list[str]:
+    """The native limits (``max_user_batch_size``, ``max_prompt_string_bytes``), naming the OpenAI field."""
+    try:
+        return prompts_of(text, config)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(exc.message.replace("text ", f"{param} ", 1), param=param) from None
+
+
+def _reseed(params: GenerationParams, seed: int) -> GenerationParams:
+    """The parameters of the next choice of ``n``: same, with its own seed (so choices differ, reproducibly)."""
+    return msgspec.structs.replace(params, seed=seed)
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    where = f"messages[{index}]"
+    extra = {f"{where}.{name}": value for name, value in (message.model_extra or {}).items()}
+    _refuse([(f"{where}.name", message.name is not None)], extra)
+    content = message.content
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise InvalidRequestError(f"messages[{index}] has no content", param=f"messages[{index}].content")
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise NotSupportedError(
+                f"content parts of type {part.type!r} need a multimodal reader; send text parts only",
+                param=f"messages[{index}].content",
+            )
+    return "".join(part.text or "" for part in content)
+
+
+# Roles the chat template gets; ``developer`` (OpenAI's newer name for system) is given as ``system``.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:
+    """The conversation the reader renders with its model's chat template, as (role, text) turns."""
+    if not messages:
+        raise InvalidRequestError("messages is empty; send at least one message", param="messages")
+    turns = []
+    for index, message in enumerate(messages):
+        role = CHAT_ROLES.get(message.role)
+        if role is None:
+            raise NotSupportedError(
+                f"messages[{index}] has role {message.role!r}: tool and function results need tool calling, which "
+                "this server does not do",
+                param=f"messages[{index}].role",
+            )
+        turns.append((role, _message_text(message, index)))
+    return tuple(turns)
+
+
+def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
+    """The frames of a chat completion (the reader applies its chat template)."""
+    fmt = body.response_format
+    _refuse(
+        [
+            *_common_unsupported(body),
+            ("top_logprobs", body.top_logprobs is not None),
+            ("tools", bool(body.tools)),
+            ("tool_choice", body.tool_choice not in (None, "none")),
+            ("functions", bool(body.functions)),
+            ("function_call", body.function_call not in (None, "none")),
+        ],
+        body.model_extra,
+    )
+    if fmt is not None and fmt.type != "text":
+        raise NotSupportedError(_STRUCTURED, param="response_format")
+    both = (body.max_tokens, body.max_completion_tokens)
+    if None not in both and both[0] != both[1]:
+        message = "max_tokens and max_completion_tokens differ; send one"
+        raise InvalidRequestError(message, param="max_completion_tokens")
+    max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
+    turns = chat_messages(body.messages)
+    _prompts("".join(content for _, content in turns), config, "messages")  # the size limits, on the whole chat
+    params = _params(body, max_tokens, chat=True)
+    if len(turns) > 1 or turns[0][0] != "user":  # one user turn is the plain chat-template prompt
+        params = msgspec.structs.replace(params, messages=turns)
+    return _frames([turns[-1][1]], params, body.model, body.n or 1, config)
+
+
+def completion_plan(body: CompletionRequest, config: AppConfig) -> Plan:
+    """The frames of a (legacy) completion: the prompts as they are, no chat template."""
+    _refuse(
+        [
+            *_common_unsupported(body),
+            ("echo", bool(body.echo)),
+            ("suffix", body.suffix is not None),
+            ("best_of", body.best_of not in (None, 1)),
+        ],
+        body.model_extra,
+    )
+    prompts = _prompts(body.prompt, config, "prompt")
+    params = _params(body, body.max_tokens or COMPLETION_MAX_TOKENS, chat=False)
+    return _frames(prompts, params, body.model, body.n or 1, config)
