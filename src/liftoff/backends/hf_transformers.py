@@ -8,7 +8,9 @@ threads, default: every CPU this process may use). The reader's ``device`` is ``
 
 Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.hf_cache`). A step
 prefills newly admitted prompts in one right-padded batched forward (at most ``prefill_chunk_size`` padded tokens
-per step, 1024 by default; a longer prompt is prefilled alone, one chunk per step) and advances every running
+per step, 1024 by default; a longer prompt is prefilled alone, one chunk per step; several prompts share a step
+up to ``prefill_tokens_per_step`` padded tokens, 256 by default, so that running streams are not held up for long
+and requests that arrive together spread over steps instead of moving in waves) and advances every running
 sequence by one token with a single ``[n, 1]`` forward. Tokens are chosen by the shared numpy sampler
 (:mod:`liftoff.backends.sampling`) and turned into text incrementally (:mod:`liftoff.backends.hf_detok`).
 
@@ -57,7 +59,8 @@ from liftoff.core.types import FinishReason, GenerationParams, ModelType
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_BUDGET = 1024
-BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache"})
+DEFAULT_PREFILL_PER_STEP = 256
+BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step"})
 
 
 @dataclass(slots=True, eq=False)
@@ -88,6 +91,7 @@ class TransformersBackend(Backend):
         self._eos = np.zeros(0, dtype=np.int64)
         self._eos_set: frozenset[int] = frozenset()
         self._budget = config.prefill_chunk_size or DEFAULT_PREFILL_BUDGET
+        self._per_step = int(self.options.get("prefill_tokens_per_step") or DEFAULT_PREFILL_PER_STEP)
         self._waiting: deque[_Sequence] = deque()
         self._rows: list[_Sequence] = []  # decoding sequences; row i of the cache is self._rows[i]
         self._chunking: _Sequence | None = None  # a long prompt being prefilled in the last slot
@@ -254,9 +258,10 @@ class TransformersBackend(Backend):
             return
         batch: list[_Sequence] = []
         width = 0
+        limit = min(self._budget, self._per_step)
         while self._waiting and len(batch) < free and len(self._waiting[0].prompt) <= self._budget:
             wider = max(width, len(self._waiting[0].prompt))
-            if batch and wider * (len(batch) + 1) > self._budget:
+            if batch and wider * (len(batch) + 1) > limit:
                 break
             batch.append(self._waiting.popleft())
             width = wider
