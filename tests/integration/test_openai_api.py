@@ -263,6 +263,7 @@ def test_unknown_routes_answer_in_openai_shape(server: Any) -> None:
 
 def test_every_port_still_serves_healthz(server: Any) -> None:
     assert server.http.get(server.url("openai_port") + "/healthz").status_code == 200
+    assert server.http.get(server.url("openai_port") + "/health").status_code == 200  # vLLM's name; GuideLLM asks it
 
 
 def _active(server: Any, reader_id: str) -> int:

@@ -485,7 +485,7 @@ def test_notes_name_ignored_options(tiny_llama: Path) -> None:
     notes = TransformersBackend(config).notes()
     assert any("quant_type" in note for note in notes)
     assert any("colour" in note for note in notes)
-    assert not any(note.startswith("backend_options dtype") for note in notes)
+    assert not any(note.startswith("backend_options 'dtype'") for note in notes)
 
 
 # ---- the real SmolLM2, dequantized once from its GGUF file ---------------------------------------------------------

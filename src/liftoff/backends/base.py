@@ -66,6 +66,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str] = "base"
     honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS
+    backend_options: ClassVar[frozenset[str] | None] = None  # the ``backend_options`` keys it knows (None: any)
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
         self.config = config
@@ -130,6 +131,15 @@ class Backend(abc.ABC):
         """Reader options that were set but have no effect with this backend (reported, never dropped)."""
         fields = self.config.public_dict()
         ignored = sorted(name for name in fields if name not in self.honoured_options)
-        return [
+        notes = [
             f"{name}={fields[name]!r} is accepted but has no effect with the {self.name} backend" for name in ignored
         ]
+        known = self.backend_options
+        if known is not None:
+            notes.extend(
+                f"backend_options {key!r}={self.options[key]!r} is not an option of the {self.name} backend "
+                f"(it has: {', '.join(sorted(known))})"
+                for key in sorted(self.options)
+                if key not in known
+            )
+        return notes

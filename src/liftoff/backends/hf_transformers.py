@@ -28,10 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported:
 
 import gc
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +37,7 @@ import torch
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
 from liftoff.backends.hf_cache import SlotCache
 from liftoff.backends.hf_convert import ensure_dequantized
-from liftoff.backends.hf_detok import Detokenizer, TextStream, token_ids
+from liftoff.backends.hf_detok import Detokenizer, TextStream
 from liftoff.backends.hf_load import (
     DEFAULT_CONTEXT,
     LoadedModel,
@@ -48,10 +46,11 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
+from liftoff.backends.hf_tokens import HFTokenizer
 from liftoff.backends.prefix import RowPrefixes, flag
 from liftoff.backends.resolve import resolve_model
 from liftoff.backends.sampling import SamplerState, sample
-from liftoff.backends.text import conversation, fit_prompt
+from liftoff.backends.text import fit_prompt
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -81,12 +80,14 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     honoured_options = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+    backend_options = BACKEND_OPTIONS
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
         super().__init__(config, context)
         self._loaded: LoadedModel | None = None
         self._cache: SlotCache | None = None
         self._detok: Detokenizer | None = None
+        self._tok: HFTokenizer | None = None
         self._context: int | None = None
         self._eos = np.zeros(0, dtype=np.int64)
         self._eos_set: frozenset[int] = frozenset()
@@ -96,7 +97,6 @@ class TransformersBackend(Backend):
         self._rows: list[_Sequence] = []  # decoding sequences; row i of the cache is self._rows[i]
         self._chunking: _Sequence | None = None  # a long prompt being prefilled in the last slot
         self._empty: list[_Sequence] = []  # admitted with nothing to generate
-        self._tokenizer_lock = threading.Lock()
         self._prefix_cache = flag(self.options.get("prefix_cache"), default=True)
         self._prefixes = RowPrefixes()  # what the free rows still hold
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in total
@@ -131,6 +131,7 @@ class TransformersBackend(Backend):
         self._context = context
         self._cache = SlotCache(self.capacity, context, dtype=dtype, device=device)
         self._detok = Detokenizer(loaded.tokenizer)
+        self._tok = HFTokenizer(loaded.tokenizer)
         self._eos = np.array(loaded.eos_ids, dtype=np.int64)
         self._eos_set = frozenset(loaded.eos_ids)
         with torch.inference_mode():  # allocate the cache and warm the kernels up
@@ -158,7 +159,7 @@ class TransformersBackend(Backend):
         return wanted
 
     def close(self) -> None:
-        self._loaded = self._cache = self._detok = None
+        self._loaded = self._cache = self._detok = self._tok = None
         self._waiting.clear()
         self._rows.clear()
         self._prefixes.clear()
@@ -181,7 +182,7 @@ class TransformersBackend(Backend):
                 raise NotSupportedError(f"{name}: the transformers backend has no constrained decoding yet", param=name)
         if params.lora_id is not None:
             raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
-        ids = self._encode(text, chat=params.use_chat_template, special=True, messages=params.messages)
+        ids = self._tokens().encode(text, chat=params.use_chat_template, special=True, messages=params.messages)
         if not ids:
             bos = loaded.tokenizer.bos_token_id
             if bos is None:
@@ -339,7 +340,7 @@ class TransformersBackend(Backend):
         """Account each sequence's new token: text, end of sequence, length limit."""
         detok = self._require_detok()
         eos = self._eos_set
-        with self._tokenizer_lock:  # the tokenizer services may be encoding on another thread
+        with self._tokens().lock:  # the tokenizer services may be encoding on another thread
             for seq, token in zip(seqs, tokens, strict=True):
                 self._account(seq, token, detok, eos, out)
 
@@ -392,52 +393,21 @@ class TransformersBackend(Backend):
             raise RuntimeError("the transformers backend is not loaded")
         return self._detok
 
-    # ---- tokenizer services -------------------------------------------------------------------------------------
+    # ---- tokenizer services (any thread) ------------------------------------------------------------------------
 
-    def _encode(self, text: str, *, chat: bool, special: bool, messages: tuple[tuple[str, str], ...] = ()) -> list[int]:
-        tokenizer = self._model().tokenizer
-        if chat or messages:
-            text = self.apply_chat_template(conversation(text, messages), add_generation_prompt=True)
-            special = False
-        with self._tokenizer_lock:
-            return list(tokenizer.encode(text, add_special_tokens=special))
+    def _tokens(self) -> HFTokenizer:
+        if self._tok is None:
+            raise RuntimeError("the transformers backend is not loaded")
+        return self._tok
 
     def prompt_length(self, text: str, params: GenerationParams) -> int:
-        return len(self._encode(text, chat=params.use_chat_template, special=True, messages=params.messages))
+        return len(self._tokens().encode(text, chat=params.use_chat_template, special=True, messages=params.messages))
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
-        ids = self._encode(text, chat=use_chat_template, special=add_special_tokens)
-        with self._tokenizer_lock:
-            tokens = self._model().tokenizer.convert_ids_to_tokens(ids)
-        return [str(token) for token in tokens]
+        return self._tokens().tokenize(text, use_chat_template=use_chat_template, add_special_tokens=add_special_tokens)
 
     def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
-        tokenizer = self._model().tokenizer
-        ids = token_ids(tokenizer, tokens)
-        with self._tokenizer_lock:
-            text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        return text if isinstance(text, str) else "".join(text)
+        return self._tokens().detokenize(tokens, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-        tokenizer = self._model().tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise NotSupportedError("this model has no chat template")
-        try:
-            with self._tokenizer_lock:
-                rendered = tokenizer.apply_chat_template(
-                    conversation, add_generation_prompt=add_generation_prompt, tokenize=False
-                )
-        except Exception as exc:  # jinja2 errors and raise_exception() in templates
-            raise InvalidRequestError(f"the chat template refused the conversation: {exc}") from None
-        return str(rendered)
-
-    def notes(self) -> list[str]:
-        notes = super().notes()
-        options: dict[str, Any] = self.options
-        notes.extend(
-            f"backend_options {name}={options[name]!r} is not an option of the transformers backend (it has: "
-            f"{', '.join(sorted(BACKEND_OPTIONS))})"
-            for name in sorted(options)
-            if name not in BACKEND_OPTIONS
-        )
-        return notes
+        return self._tokens().apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)

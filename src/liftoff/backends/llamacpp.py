@@ -78,6 +78,7 @@ class LlamaCppBackend(Backend):
 
     name = "llamacpp"
     honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+    backend_options: ClassVar[frozenset[str] | None] = KNOWN_OPTIONS
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
         super().__init__(config, context)
@@ -142,14 +143,6 @@ class LlamaCppBackend(Backend):
         if self._model is not None:
             self._model.close()
             self._model = None
-
-    def notes(self) -> list[str]:
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        return super().notes() + [
-            f"backend_options[{key!r}] is not an option of the {self.name} backend "
-            f"(it has {', '.join(sorted(KNOWN_OPTIONS))})"
-            for key in unknown
-        ]
 
     def _loaded(self) -> tuple[NativeModel, NativeContext]:
         if self._model is None or self._ctx is None:

@@ -1,4 +1,5 @@
-"""``GET /healthz`` on every port: 200 when readers have reached the asked state, else 503.
+"""``GET /healthz`` (and ``/health``, the name vLLM and GuideLLM use) on every port: 200 when readers have reached
+the asked state, else 503.
 
 ``state`` is ``live`` (default: at least one live reader) or ``loading`` (at least one reader loading or live).
 ``wait`` long-polls for up to that long (seconds, or a duration like ``30s``, ``500ms``, ``2m``).
@@ -44,6 +45,7 @@ def _reached(registry: ReaderRegistry, state: str) -> bool:
 
 
 @router.get("/healthz")
+@router.get("/health", include_in_schema=False)
 async def healthz(
     request: Request,
     state: Literal["live", "loading"] = Query("live", description="The reader state to wait for."),

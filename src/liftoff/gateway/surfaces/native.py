@@ -58,6 +58,18 @@ async def _submit(request: Request) -> tuple[GatewayState, GenerateRequest, Coll
     return state, body, start_generate(state, body)
 
 
+async def collect(
+    request: Request, state: GatewayState, collector: Collector
+) -> tuple[list[list[str]], list[FinalFrame | None]]:
+    """Every piece and final frame of a submitted request; a client that leaves, or any failure, aborts the rest."""
+    try:
+        with cancel_on_disconnect(request.receive, collector):
+            return await gather(collector)
+    finally:
+        if not collector.done:
+            state.dispatcher.abort(collector)
+
+
 def start_generate(state: GatewayState, body: GenerateRequest) -> Collector:
     """Submit a ``GenerateRequest`` (its prompts start on the readers at once)."""
     return state.dispatcher.submit(generate_frames(body, state.config))
@@ -67,12 +79,7 @@ async def finish_generate(
     request: Request, state: GatewayState, body: GenerateRequest, collector: Collector
 ) -> dict[str, Any]:
     """Wait for a submitted request and return ``/generate``'s answer; on any failure, abort what is left."""
-    try:
-        with cancel_on_disconnect(request.receive, collector):
-            texts, finals = await gather(collector)
-    finally:
-        if not collector.done:
-            state.dispatcher.abort(collector)
+    texts, finals = await collect(request, state, collector)
     joined = ["".join(parts) for parts in texts]
     result: dict[str, Any] = {"text": joined[0] if isinstance(body.text, str) else joined}
     if body.return_metadata:

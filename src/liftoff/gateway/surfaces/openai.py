@@ -14,11 +14,10 @@ from starlette.responses import Response
 
 from liftoff.core.errors import NotFoundError, NotSupportedError
 from liftoff.core.frames import FinalFrame
-from liftoff.gateway.dispatch import gather
 from liftoff.gateway.errors import json_response
-from liftoff.gateway.http import cancel_on_disconnect, json_body, read_model
+from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
-from liftoff.gateway.surfaces.native import echo
+from liftoff.gateway.surfaces.native import collect, echo
 from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
 from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
 from liftoff.protocol.openai import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -55,12 +54,7 @@ async def _serve(
     if body.stream:
         echo(state, request.url.path, body, "(streamed)")
         return await stream(request, state, collector, call)
-    try:
-        with cancel_on_disconnect(request.receive, collector):
-            texts, finals = await gather(collector)
-    finally:
-        if not collector.done:
-            state.dispatcher.abort(collector)
+    texts, finals = await collect(request, state, collector)
     choices = []
     for index, (parts, final) in enumerate(zip(texts, finals, strict=True)):
         if final is not None:
@@ -75,7 +69,7 @@ async def _serve(
 @router.post("/v1/chat/completions", response_model=None, responses=_SSE | ERROR_RESPONSES,
              openapi_extra=json_body(ChatCompletionRequest))  # fmt: skip
 async def chat_completions(request: Request) -> Response:
-    """A chat completion of a single user message, through the reader's chat template."""
+    """A chat completion of a conversation, rendered by the reader's chat template."""
     state = get_state(request)
     body = await read_model(request, ChatCompletionRequest)
     plan = chat_plan(body, state.config)
