@@ -218,22 +218,16 @@ class TransformersBackend(Backend):
     # ---- stepping -----------------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Prefill, then decode every row: a new prompt's first token does not wait for the running rows' decode,
-        and its second comes from the same step's decode."""
         out = [self._finish(seq, FinishReason.LENGTH, "") for seq in self._empty]
         self._empty.clear()
         with torch.inference_mode():
-            if self._chunking is not None or self._waiting:
-                self._prefill(out)
-                self._remove_done()
             if self._rows:
                 self._decode(out)
-                self._remove_done()
+            if self._chunking is not None or self._waiting:
+                self._prefill(out)
+            for index in sorted((i for i, seq in enumerate(self._rows) if seq.done), reverse=True):
+                self._remove_row(index)
         return out
-
-    def _remove_done(self) -> None:
-        for index in sorted((i for i, seq in enumerate(self._rows) if seq.done), reverse=True):
-            self._remove_row(index)
 
     def _decode(self, out: list[StepOutput]) -> None:
         loaded, cache = self._model(), self._require_cache()
