@@ -365,8 +365,11 @@ def test_vertex_routes_default_to_the_aip_variables() -> None:
 def test_vertex_port_defaults_to_aip_http_port() -> None:
     assert load_config(env={"AIP_HTTP_PORT": "7070"}).server.vertex_port == 7070
     assert load_config(env={"AIP_HTTP_PORT": "7070", "TAKEOFF_VERTEX_PORT": "7071"}).server.vertex_port == 7071
+    vertex = load_config(env={"AIP_HTTP_PORT": "8080"}).server  # Vertex's default port: SageMaker's moves aside
+    assert (vertex.vertex_port, vertex.sagemaker_port) == (8080, 0)  # 0: a free port
+    assert load_config(env={}).server.sagemaker_port == 8080
     with pytest.raises(ConfigError, match="sagemaker_port and vertex_port are both 8080"):
-        load_config(env={"AIP_HTTP_PORT": "8080"})  # Vertex's default port: move sagemaker_port
+        load_config(env={"AIP_HTTP_PORT": "8080", "TAKEOFF_SAGEMAKER_PORT": "8080"})  # asked for: a clear error
     moved = load_config(env={"AIP_HTTP_PORT": "8080", "TAKEOFF_SAGEMAKER_PORT": "8081"}).server
     assert (moved.vertex_port, moved.sagemaker_port) == (8080, 8081)
 

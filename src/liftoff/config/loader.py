@@ -134,6 +134,11 @@ def _load_server(
         if key not in env_values and env.get(variable):
             env_values[key] = env[variable]
     data, sources = _sourced(_section(manifest, "server_config", path), env_values, flags, path)
+    if env.get(VERTEX_ENV["vertex_port"]) and "sagemaker_port" not in data:
+        # On Vertex AI (which sets AIP_HTTP_PORT, 8080 by default) SageMaker's fixed 8080 is of no use and would
+        # collide: its listener takes a free port unless sagemaker_port is set.
+        data["sagemaker_port"] = 0
+        sources["sagemaker_port"] = f"a free port, as {VERTEX_ENV['vertex_port']} is set (Vertex AI)"
     return _validate(AppConfig, data, "server_config", sources)
 
 
