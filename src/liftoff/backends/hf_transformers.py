@@ -183,7 +183,7 @@ class TransformersBackend(Backend):
                 raise NotSupportedError(f"{name}: the transformers backend has no constrained decoding yet", param=name)
         if params.lora_id is not None:
             raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
-        ids = self._tokens().encode(text, chat=params.use_chat_template, special=True, messages=params.messages)
+        ids = self._prompt_ids(text, params)
         if not ids:
             bos = loaded.tokenizer.bos_token_id
             if bos is None:
@@ -402,7 +402,11 @@ class TransformersBackend(Backend):
         return self._tok
 
     def prompt_length(self, text: str, params: GenerationParams) -> int:
-        return len(self._tokens().encode(text, chat=params.use_chat_template, special=True, messages=params.messages))
+        return len(self._prompt_ids(text, params))
+
+    def _prompt_ids(self, text: str, params: GenerationParams) -> list[int]:
+        """A request's prompt as the model sees it (chat template, ``messages``), before truncation."""
+        return self._tokens().encode(text, chat=params.use_chat_template, special=True, messages=params.messages)
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
         return self._tokens().tokenize(text, use_chat_template=use_chat_template, add_special_tokens=add_special_tokens)

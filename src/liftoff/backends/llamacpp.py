@@ -156,9 +156,7 @@ class LlamaCppBackend(Backend):
         _refuse_unsupported(params)
         if not self._free:
             raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
-        ids = self._encode(
-            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
-        )
+        ids = self._prompt_ids(model, text, params)
         prompt, budget = fit_prompt(ids, params, self._context_length)
         if not prompt:
             if model.bos < 0:
@@ -313,6 +311,12 @@ class LlamaCppBackend(Backend):
 
     # ---- tokenizer services (any thread: model and vocabulary only) ----------------------------------------------
 
+    def _prompt_ids(self, model: NativeModel, text: str, params: GenerationParams) -> list[int]:
+        """A request's prompt as the model sees it (chat template, ``messages``), before truncation."""
+        return self._encode(
+            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
+        )
+
     def _encode(
         self,
         model: NativeModel,
@@ -330,10 +334,7 @@ class LlamaCppBackend(Backend):
 
     def prompt_length(self, text: str, params: GenerationParams) -> int:
         model, _ = self._loaded()
-        ids = self._encode(
-            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
-        )
-        return len(ids) or 1  # an empty prompt starts from BOS
+        return len(self._prompt_ids(model, text, params)) or 1  # an empty prompt starts from BOS
 
     def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
         model, _ = self._loaded()

@@ -179,15 +179,7 @@ class Dispatcher:
             raise ShuttingDownError("the server is shutting down")
         deadline = monotonic() + self.config.request_timeout_s
         queue_deadline = self._queue_deadline(frames[0].consumer_group, deadline)
-        collector = Collector([frame.request_id for frame in frames], deadline)
-        for index, frame in enumerate(frames):
-            self._routes[frame.request_id] = (collector, index)
-            try:
-                self.broker.submit(frame, queue_deadline)
-            except LiftoffError:
-                self.abort(collector)
-                raise
-        return collector
+        return self._enqueue(frames, deadline, queue_deadline)
 
     def submit_to_reader(self, frame: RequestFrame) -> Collector:
         """Send a request to one reader (``frame.reader_id``): 404 if unknown, 503 if not live."""
@@ -199,13 +191,18 @@ class Dispatcher:
         if record.state is not ReaderState.LIVE:
             raise NoReadersAvailableError(f"reader {frame.reader_id!r} is {record.state.value}, not live")
         deadline = monotonic() + self.config.request_timeout_s
-        collector = Collector([frame.request_id], deadline)
-        self._routes[frame.request_id] = (collector, 0)
-        try:
-            self.broker.submit(frame, deadline)
-        except LiftoffError:
-            self.abort(collector)
-            raise
+        return self._enqueue([frame], deadline, deadline)
+
+    def _enqueue(self, frames: list[RequestFrame], deadline: float, queue_deadline: float) -> Collector:
+        """Route every frame to one new collector and hand it to the broker; on a refusal, abort them all."""
+        collector = Collector([frame.request_id for frame in frames], deadline)
+        for index, frame in enumerate(frames):
+            self._routes[frame.request_id] = (collector, index)
+            try:
+                self.broker.submit(frame, queue_deadline)
+            except LiftoffError:
+                self.abort(collector)
+                raise
         return collector
 
     def abort(self, collector: Collector) -> None:
