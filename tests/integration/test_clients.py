@@ -80,7 +80,8 @@ def test_openai_errors_are_sdk_exceptions(server: Any) -> None:
     assert unsupported.value.param == "logprobs"
     with pytest.raises(openai.BadRequestError) as embeddings:
         client.embeddings.create(model="primary", input="x")
-    assert "embedding reader" in embeddings.value.message
+    assert "embeddings need an EMBEDDING reader" in embeddings.value.message
+    assert embeddings.value.param == "model"
 
 
 async def test_openai_async_chat_completion_and_stream(server: Any) -> None:
@@ -140,12 +141,13 @@ async def test_takeoff_client_async_management(server: Any) -> None:
 
 @pytest.mark.parametrize("method", ["embed", "classify"])
 def test_takeoff_client_embed_and_classify_get_a_clear_error(server: Any, method: str) -> None:
+    """Sent to a group of generation readers, they are 400s naming the kind of reader they need."""
     client = takeoff(server)
     with pytest.raises(TakeoffException) as info:
         getattr(client, method)("some text", consumer_group="primary")
     assert info.value.status_code == 400
-    assert "reader" in str(info.value)
-    assert "not_supported" in str(info.value)
+    assert "serves CAUSAL models" in str(info.value)
+    assert "EMBEDDING reader" in str(info.value) or "CLASSIFICATION reader" in str(info.value)
 
 
 # ---- LangChain ------------------------------------------------------------------------------------------------

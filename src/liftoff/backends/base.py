@@ -1,9 +1,11 @@
-"""The backend contract: load a model, then admit, step and abort sequences (continuous batching).
+"""The backend contracts: a :class:`ModelBackend` loads a model and offers its tokenizer; a generative
+:class:`Backend` then admits, steps and aborts sequences (continuous batching), and an :class:`EncoderBackend`
+encodes batches of inputs (embeddings, classification scores: dynamic batching).
 
-The reader's engine thread owns a backend and drives it: between steps it admits new requests (up to
+The reader's engine thread owns a generative backend and drives it: between steps it admits new requests (up to
 ``capacity``) and aborts cancelled ones; each ``step()`` advances every active sequence by one token (or
-finishes it) and returns what each produced. A backend that batches statically implements ``step()`` by running
-its whole batch; the contract stays the same.
+finishes it) and returns what each produced. The reader's batcher thread owns an encoder backend: it tokenizes
+each input on arrival (``prepare``) and runs ``encode`` on batches that mix the inputs of many requests.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from liftoff.core.errors import LiftoffError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 ProgressCallback = Callable[[float], None]
+
+# Takeoff's default wait for a dynamic batch to fill (takeoff-spec §1.4).
+DEFAULT_BATCH_DURATION_MS = 100
 
 # Reader options every backend honours (they are about the reader, not the model engine).
 COMMON_OPTIONS: frozenset[str] = frozenset(
@@ -61,8 +66,17 @@ class StepOutput:
     error: LiftoffError | None = None
 
 
-class Backend(abc.ABC):
-    """A loaded model that serves sequences with continuous batching."""
+@dataclass(slots=True)
+class Encoding:
+    """One input of an encoder, tokenized: the tokenizer's features and what the response reports about it."""
+
+    features: dict[str, list[int]]
+    n_tokens: int
+    truncated: bool = False
+
+
+class ModelBackend(abc.ABC):
+    """A model a reader loads: its kind, its loading, its tokenizer services and its options."""
 
     name: ClassVar[str] = "base"
     honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS
@@ -82,22 +96,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, progress: ProgressCallback) -> None:
         """Load the model (blocking; runs in a worker thread). Raise to report a load failure."""
-
-    @abc.abstractmethod
-    def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
-        """Add a sequence to the running batch. Raise a :class:`LiftoffError` to refuse it."""
-
-    @abc.abstractmethod
-    def step(self) -> list[StepOutput]:
-        """Advance every active sequence by one step; finished sequences leave the batch."""
-
-    @abc.abstractmethod
-    def abort(self, request_id: str) -> bool:
-        """Drop a sequence from the batch; return whether it was there."""
-
-    @abc.abstractmethod
-    def active(self) -> int:
-        """Number of sequences in the batch."""
 
     def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release the model. The default does nothing."""
@@ -143,3 +141,46 @@ class Backend(abc.ABC):
                 if key not in known
             )
         return notes
+
+
+class Backend(ModelBackend):
+    """A generative model that serves sequences with continuous batching."""
+
+    @abc.abstractmethod
+    def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
+        """Add a sequence to the running batch. Raise a :class:`LiftoffError` to refuse it."""
+
+    @abc.abstractmethod
+    def step(self) -> list[StepOutput]:
+        """Advance every active sequence by one step; finished sequences leave the batch."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Drop a sequence from the batch; return whether it was there."""
+
+    @abc.abstractmethod
+    def active(self) -> int:
+        """Number of sequences in the batch."""
+
+
+class EncoderBackend(ModelBackend):
+    """An encoder (embeddings or classification scores) served with dynamic batching.
+
+    ``capacity`` is the largest batch. ``truncate`` says what happens to an input longer than the model takes:
+    cut to fit (the response says so) or refused with a 400; a request may override it.
+    """
+
+    def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
+        super().__init__(config, context)
+        self.truncate = config.truncate_inputs is not False
+        millis = config.batch_duration_millis
+        self.batch_duration_s = (DEFAULT_BATCH_DURATION_MS if millis is None else millis) / 1000.0
+
+    @abc.abstractmethod
+    def prepare(self, text: str, pair: str | None = None, *, truncate: bool | None = None) -> Encoding:
+        """Tokenize one input (``pair``: the second text of a sentence pair); raise a :class:`LiftoffError` to
+        refuse it (too long with truncation off)."""
+
+    @abc.abstractmethod
+    def encode(self, batch: list[Encoding]) -> list[bytes]:
+        """One row per input, as little-endian float32 bytes (an embedding, or a row of scores)."""

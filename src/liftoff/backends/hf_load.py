@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,18 +160,25 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     return model
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bars from transformers in the reader's log while this runs."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def load_causal_lm(path: Path, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load the checkpoint directory ``path`` (config, tokenizer, weights) for serving."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_causal(config)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bars in the reader's log
-    try:
+    with no_progress_bars():
         model = _from_pretrained(path, dtype)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     model.requires_grad_(False)
     model = model.to(device) if device.type != "cpu" else model  # type: ignore[arg-type]
     model.train(False)

@@ -2,7 +2,9 @@
 
 Only the selected backend's module is imported, so the gateway and echo readers never import torch. Without a
 ``backend`` option the choice follows the model: ``echo`` → echo; a GGUF file → llama.cpp on CPU (transformers,
-after a one-time dequantization, on CUDA); a Hugging Face checkpoint → transformers.
+after a one-time dequantization, on CUDA); a Hugging Face checkpoint → transformers, whose class follows what the
+checkpoint is (:func:`~liftoff.backends.resolve.checkpoint_kind`): a causal LM, an embedding model or a
+sequence classifier.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from liftoff.backends.base import Backend, BackendContext
-from liftoff.backends.resolve import ResolvedModel, resolve_model
+from liftoff.backends.base import BackendContext, ModelBackend
+from liftoff.backends.resolve import ResolvedModel, checkpoint_kind, resolve_model
 from liftoff.config.models import ReaderConfig
 
 BACKENDS: dict[str, str] = {
     "echo": "liftoff.backends.echo:EchoBackend",
     "llamacpp": "liftoff.backends.llamacpp:LlamaCppBackend",
     "transformers": "liftoff.backends.hf_transformers:TransformersBackend",
+}
+
+# The transformers backend's class for each kind of Hugging Face checkpoint.
+TRANSFORMERS_KINDS: dict[str, str] = {
+    "EMBEDDING": "liftoff.backends.hf_encoder:EmbeddingBackend",
+    "CLASSIFICATION": "liftoff.backends.hf_encoder:ClassificationBackend",
 }
 
 
@@ -45,7 +53,14 @@ def choose_backend(config: ReaderConfig, model: ResolvedModel | None = None) -> 
     return "transformers"
 
 
-def create_backend(config: ReaderConfig, context: BackendContext | None = None) -> Backend:
+def backend_class_path(name: str, model: ResolvedModel | None) -> str:
+    """``module:Class`` of a backend name for a model (the transformers backend has a class per model kind)."""
+    if name == "transformers" and model is not None and model.format == "hf":
+        return TRANSFORMERS_KINDS.get(checkpoint_kind(model.path), BACKENDS[name])
+    return BACKENDS[name]
+
+
+def create_backend(config: ReaderConfig, context: BackendContext | None = None) -> ModelBackend:
     """Resolve the model, choose the backend and instantiate it (importing its module on first use).
 
     Blocking (it may look for the hub): call it off the event loop.
@@ -55,7 +70,7 @@ def create_backend(config: ReaderConfig, context: BackendContext | None = None) 
         model = resolve_model(config.model_name, context.repository_path, config.access_token)
         context = dataclasses.replace(context, model=model)
     name = choose_backend(config, context.model)
-    module_name, _, class_name = BACKENDS[name].partition(":")
+    module_name, _, class_name = backend_class_path(name, context.model).partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend = cls(config, context)
+    backend: ModelBackend = cls(config, context)
     return backend

@@ -8,6 +8,7 @@ otherwise the error says what to install or where to put the files).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -79,6 +80,24 @@ def _local(name: str, path: Path) -> ResolvedModel | None:
     if path.exists():
         raise ModelResolutionError(f"{path} is not a .gguf file or a model directory")
     return None
+
+
+def checkpoint_kind(path: Path) -> str:
+    """What a Hugging Face checkpoint serves, from its files: ``CLASSIFICATION`` (``*ForSequenceClassification``),
+    ``EMBEDDING`` (a sentence-transformers directory, or a bare encoder such as ``BertModel``) or ``CAUSAL``."""
+    try:
+        with (path / "config.json").open(encoding="utf-8") as handle:
+            architectures = [str(name) for name in json.load(handle).get("architectures") or []]
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return "CLASSIFICATION"
+    if (path / "modules.json").is_file():
+        return "EMBEDDING"
+    generative = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    if architectures and all(name.endswith("Model") and not name.endswith(generative) for name in architectures):
+        return "EMBEDDING"
+    return "CAUSAL"
 
 
 def hub_reachable() -> bool:

@@ -214,6 +214,11 @@ class ReaderConfig(BaseModel):
     loras: str | None = Field(None, description="LoRA adapters to load (comma-separated).")
     enable_document_processing: bool | None = Field(None, description="Serve /partition_document.")
     assistant_model: str | None = Field(None, description="[Liftoff] Draft model for speculative decoding.")
+    truncate_inputs: bool | None = Field(
+        None,
+        description="[Liftoff] Embedding/classification inputs longer than the model takes: cut to fit (true, the "
+        "default; the response lists them) or refused with a 400 (false). A request's `truncate` overrides it.",
+    )
     backend_options: dict[str, Any] | None = Field(
         None, description="[Liftoff] Backend-specific options, e.g. {'token_delay_ms': 5} for echo."
     )

@@ -36,6 +36,30 @@ class RequestKind(enum.StrEnum):
     TOKENIZE = "tokenize"
     DETOKENIZE = "detokenize"
     CHAT_TEMPLATE = "chat_template"
+    EMBED = "embed"
+    CLASSIFY = "classify"
+
+
+_TOKENIZER = frozenset({RequestKind.TOKENIZE, RequestKind.DETOKENIZE})
+
+# The request kinds a reader of each model type can serve (a request of another kind is a client error: 400).
+SERVES: dict[str, frozenset[RequestKind]] = {
+    ModelType.CAUSAL: _TOKENIZER | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
+    ModelType.IMAGE_TO_TEXT: _TOKENIZER | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
+    ModelType.EMBEDDING: _TOKENIZER | {RequestKind.EMBED},
+    ModelType.CLASSIFICATION: _TOKENIZER | {RequestKind.CLASSIFY},
+    ModelType.API: frozenset({RequestKind.GENERATE, RequestKind.EMBED}),
+}
+
+# What each kind of request needs, in words, for error messages.
+NEEDS: dict[RequestKind, str] = {
+    RequestKind.GENERATE: "generation needs a CAUSAL (text generation) reader",
+    RequestKind.EMBED: "embeddings need an EMBEDDING reader",
+    RequestKind.CLASSIFY: "classification and reranking need a CLASSIFICATION reader",
+    RequestKind.CHAT_TEMPLATE: "chat templates belong to CAUSAL (text generation) readers",
+    RequestKind.TOKENIZE: "tokenizing needs a reader with a tokenizer",
+    RequestKind.DETOKENIZE: "detokenizing needs a reader with a tokenizer",
+}
 
 
 class FinishReason(enum.StrEnum):

@@ -11,7 +11,7 @@ from liftoff.gateway.fastpath import FastRoutes
 from liftoff.gateway.http import BodyLimitMiddleware
 from liftoff.gateway.state import GatewayState
 from liftoff.gateway.surfaces import (
-    extras,
+    encoders,
     health,
     internal,
     management,
@@ -25,10 +25,10 @@ from liftoff.gateway.surfaces import (
 
 # config key of the port → (title, routers)
 PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
-    "port": ("inference", [native.router, tokens.router, extras.router, health.router]),
+    "port": ("inference", [native.router, tokens.router, encoders.router, health.router]),
     "management_port": ("management", [management.router, health.router]),
     "vertex_port": ("vertex", [vertex.router, health.router]),
-    "openai_port": ("openai", [openai.router, health.router]),
+    "openai_port": ("openai", [openai.router, encoders.openai_router, health.router]),
     "snowflake_port": ("snowflake", [snowflake.router, health.router]),
     "sagemaker_port": ("sagemaker", [sagemaker.router, health.router]),
     "internal_port": ("internal", [internal.router, health.router]),

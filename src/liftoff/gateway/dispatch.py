@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from liftoff.broker.base import GatewayBroker
 from liftoff.config.models import AppConfig
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
+    BackendError,
+    InvalidRequestError,
     LiftoffError,
     NoReadersAvailableError,
     NotFoundError,
@@ -24,7 +27,7 @@ from liftoff.core.errors import (
     error_from_type,
 )
 from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, ResultFrame, TokenFrame
-from liftoff.core.types import ReaderState
+from liftoff.core.types import NEEDS, SERVES, ReaderState, RequestKind
 from liftoff.management.registry import ReaderRegistry
 
 
@@ -145,6 +148,16 @@ async def gather(collector: Collector) -> tuple[list[list[str]], list[FinalFrame
     return texts, finals
 
 
+async def result_of(collector: Collector) -> dict[str, Any]:
+    """The data of a request's result frame (a service or an encoder answer); raises its error."""
+    while items := await collector.next():
+        for item in items:
+            raise_if_error(item)
+            if isinstance(item.frame, ResultFrame):
+                return item.frame.data
+    raise BackendError("the reader ended the request without a result")
+
+
 class Dispatcher:
     """Submits requests to the broker and routes their frames to collectors."""
 
@@ -160,6 +173,15 @@ class Dispatcher:
     def in_flight(self) -> int:
         """Broker requests waiting for their final frame."""
         return len(self._routes)
+
+    def _check_kind(self, group: str, kind: RequestKind) -> None:
+        """A 400 when the group's live readers are all of a model type that cannot serve ``kind``."""
+        types = self.registry.live_model_types(group)
+        if types and not any(kind in SERVES.get(model_type, frozenset()) for model_type in types):
+            served = ", ".join(sorted(types))
+            raise InvalidRequestError(
+                f"{NEEDS[kind]}, and consumer group '{group}' serves {served} models", param="consumer_group"
+            )
 
     def _queue_deadline(self, group: str, deadline: float) -> float:
         if self.registry.has_live(group):
@@ -178,7 +200,9 @@ class Dispatcher:
         if self.closing:
             raise ShuttingDownError("the server is shutting down")
         deadline = monotonic() + self.config.request_timeout_s
-        queue_deadline = self._queue_deadline(frames[0].consumer_group, deadline)
+        group = frames[0].consumer_group
+        queue_deadline = self._queue_deadline(group, deadline)
+        self._check_kind(group, frames[0].kind)
         return self._enqueue(frames, deadline, queue_deadline)
 
     def submit_to_reader(self, frame: RequestFrame) -> Collector:
@@ -190,6 +214,11 @@ class Dispatcher:
             raise NotFoundError(f"reader {frame.reader_id!r} does not exist", param="reader_id")
         if record.state is not ReaderState.LIVE:
             raise NoReadersAvailableError(f"reader {frame.reader_id!r} is {record.state.value}, not live")
+        if frame.kind not in SERVES.get(record.info.model_type, frozenset()):
+            raise InvalidRequestError(
+                f"{NEEDS[frame.kind]}, and reader {frame.reader_id!r} serves a {record.info.model_type} model",
+                param="reader_id",
+            )
         deadline = monotonic() + self.config.request_timeout_s
         return self._enqueue([frame], deadline, deadline)
 

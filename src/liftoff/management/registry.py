@@ -206,6 +206,14 @@ class ReaderRegistry:
         """Whether any live reader serves ``group``."""
         return any(r.state is ReaderState.LIVE and group in r.info.consumer_groups for r in self.records.values())
 
+    def live_model_types(self, group: str) -> set[str]:
+        """The ``model_type`` of every live reader of ``group``."""
+        return {
+            r.info.model_type
+            for r in self.records.values()
+            if r.state is ReaderState.LIVE and group in r.info.consumer_groups
+        }
+
     def knows(self, group: str) -> bool:
         """Whether any reader (in any state) serves ``group``."""
         return any(group in r.info.consumer_groups for r in self.records.values())

@@ -51,6 +51,10 @@ class GenerateResponse(BaseModel):
     metadata: GenerateMetadata | list[GenerateMetadata] | None = None
 
 
+_TRUNCATE = "Cut inputs longer than the model takes (true) or refuse them (false); default: the reader's setting."
+_METADATA = "Also return token counts and the size of the batch each input ran in."
+
+
 class EmbedRequest(BaseModel):
     """``POST /embed``."""
 
@@ -58,6 +62,24 @@ class EmbedRequest(BaseModel):
 
     text: str | list[str] = Field(..., description="A text, or a list of texts.")
     consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
+    truncate: bool | None = Field(None, description=_TRUNCATE)
+    return_metadata: bool | None = Field(None, description=_METADATA)
+
+
+class EncodeMetadata(BaseModel):
+    """Per-input figures of an embedding or classification request (``return_metadata``)."""
+
+    prompt_tokens: int = Field(..., description="Tokens of all inputs, after truncation.")
+    tokens: list[int] = Field(..., description="Tokens of each input, after truncation.")
+    batch_sizes: list[int] = Field(..., description="Size of the batch each input ran in (dynamic batching).")
+
+
+class EmbedResponse(BaseModel):
+    """One vector for a text, or one per text of a list."""
+
+    result: list[float] | list[list[float]]
+    truncated: list[int] = Field(..., description="Indices of the inputs cut to the model's length.")
+    metadata: EncodeMetadata | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -66,7 +88,56 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     text: str | list[str] | list[list[str]] = Field(..., description="A text, a list, or a list of text pairs.")
-    consumer_group: str | None = Field(None, description="Target consumer group; default 'classify'.")
+    consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
+    truncate: bool | None = Field(None, description=_TRUNCATE)
+    return_metadata: bool | None = Field(None, description=_METADATA)
+
+
+class ClassifyResponse(BaseModel):
+    """One row of raw scores (logits) per input."""
+
+    result: list[list[float]]
+    truncated: list[int] = Field(..., description="Indices of the inputs cut to the model's length.")
+    metadata: EncodeMetadata | None = None
+
+
+class RerankDocument(BaseModel):
+    """A document given as an object (Cohere's older clients)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """``POST /rerank`` (and ``/v1/rerank``, ``/v2/rerank`` on the OpenAI port): the Cohere and Jina shape."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    query: str = Field(..., description="The query every document is scored against.")
+    documents: list[str | RerankDocument] = Field(..., min_length=1, description="The documents to rank.")
+    top_n: int | None = Field(None, ge=1, description="Return only the best N (default: all).")
+    return_documents: bool | None = Field(None, description="Include each document's text (default true).")
+    model: str | None = Field(None, description="Consumer group (as on the OpenAI port).")
+    consumer_group: str | None = Field(None, description="Consumer group; default 'primary'.")
+    truncate: bool | None = Field(None, description=_TRUNCATE)
+
+
+class RerankResult(BaseModel):
+    """One ranked document."""
+
+    index: int = Field(..., description="Position of the document in the request.")
+    relevance_score: float = Field(..., description="Probability of relevance from the cross-encoder's logits.")
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    """Documents by decreasing relevance."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: dict[str, int]
 
 
 class TokenizeRequest(BaseModel):

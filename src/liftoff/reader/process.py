@@ -22,17 +22,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from liftoff.backends.base import Backend, BackendContext
+from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.config.models import ReaderConfig
 from liftoff.core import ids
 from liftoff.core.clock import monotonic, now_ms
+from liftoff.core.errors import InvalidRequestError
 from liftoff.core.frames import (
     AbortFrame,
     DrainFrame,
+    ErrorFrame,
     HeartbeatFrame,
     LoadedFrame,
     LoadFailedFrame,
@@ -42,14 +44,44 @@ from liftoff.core.frames import (
     WelcomeFrame,
 )
 from liftoff.core.runtime import tune_gc
-from liftoff.core.types import ReaderInfo, RequestKind
+from liftoff.core.types import NEEDS, SERVES, ReaderInfo, RequestKind
 from liftoff.reader import services
-from liftoff.reader.engine import Engine
+from liftoff.reader.batcher import Batcher
+from liftoff.reader.engine import Emit, Engine
 
 logger = logging.getLogger(__name__)
 
 LinkFactory = Callable[[], ReaderLink]
 T = TypeVar("T")
+
+# Requests a worker thread runs (the others are tokenizer services).
+_WORKER_KINDS = frozenset({RequestKind.GENERATE, RequestKind.EMBED, RequestKind.CLASSIFY})
+
+
+class Worker(Protocol):
+    """The thread that runs a loaded backend: the engine (generation) or the batcher (encoders)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, frame: RequestFrame) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def abort_all(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> Worker:
+    """The engine of a generative backend, or the batcher of an encoder."""
+    if isinstance(backend, EncoderBackend):
+        return Batcher(backend, emit, reader_id)
+    if isinstance(backend, Backend):
+        return Engine(backend, emit, reader_id)
+    raise TypeError(f"{type(backend).__name__} is neither a generative nor an encoder backend")
 
 
 async def in_own_thread(function: Callable[..., T], *args: Any) -> T:
@@ -101,8 +133,8 @@ class ReaderProcess:
         self.options = options
         self._link_factory = link_factory
         self._link: ReaderLink | None = None
-        self._backend: Backend | None = None
-        self._engine: Engine | None = None
+        self._backend: ModelBackend | None = None
+        self._engine: Worker | None = None
         self._progress = 0.0
         self._loaded = False
         self._exit_code: int | None = None
@@ -160,7 +192,7 @@ class ReaderProcess:
 
     def _register_frame(self) -> RegisterFrame:
         config = self.options.config
-        model_type = self._backend.model_type.value if self._backend and self._loaded else "CAUSAL"
+        model_type = self._backend.model_type.value if self._backend else "CAUSAL"
         info = ReaderInfo(
             consumer_groups=list(config.consumer_group),
             consumer_name=self._consumer_name,
@@ -204,7 +236,7 @@ class ReaderProcess:
         notes = backend.notes()
         for note in notes:
             logger.warning("reader %s: %s", self.options.reader_id, note)
-        self._engine = Engine(backend, self._emit_threadsafe, self.options.reader_id)
+        self._engine = make_worker(backend, self._emit_threadsafe, self.options.reader_id)
         self._engine.start()
         self._loaded = True
         tune_gc()
@@ -252,7 +284,9 @@ class ReaderProcess:
                 logger.warning("reader %s: gateway link closed: %s", self.options.reader_id, exc)
 
     def _on_frame(self, frame: object) -> None:
-        if isinstance(frame, RequestFrame) and frame.kind is not RequestKind.GENERATE:
+        if isinstance(frame, RequestFrame) and not self._can_serve(frame):
+            return
+        if isinstance(frame, RequestFrame) and frame.kind not in _WORKER_KINDS:
             task = asyncio.create_task(self._serve(frame))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -263,6 +297,18 @@ class ReaderProcess:
         elif isinstance(frame, StopFrame):
             self._engine_abort_all()
             self.request_stop(f"the gateway asked: {frame.reason}")
+
+    def _can_serve(self, frame: RequestFrame) -> bool:
+        """Whether this reader's model serves the request's kind; if not, the request fails with a 400."""
+        if self._backend is None or not self._loaded:
+            return True  # not loaded: the gateway does not route to it (and services wait for nothing)
+        model_type = self._backend.model_type
+        if frame.kind in SERVES.get(model_type, frozenset()):
+            return True
+        error = InvalidRequestError(f"{NEEDS[frame.kind]}; reader {self.options.reader_id} serves a "
+                                    f"{model_type.value} model ({self.options.config.model_name})")  # fmt: skip
+        self._emit([ErrorFrame(request_id=frame.request_id, seq=0, error_type=error.error_type, message=error.message)])
+        return False
 
     async def _serve(self, frame: RequestFrame) -> None:
         if self._backend is None or not self._loaded:

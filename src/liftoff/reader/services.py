@@ -9,17 +9,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from liftoff.backends.base import Backend
+from liftoff.backends.base import ModelBackend
 from liftoff.core.errors import BackendError, LiftoffError
 from liftoff.core.frames import ErrorFrame, OutputFrame, RequestFrame, ResultFrame
 from liftoff.core.types import RequestKind
 
 logger = logging.getLogger(__name__)
 
-Service = Callable[[Backend, dict[str, Any]], dict[str, Any]]
+Service = Callable[[ModelBackend, dict[str, Any]], dict[str, Any]]
 
 
-def _tokenize(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+def _tokenize(backend: ModelBackend, payload: dict[str, Any]) -> dict[str, Any]:
     tokens = backend.tokenize(
         payload["text"],
         use_chat_template=bool(payload.get("use_chat_template")),
@@ -28,12 +28,12 @@ def _tokenize(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": tokens, "tokens_count": len(tokens)}
 
 
-def _detokenize(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+def _detokenize(backend: ModelBackend, payload: dict[str, Any]) -> dict[str, Any]:
     skip = payload.get("skip_special_tokens")
     return {"text": backend.detokenize(payload["tokens"], skip_special_tokens=True if skip is None else bool(skip))}
 
 
-def _chat_template(backend: Backend, payload: dict[str, Any]) -> dict[str, Any]:
+def _chat_template(backend: ModelBackend, payload: dict[str, Any]) -> dict[str, Any]:
     add = bool(payload.get("add_generation_prompt"))
     messages = [
         backend.apply_chat_template(conversation, add_generation_prompt=add) for conversation in payload["inputs"]
@@ -48,7 +48,7 @@ SERVICES: dict[RequestKind, Service] = {
 }
 
 
-def serve(backend: Backend, frame: RequestFrame) -> OutputFrame:
+def serve(backend: ModelBackend, frame: RequestFrame) -> OutputFrame:
     """Answer one service request with a result or an error frame (never raises)."""
     try:
         data = SERVICES[frame.kind](backend, frame.payload)

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from liftoff.core.errors import LiftoffError, RequestCancelledError
 from liftoff.core.frames import ErrorFrame, FinalFrame, TokenFrame
 from liftoff.core.types import ReaderState
-from liftoff.gateway.dispatch import Collector, Item, gather, raise_if_error
+from liftoff.gateway.dispatch import Collector, Item, gather, raise_if_error, result_of
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import EventStreamResponse, cancel_on_disconnect, json_body, read_model, sse_event
 from liftoff.gateway.state import GatewayState, get_state
@@ -65,6 +65,16 @@ async def collect(
     try:
         with cancel_on_disconnect(request.receive, collector):
             return await gather(collector)
+    finally:
+        if not collector.done:
+            state.dispatcher.abort(collector)
+
+
+async def collect_result(request: Request, state: GatewayState, collector: Collector) -> dict[str, Any]:
+    """The result frame's data of a submitted request; a client that leaves, or any failure, aborts it."""
+    try:
+        with cancel_on_disconnect(request.receive, collector):
+            return await result_of(collector)
     finally:
         if not collector.done:
             state.dispatcher.abort(collector)

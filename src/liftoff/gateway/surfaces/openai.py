@@ -14,11 +14,14 @@ from starlette.responses import Response
 
 from liftoff.core.errors import NotFoundError, NotSupportedError
 from liftoff.core.frames import FinalFrame
+from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
+from liftoff.gateway.surfaces.encoders import run_encoder
 from liftoff.gateway.surfaces.native import collect, echo
 from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
+from liftoff.gateway.translate.encode import base64_row, encode_frame, floats
 from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
 from liftoff.protocol.openai import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -88,10 +91,39 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=json_body(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
-    """Embeddings need an embedding reader; no backend serves embeddings yet, so this answers 400."""
-    await read_model(request, EmbeddingRequest)
+    """OpenAI's embeddings list: one vector per input (floats, or base64 float32), real token usage.
+
+    Without ``encoding_format`` the answer also carries Takeoff's ``result`` (a vector, or one per input), which
+    the official client's ``embed`` and LangChain's ``TitanTakeoffEmbed`` read; the OpenAI SDK always sends one.
+    """
+    state = get_state(request)
+    body = await read_model(request, EmbeddingRequest)
+    texts = _texts(body.input)
+    frame = encode_frame(RequestKind.EMBED, texts, body.model, state.config)
+    out = await run_encoder(request, state, frame)
+    if body.dimensions is not None and out.rows and body.dimensions != len(out.rows[0]) // 4:
+        raise NotSupportedError(
+            f"dimensions={body.dimensions}: the model's embeddings have {len(out.rows[0]) // 4} dimensions and "
+            "cannot be shortened", param="dimensions",
+        )  # fmt: skip
+    encode = base64_row if body.encoding_format == "base64" else floats
+    vectors: list[Any] = [encode(row) for row in out.rows]
+    data = [{"object": "embedding", "index": index, "embedding": vector} for index, vector in enumerate(vectors)]
+    usage = {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}
+    result: dict[str, Any] = {"object": "list", "data": data, "model": body.model, "usage": usage,
+                              "truncated": out.truncated}  # fmt: skip
+    if body.encoding_format is None:  # Takeoff's clients (takeoff-client, LangChain's TitanTakeoffEmbed) read this
+        result["result"] = vectors[0] if isinstance(texts, str) else vectors
+    return json_response(result)
+
+
+def _texts(value: str | list[str] | list[int] | list[list[int]]) -> str | list[str]:
+    if isinstance(value, str) or all(isinstance(item, str) for item in value):
+        return value  # type: ignore[return-value]  # checked: every item is a string
     raise NotSupportedError(
-        "embeddings need an embedding reader, and no Liftoff backend serves embedding models yet", param="model"
+        "input holds token ids; Liftoff embeds text (token ids of another tokenizer would not match the model's): "
+        "send the text instead",
+        param="input",
     )
 
 

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from liftoff.core.frames import RequestFrame, ResultFrame
+from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import RequestKind
-from liftoff.gateway.dispatch import raise_if_error
 from liftoff.gateway.errors import json_response
-from liftoff.gateway.http import cancel_on_disconnect, json_body, read_model
+from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
+from liftoff.gateway.surfaces.native import collect_result
 from liftoff.protocol.native import (
     ERROR_RESPONSES,
     ChatTemplateRequest,
@@ -37,17 +37,7 @@ async def _ask(request: Request, reader_id: str, kind: RequestKind, payload: dic
         request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id, payload=payload
     )
     collector = state.dispatcher.submit_to_reader(frame)
-    try:
-        with cancel_on_disconnect(request.receive, collector):
-            while items := await collector.next():
-                for item in items:
-                    raise_if_error(item)
-                    if isinstance(item.frame, ResultFrame):
-                        return json_response(item.frame.data)
-    finally:
-        if not collector.done:
-            state.dispatcher.abort(collector)
-    raise RuntimeError("the reader ended the request without a result")
+    return json_response(await collect_result(request, state, collector))
 
 
 def _payload(body: BaseModel) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A prediction request is ``{"instances": [GenerateRequest, ...], "parameters"?: {
 defaults every instance may override (an explicit ``null`` in an instance keeps the default). All instances start
 at once and the answer is ``{"predictions": [...]}``, one ``/generate`` answer per instance, in order. Vertex
 expects the whole request to fail if one instance does, so the first error is the answer (and the other instances
-are aborted). Vertex AI custom containers are told their port and their health and predict paths in
+are aborted). Instances sent to a consumer group of embedding readers are embedded instead, in Vertex's
+text-embedding shape (``{"content": ...}`` in, ``{"embeddings": {"values", "statistics"}}`` out). Vertex AI custom
+containers are told their port and their health and predict paths in
 ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE`` and ``AIP_PREDICT_ROUTE``: the config loader makes them the defaults of
 ``vertex_port``, ``vertex_health_route`` and ``vertex_predict_route``, and the routes are served beside the fixed
 ones.
@@ -19,12 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from liftoff.core.errors import LiftoffError, ValidationFailedError
+from liftoff.core.types import ModelType, RequestKind
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import from_validation_error, json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
 from liftoff.gateway.surfaces import health
+from liftoff.gateway.surfaces.encoders import run_encoder
 from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.gateway.translate.encode import encode_frame, floats
+from liftoff.gateway.translate.native import DEFAULT_GROUP
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["vertex"])
@@ -73,10 +79,42 @@ def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Col
     return collectors
 
 
+def _group(body: VertexRequest) -> str:
+    """The consumer group the instances name (the first instance's, else the parameters', else the default)."""
+    fields = {**(body.parameters or {}), **{k: v for k, v in body.instances[0].items() if v is not None}}
+    group = fields.get("consumer_group")
+    return group if isinstance(group, str) and group else DEFAULT_GROUP
+
+
+def _content(instance: dict[str, Any], index: int) -> str:
+    text = instance.get("content", instance.get("text"))
+    if not isinstance(text, str):
+        raise ValidationFailedError(
+            f"instances.{index}: an embedding instance needs a string 'content' (or 'text')",
+            errors=[{"loc": f"instances.{index}.content", "msg": "a string is required", "type": "string_type"}],
+        )
+    return text
+
+
+async def _predict_embeddings(request: Request, state: GatewayState, body: VertexRequest, group: str) -> Response:
+    """Vertex's text-embedding shape: ``{"embeddings": {"values": [...], "statistics": {...}}}`` per instance."""
+    texts = [_content(instance, index) for index, instance in enumerate(body.instances)]
+    out = await run_encoder(request, state, encode_frame(RequestKind.EMBED, texts, group, state.config))
+    truncated = set(out.truncated)
+    predictions = [
+        {"embeddings": {"values": floats(row), "statistics": {"token_count": tokens, "truncated": i in truncated}}}
+        for i, (row, tokens) in enumerate(zip(out.rows, out.tokens, strict=True))
+    ]
+    return json_response({"predictions": predictions})
+
+
 async def predict(request: Request) -> Response:
     """Run every instance; answer their predictions in order, or the first error."""
     state = get_state(request)
     body = await read_model(request, VertexRequest)
+    group = _group(body)
+    if ModelType.EMBEDDING in state.registry.live_model_types(group):
+        return await _predict_embeddings(request, state, body, group)
     requests = _instances(body)
     collectors = _start_all(state, requests)
     predictions = []

@@ -1,0 +1,228 @@
+"""The batcher thread: dynamic batching for encoder readers (embeddings, classification).
+
+Every request is split into its inputs, each tokenized on arrival (a refused input fails its whole request at
+once). A batch runs when ``capacity`` inputs wait, or when ``batch_duration_s`` has passed since the oldest
+waiting input arrived, whichever comes first (takeoff-spec §1.4); a batch takes the oldest inputs first, from
+any number of requests, so a large request is spread over several batches and small ones ride along. When the
+last input of a request is done, its answer goes back as one result frame: the rows (float32 bytes), the tokens
+of each input, which inputs were truncated, and the size of the batch each input ran in.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from liftoff.backends.base import EncoderBackend, Encoding
+from liftoff.core.clock import monotonic
+from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
+from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, ResultFrame
+from liftoff.core.types import FinishReason
+from liftoff.reader.engine import Emit
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+_ABORT_ALL = object()
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request: its inputs' results as they come."""
+
+    frame: RequestFrame
+    size: int
+    rows: list[bytes] = field(init=False)
+    tokens: list[int] = field(init=False)
+    batch_sizes: list[int] = field(init=False)
+    truncated: list[int] = field(default_factory=list)
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = [b""] * self.size
+        self.tokens = [0] * self.size
+        self.batch_sizes = [0] * self.size
+        self.remaining = self.size
+
+    def result(self) -> dict[str, Any]:
+        return {"rows": self.rows, "tokens": self.tokens, "truncated": self.truncated, "batch_sizes": self.batch_sizes}
+
+
+@dataclass(slots=True)
+class _Item:
+    """One input waiting for a batch."""
+
+    job: _Job
+    index: int
+    encoding: Encoding
+    arrived: float
+
+
+def split_input(value: object) -> tuple[str, str | None]:
+    """A text, or a ``[text, pair]`` sentence pair, from a request payload."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        return value[0], value[1]
+    raise InvalidRequestError("each input must be a string or a pair of strings [text, text_pair]", param="text")
+
+
+class Batcher:
+    """Runs an encoder backend on a dedicated thread; thread-safe ``submit``/``abort``/``stop``."""
+
+    def __init__(self, backend: EncoderBackend, emit: Emit, reader_id: str = "") -> None:
+        self._backend = backend
+        self._emit = emit
+        self._reader_id = reader_id
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._jobs: dict[str, _Job] = {}
+        self._items: deque[_Item] = deque()
+        self._thread = threading.Thread(target=self._run, name="liftoff-batcher", daemon=True)
+        self._running = False
+        self.batches = 0  # batches run so far (for logs and tests)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or waiting for a batch (read from another thread: approximate)."""
+        return len(self._jobs) + (not self._inbox.empty())
+
+    def start(self) -> None:
+        """Start the batcher thread."""
+        self._running = True
+        self._thread.start()
+
+    def submit(self, frame: RequestFrame) -> None:
+        """Queue a request's inputs."""
+        self._inbox.put(frame)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request's waiting inputs."""
+        self._inbox.put(request_id)
+
+    def abort_all(self) -> None:
+        """Drop every request (the gateway connection was lost)."""
+        self._inbox.put(_ABORT_ALL)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; waiting requests are dropped."""
+        if self._running:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+            self._running = False
+
+    # ---- batcher thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._collect():
+            if self._items and self._due():
+                self._run_batch()
+
+    def _due(self) -> bool:
+        full = len(self._items) >= self._backend.capacity
+        return full or monotonic() >= self._items[0].arrived + self._backend.batch_duration_s
+
+    def _collect(self) -> bool:
+        """Wait for a command until the next batch is due, then apply every queued one; False means stop."""
+        if self._items:
+            timeout = max(0.0, self._items[0].arrived + self._backend.batch_duration_s - monotonic())
+            if len(self._items) >= self._backend.capacity:
+                timeout = 0.0
+        else:
+            timeout = 1.0
+        try:
+            command = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if not self._apply(command):
+                return False
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: object) -> bool:
+        if command is _STOP:
+            return False
+        if isinstance(command, RequestFrame):
+            self._accept(command)
+        elif isinstance(command, str):
+            self._abort(command)
+        elif command is _ABORT_ALL:
+            for request_id in list(self._jobs):
+                self._abort(request_id)
+        return True
+
+    def _accept(self, frame: RequestFrame) -> None:
+        """Tokenize every input of a request and queue them; any refused input fails the request."""
+        inputs = frame.payload.get("inputs") or []
+        truncate = frame.payload.get("truncate")
+        try:
+            encodings = [self._backend.prepare(*split_input(value), truncate=truncate) for value in inputs]
+        except LiftoffError as exc:
+            self._emit([_error(frame.request_id, exc)])
+            return
+        except Exception as exc:
+            logger.exception("tokenizing request %s failed", frame.request_id)
+            self._emit([_error(frame.request_id, BackendError(f"tokenizing failed: {exc}"))])
+            return
+        job = _Job(frame, len(encodings))
+        if not encodings:
+            self._emit([self._result(job)])
+            return
+        self._jobs[frame.request_id] = job
+        now = monotonic()
+        self._items.extend(_Item(job, index, encoding, now) for index, encoding in enumerate(encodings))
+
+    def _abort(self, request_id: str) -> None:
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return
+        self._items = deque(item for item in self._items if item.job is not job)
+        self._emit([FinalFrame(request_id=request_id, seq=0, finish_reason=FinishReason.ABORTED,
+                               reader_id=self._reader_id)])  # fmt: skip
+
+    def _run_batch(self) -> None:
+        count = min(len(self._items), self._backend.capacity)
+        batch = [self._items.popleft() for _ in range(count)]
+        self.batches += 1
+        try:
+            rows = self._backend.encode([item.encoding for item in batch])
+        except Exception as exc:
+            logger.exception("a batch of %d inputs failed", count)
+            self._fail({id(item.job): item.job for item in batch}.values(), exc)
+            return
+        done: list[Any] = []
+        for item, row in zip(batch, rows, strict=True):
+            job = item.job
+            job.rows[item.index] = row
+            job.tokens[item.index] = item.encoding.n_tokens
+            job.batch_sizes[item.index] = count
+            if item.encoding.truncated:
+                job.truncated.append(item.index)
+            job.remaining -= 1
+            if job.remaining == 0 and self._jobs.pop(job.frame.request_id, None) is not None:
+                done.append(self._result(job))
+        if done:
+            self._emit(done)
+
+    def _fail(self, jobs: Any, exc: Exception) -> None:
+        error = exc if isinstance(exc, LiftoffError) else BackendError(f"the backend failed: {exc}")
+        frames: list[Any] = []
+        for job in jobs:
+            if self._jobs.pop(job.frame.request_id, None) is not None:
+                self._items = deque(item for item in self._items if item.job is not job)
+                frames.append(_error(job.frame.request_id, error))
+        self._emit(frames)
+
+    def _result(self, job: _Job) -> ResultFrame:
+        job.truncated.sort()
+        return ResultFrame(request_id=job.frame.request_id, seq=0, data=job.result())
+
+
+def _error(request_id: str, exc: LiftoffError) -> ErrorFrame:
+    return ErrorFrame(request_id=request_id, seq=0, error_type=exc.error_type, message=exc.message)
