@@ -5,9 +5,15 @@ sentence pair), cut it to the model's length or refuse it, and run batches that 
 (:meth:`encode`, one padded forward). Embeddings are pooled as the checkpoint's sentence-transformers files say
 (:mod:`liftoff.backends.hf_pooling`); classification rows are the raw logits (Takeoff's ``/classify``: not
 softmaxed). ``backend_options``: ``dtype`` (``auto``: float32 on CPU, float16 on CUDA) and ``n_threads``.
+Like the generative transformers backend, importing this module bounds OpenMP's spinning (``GOMP_SPINCOUNT``)
+unless the environment sets it, so idle torch threads do not hold cores the gateway needs.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # before torch: bounded OpenMP spinning (see hf_transformers)
 
 import abc
 import logging
