@@ -117,7 +117,8 @@ def report(args: argparse.Namespace, rates: dict[int, float], results: dict[str,
     print(f"\nEmbeddings, all-MiniLM-L6-v2 on CPU, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {json.dumps(machine_info())}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
-    print("| system | setting | embeddings/s | vs peer | p50 ms | p99 ms | errors | CPU % of a core: client / gateway / reader |")
+    head = "| system | setting | embeddings/s | vs peer | p50 ms | p99 ms | errors |"
+    print(head + " CPU % of a core: client / gateway / reader |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for size, rate in rates.items():
         mark = " (best)" if size == best_size else ""

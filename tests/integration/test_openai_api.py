@@ -211,7 +211,12 @@ def test_unknown_and_unready_models(server: Any) -> None:
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", ["tools is not supported"]),
         ({"logprobs": True}, "logprobs", ["logprobs is not supported"]),
-        ({"response_format": {"type": "json_object"}}, "response_format", ["structured generation"]),
+        ({"response_format": {"type": "json_object"}}, None, ["echo backend", "cannot follow"]),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}},
+            "response_format.json_schema.x",
+            ["is not a field this server knows"],
+        ),
         ({"frequency_penalty": 1.0}, "frequency_penalty", ["frequency_penalty"]),
         ({"store": True}, "store", ["store is not a field this server knows"]),
     ],

@@ -338,9 +338,13 @@ def test_empty_prompt_starts_from_bos(backend: LlamaCppBackend) -> None:
     assert run.final.completion_tokens == 4
 
 
-def test_constrained_decoding_is_refused(backend: LlamaCppBackend) -> None:
-    with pytest.raises(NotSupportedError, match="constrained"):
-        backend.admit("json", "hi", GenerationParams(json_schema='{"type": "object"}'))
+def test_unsupported_parameters_are_refused(backend: LlamaCppBackend) -> None:
+    with pytest.raises(NotSupportedError, match="constrained_decoding_backend 'outlines' is not available"):
+        backend.admit(
+            "json", "hi", GenerationParams(json_schema='{"type": "object"}', constrained_decoding_backend="outlines")
+        )
+    with pytest.raises(NotSupportedError, match="LoRA"):
+        backend.admit("lora", "hi", GenerationParams(lora_id="adapter"))
     assert backend.active() == 0
 
 

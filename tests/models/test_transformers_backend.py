@@ -328,12 +328,11 @@ def test_too_long_prompt_names_both_numbers(tiny_llama: Path) -> None:
 
 
 def test_unsupported_parameters_are_refused(tiny: TransformersBackend) -> None:
-    with pytest.raises(NotSupportedError):
-        tiny.admit("r", "x", GenerationParams(json_schema="{}"))
-    with pytest.raises(NotSupportedError):
-        tiny.admit("r", "x", GenerationParams(regex_string="a+"))
+    with pytest.raises(NotSupportedError, match="constrained_decoding_backend 'outlines' is not available"):
+        tiny.admit("r", "x", GenerationParams(json_schema="{}", constrained_decoding_backend="outlines"))
     with pytest.raises(NotSupportedError):
         tiny.admit("r", "x", GenerationParams(lora_id="adapter"))
+    assert tiny.active() == 0
 
 
 def test_zero_new_tokens_and_empty_prompts(tiny: TransformersBackend) -> None:
@@ -434,7 +433,10 @@ def test_driven_by_the_reader_engine(tiny: TransformersBackend) -> None:
             engine.submit(RequestFrame(request_id=key, consumer_group="primary", text=text, params=greedy(8)))
         engine.submit(
             RequestFrame(
-                request_id="json", consumer_group="primary", text="x", params=GenerationParams(json_schema="{}")
+                request_id="json",
+                consumer_group="primary",
+                text="x",
+                params=GenerationParams(json_schema="{}", constrained_decoding_backend="lmfe"),
             )
         )
         assert done.wait(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,7 +10,13 @@ import pytest
 from liftoff.config.models import AppConfig
 from liftoff.core.errors import InvalidRequestError, LiftoffError, NotSupportedError
 from liftoff.core.types import GenerationParams
-from liftoff.gateway.translate.openai import CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, chat_plan, completion_plan
+from liftoff.gateway.translate.openai import (
+    CHAT_MAX_TOKENS,
+    COMPLETION_MAX_TOKENS,
+    JSON_OBJECT_SCHEMA,
+    chat_plan,
+    completion_plan,
+)
 from liftoff.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 CONFIG = AppConfig(max_user_batch_size=6)
@@ -82,8 +89,11 @@ def refusal(plan: Any, body: Any) -> LiftoffError:
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"1": 2.0}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"response_format": {"type": "json_object", "grammar": "x"}}, "response_format.grammar"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}},
+            "response_format.json_schema.x",
+        ),
         ({"parallel_tool_calls": True}, "parallel_tool_calls"),
         ({"messages": [*USER, {"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[1].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
@@ -97,6 +107,38 @@ def test_unsupported_chat_fields_are_refused_by_name(fields: dict[str, Any], par
     assert isinstance(error, NotSupportedError)
     assert error.param == param
     assert error.status == 400
+
+
+def test_response_format_becomes_the_json_schema_of_the_output() -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    sdk_shape = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    params = chat_plan(chat(response_format=sdk_shape), CONFIG).frames[0].params
+    assert params.json_schema is not None
+    assert json.loads(params.json_schema) == schema
+    assert params.regex_string is None
+    assert chat_plan(chat(response_format={"type": "json_object"}), CONFIG).frames[0].params.json_schema == (
+        JSON_OBJECT_SCHEMA
+    )
+    assert json.loads(JSON_OBJECT_SCHEMA) == {"type": "object"}
+    assert chat_plan(chat(response_format={"type": "text"}), CONFIG).frames[0].params.json_schema is None
+    assert chat_plan(chat(), CONFIG).frames[0].params.json_schema is None
+    boolean = {"type": "json_schema", "json_schema": {"name": "any", "schema": True}}
+    assert chat_plan(chat(response_format=boolean), CONFIG).frames[0].params.json_schema == "true"
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
+    ],
+)
+def test_json_schema_format_without_a_schema_is_400(response_format: dict[str, Any], param: str) -> None:
+    error = refusal(chat_plan, chat(response_format=response_format))
+    assert isinstance(error, InvalidRequestError)
+    assert error.param == param
+    assert error.status == 400
+    assert "the JSON schema the output must follow" in error.message
 
 
 def test_harmless_values_of_unsupported_fields_are_accepted() -> None:

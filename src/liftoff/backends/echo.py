@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
 from liftoff.backends.text import conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import InvalidRequestError
+from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
@@ -68,6 +68,12 @@ class EchoBackend(Backend):
             raise RuntimeError(str(self.options["fail_load"]))
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
+        if params.regex_string is not None or params.json_schema is not None:
+            raise NotSupportedError(
+                "the echo backend echoes the prompt and cannot follow regex_string or json_schema; "
+                "send structured generation to a reader of a real model (llamacpp or transformers)",
+                param="json_schema" if params.regex_string is None else "regex_string",
+            )
         words = tokenize(self._prompt(text, params))
         kept, budget = fit_prompt(range(len(words)), params, self.context_length)
         tokens = [words[i] for i in kept]

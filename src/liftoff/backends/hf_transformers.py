@@ -12,7 +12,9 @@ per step, 1024 by default; a longer prompt is prefilled alone, one chunk per ste
 up to ``prefill_tokens_per_step`` padded tokens, 512 by default, so that running streams are not held up for long
 and requests that arrive together spread over steps instead of moving in waves) and advances every running
 sequence by one token with a single ``[n, 1]`` forward. Tokens are chosen by the shared numpy sampler
-(:mod:`liftoff.backends.sampling`) and turned into text incrementally (:mod:`liftoff.backends.hf_detok`).
+(:mod:`liftoff.backends.sampling`), within the request's grammar when it asks for structured output
+(:mod:`liftoff.backends.grammar`), and turned into text incrementally (:mod:`liftoff.backends.hf_detok`,
+:mod:`liftoff.backends.hf_sequence`).
 
 Threads: importing this module before torch sets ``GOMP_SPINCOUNT=30000`` unless the environment says
 otherwise: OpenMP's idle threads spin that long (tens of microseconds) for the next parallel region, then sleep.
@@ -30,12 +32,12 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # before torch is imported: li
 import gc
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.grammar import Grammars, Vocabulary, huggingface_vocabulary
 from liftoff.backends.hf_cache import SlotCache
 from liftoff.backends.hf_convert import ensure_dequantized
 from liftoff.backends.hf_detok import Detokenizer, TextStream
@@ -47,6 +49,7 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
+from liftoff.backends.hf_sequence import HFSequence, account, finish
 from liftoff.backends.hf_tokens import HFTokenizer
 from liftoff.backends.prefix import RowPrefixes, flag
 from liftoff.backends.resolve import resolve_model
@@ -63,19 +66,6 @@ DEFAULT_PREFILL_PER_STEP = 512
 BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step"})
 
 
-@dataclass(slots=True, eq=False)
-class _Sequence:
-    request_id: str
-    prompt: list[int]
-    sampler: SamplerState
-    budget: int
-    stream: TextStream
-    length: int = 0  # positions held in the cache
-    last: int = 0  # the token the next decode feeds
-    unreported: int = 0  # tokens not yet counted in a StepOutput
-    done: bool = False
-
-
 class TransformersBackend(Backend):
     """Causal LMs through ``transformers`` + ``torch``, continuously batched."""
 
@@ -89,15 +79,16 @@ class TransformersBackend(Backend):
         self._cache: SlotCache | None = None
         self._detok: Detokenizer | None = None
         self._tok: HFTokenizer | None = None
+        self.grammars: Grammars | None = None  # structured generation: this model's compiled grammars
         self._context: int | None = None
         self._eos = np.zeros(0, dtype=np.int64)
         self._eos_set: frozenset[int] = frozenset()
         self._budget = config.prefill_chunk_size or DEFAULT_PREFILL_BUDGET
         self._per_step = int(self.options.get("prefill_tokens_per_step") or DEFAULT_PREFILL_PER_STEP)
-        self._waiting: deque[_Sequence] = deque()
-        self._rows: list[_Sequence] = []  # decoding sequences; row i of the cache is self._rows[i]
-        self._chunking: _Sequence | None = None  # a long prompt being prefilled in the last slot
-        self._empty: list[_Sequence] = []  # admitted with nothing to generate
+        self._waiting: deque[HFSequence] = deque()
+        self._rows: list[HFSequence] = []  # decoding sequences; row i of the cache is self._rows[i]
+        self._chunking: HFSequence | None = None  # a long prompt being prefilled in the last slot
+        self._empty: list[HFSequence] = []  # admitted with nothing to generate
         self._prefix_cache = flag(self.options.get("prefix_cache"), default=True)
         self._prefixes = RowPrefixes()  # what the free rows still hold
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in total
@@ -135,6 +126,8 @@ class TransformersBackend(Backend):
         self._tok = HFTokenizer(loaded.tokenizer)
         self._eos = np.array(loaded.eos_ids, dtype=np.int64)
         self._eos_set = frozenset(loaded.eos_ids)
+        vocab_size = int(getattr(loaded.model.config.get_text_config(), "vocab_size", 0) or len(loaded.tokenizer))
+        self.grammars = Grammars(self._vocabulary, loaded.eos_ids, vocab_size)
         with torch.inference_mode():  # allocate the cache and warm the kernels up
             self._forward_prefill([[loaded.pad_id]], 0, 0)
         logger.info(
@@ -160,7 +153,7 @@ class TransformersBackend(Backend):
         return wanted
 
     def close(self) -> None:
-        self._loaded = self._cache = self._detok = self._tok = None
+        self._loaded = self._cache = self._detok = self._tok = self.grammars = None
         self._waiting.clear()
         self._rows.clear()
         self._prefixes.clear()
@@ -178,9 +171,6 @@ class TransformersBackend(Backend):
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         loaded = self._model()
-        for name in ("regex_string", "json_schema"):
-            if getattr(params, name) is not None:
-                raise NotSupportedError(f"{name}: the transformers backend has no constrained decoding yet", param=name)
         if params.lora_id is not None:
             raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
         ids = self._prompt_ids(text, params)
@@ -190,7 +180,8 @@ class TransformersBackend(Backend):
                 raise InvalidRequestError("the prompt is empty and this model has no BOS token to start from")
             ids = [int(bos)]
         prompt, budget = fit_prompt(ids, params, self.context_length)
-        seq = _Sequence(request_id, prompt, SamplerState(params, prompt), budget, TextStream(prompt))
+        sampler = SamplerState(params, prompt, constraint=self._require_grammars().constraint(params))
+        seq = HFSequence(request_id, prompt, sampler, budget, TextStream(prompt))
         if budget <= 0:
             self._empty.append(seq)
         else:
@@ -218,7 +209,7 @@ class TransformersBackend(Backend):
     # ---- stepping -----------------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        out = [self._finish(seq, FinishReason.LENGTH, "") for seq in self._empty]
+        out = [finish(seq, FinishReason.LENGTH, "") for seq in self._empty]
         self._empty.clear()
         with torch.inference_mode():
             if self._rows:
@@ -258,7 +249,7 @@ class TransformersBackend(Backend):
         if seq is not None:
             self._prefill_chunk(seq, out)
             return
-        batch: list[_Sequence] = []
+        batch: list[HFSequence] = []
         width = 0
         limit = min(self._budget, self._per_step)
         while self._waiting and len(batch) < free and len(self._waiting[0].prompt) <= self._budget:
@@ -275,7 +266,7 @@ class TransformersBackend(Backend):
             self._rows.append(seq)
         self._advance(batch, self._sample(logits, batch), out)
 
-    def _reuse_prefixes(self, batch: list[_Sequence], row0: int) -> int:
+    def _reuse_prefixes(self, batch: list[HFSequence], row0: int) -> int:
         """Copy the longest cached prefix every prompt of ``batch`` shares into its row; the positions to skip.
 
         The batch prefills from one position, so it skips what all its prompts have (always keeping each prompt's
@@ -297,7 +288,7 @@ class TransformersBackend(Backend):
         self.reused_tokens += start * len(batch)
         return start
 
-    def _prefill_chunk(self, seq: _Sequence, out: list[StepOutput]) -> None:
+    def _prefill_chunk(self, seq: HFSequence, out: list[StepOutput]) -> None:
         """One chunk of a prompt longer than the prefill budget, in the last slot; it joins the rows when done."""
         slot = self.capacity - 1
         self._prefixes.overwrite(slot)
@@ -333,45 +324,17 @@ class TransformersBackend(Backend):
         logits: torch.Tensor = output.logits[:, -1]
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[HFSequence]) -> list[int]:
         scores = logits.float().cpu().numpy()
         return sample(scores, [seq.sampler for seq in seqs], self._eos)
 
-    def _advance(self, seqs: list[_Sequence], tokens: list[int], out: list[StepOutput]) -> None:
+    def _advance(self, seqs: list[HFSequence], tokens: list[int], out: list[StepOutput]) -> None:
         """Account each sequence's new token: text, end of sequence, length limit."""
         detok = self._require_detok()
         eos = self._eos_set
         with self._tokens().lock:  # the tokenizer services may be encoding on another thread
             for seq, token in zip(seqs, tokens, strict=True):
-                self._account(seq, token, detok, eos, out)
-
-    def _account(
-        self, seq: _Sequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]
-    ) -> None:
-        seq.last = token
-        seq.unreported += 1
-        if token in eos:
-            out.append(self._finish(seq, FinishReason.STOP, detok.next(seq.stream, final=True)))
-            return
-        seq.stream.ids.append(token)
-        if len(seq.sampler.generated) >= seq.budget:
-            out.append(self._finish(seq, FinishReason.LENGTH, detok.next(seq.stream, final=True)))
-            return
-        text = detok.next(seq.stream)
-        if text:
-            out.append(StepOutput(seq.request_id, text, seq.unreported))
-            seq.unreported = 0
-
-    def _finish(self, seq: _Sequence, reason: FinishReason, text: str) -> StepOutput:
-        seq.done = True
-        return StepOutput(
-            seq.request_id,
-            text,
-            seq.unreported,
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=len(seq.sampler.generated),
-        )
+                account(seq, token, detok, eos, out)
 
     def _remove_row(self, index: int) -> None:
         """Free row ``index``: the last row moves into it, so the running rows stay contiguous."""
@@ -388,6 +351,17 @@ class TransformersBackend(Backend):
         if self._cache is None:
             raise RuntimeError("the transformers backend is not loaded")
         return self._cache
+
+    def _require_grammars(self) -> Grammars:
+        if self.grammars is None:
+            raise RuntimeError("the transformers backend is not loaded")
+        return self.grammars
+
+    def _vocabulary(self) -> Vocabulary:
+        """The model's tokens as the grammar sees them (built on the first constrained request)."""
+        tokens = self._tokens()
+        with tokens.lock:
+            return huggingface_vocabulary(tokens.tokenizer)
 
     def _require_detok(self) -> Detokenizer:
         if self._detok is None:

@@ -4,8 +4,9 @@ One context holds ``capacity`` sequence slots, each with its own KV stream (``kv
 sequence attends only over its own tokens. A step runs one ``llama_decode`` with the next token of every
 running sequence, then prefills newly admitted prompts in chunks (at most ``prefill_tokens_per_step`` prompt
 tokens while other sequences are running, so their streams keep flowing; everything waiting when nothing runs).
-Tokens are chosen by the shared numpy sampler and decoded to text incrementally, so multi-byte characters are
-never split.
+Tokens are chosen by the shared numpy sampler (within the request's grammar when it asks for structured output:
+:mod:`liftoff.backends.grammar`, which reads the vocabulary as the token pieces' bytes) and decoded to text
+incrementally, so multi-byte characters are never split.
 
 Slots are taken lowest first and the decode rows go in slot order: with one KV stream per sequence, llama.cpp
 splits a batch into one micro-batch per run of consecutive sequence ids (each a full pass over the weights).
@@ -40,9 +41,10 @@ import numpy as np
 import numpy.typing as npt
 
 from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.grammar import Grammars, Vocabulary
 from liftoff.backends.llamacpp_native import NativeContext, NativeModel
 from liftoff.backends.prefix import flag, shared_prefix
-from liftoff.backends.sampling import SamplerState, sample
+from liftoff.backends.sampling import SamplerState, finish_reason, sample
 from liftoff.backends.text import Utf8Stream, conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
@@ -84,6 +86,7 @@ class LlamaCppBackend(Backend):
         super().__init__(config, context)
         self._model: NativeModel | None = None
         self._ctx: NativeContext | None = None
+        self.grammars: Grammars | None = None  # structured generation: this model's compiled grammars
         self._context_length = config.max_sequence_length
         self._chunk = int(config.prefill_chunk_size or self.options.get("prefill_chunk_size") or DEFAULT_CHUNK)
         self._prefill_per_step = int(self.options.get("prefill_tokens_per_step") or DEFAULT_PREFILL_PER_STEP)
@@ -132,6 +135,7 @@ class LlamaCppBackend(Backend):
         self._model = model
         self._eog = np.array(model.eog, dtype=np.int64)
         self._eog_set = frozenset(model.eog)
+        self.grammars = Grammars(lambda: Vocabulary(model.pieces), model.eog, model.n_vocab)
         progress(1.0)
 
     def close(self) -> None:
@@ -143,6 +147,7 @@ class LlamaCppBackend(Backend):
         if self._model is not None:
             self._model.close()
             self._model = None
+        self.grammars = None
 
     def _loaded(self) -> tuple[NativeModel, NativeContext]:
         if self._model is None or self._ctx is None:
@@ -153,7 +158,8 @@ class LlamaCppBackend(Backend):
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         model, _ = self._loaded()
-        _refuse_unsupported(params)
+        if params.lora_id:
+            raise NotSupportedError("the llamacpp backend does not load LoRA adapters", param="lora_id")
         if not self._free:
             raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
         ids = self._prompt_ids(model, text, params)
@@ -163,8 +169,10 @@ class LlamaCppBackend(Backend):
                 raise InvalidRequestError("the prompt is empty and this model has no BOS token to start from")
             prompt = [model.bos]
             budget = min(budget, (self._context_length or budget + 1) - 1)
+        assert self.grammars is not None
+        sampler = SamplerState(params, prompt, constraint=self.grammars.constraint(params))
         slot, reused = self._take_slot(prompt)
-        seq = _Sequence(request_id, slot, prompt, budget, SamplerState(params, prompt), Utf8Stream())
+        seq = _Sequence(request_id, slot, prompt, budget, sampler, Utf8Stream())
         seq.prefilled = seq.kv_len = reused
         self.reused_tokens += reused
         self._sequences[request_id] = seq
@@ -292,8 +300,8 @@ class LlamaCppBackend(Backend):
             if token in eog:
                 seq.sampler.generated.pop()  # the end-of-generation token is not part of the output
                 outputs.append(self._finish(seq, FinishReason.STOP, ""))
-            elif len(seq.sampler.generated) >= seq.budget:
-                outputs.append(self._finish(seq, FinishReason.LENGTH, seq.stream.feed(pieces[token]), 1))
+            elif (reason := finish_reason(seq.sampler, seq.budget)) is not None:
+                outputs.append(self._finish(seq, reason, seq.stream.feed(pieces[token]), 1))
             else:
                 seq.pending = token
                 outputs.append(StepOutput(seq.request_id, seq.stream.feed(pieces[token]), 1))
@@ -362,13 +370,3 @@ class LlamaCppBackend(Backend):
             bos_token=model.bos_text,
             eos_token=model.eos_text,
         )
-
-
-def _refuse_unsupported(params: GenerationParams) -> None:
-    if params.regex_string is not None or params.json_schema is not None:
-        raise NotSupportedError(
-            "the llamacpp backend does not do constrained decoding (regex_string, json_schema); "
-            "serve the model with the transformers backend for that"
-        )
-    if params.lora_id:
-        raise NotSupportedError("the llamacpp backend does not load LoRA adapters", param="lora_id")

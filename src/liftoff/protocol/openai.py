@@ -24,11 +24,20 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool | None = Field(None, description="[vLLM] Token counts so far in every chunk.")
 
 
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``: the JSON schema the output follows (as the OpenAI SDK sends it)."""
+
+    name: str | None = Field(None, description="The schema's name (not used).")
+    description: str | None = Field(None, description="What the output is for (not used).")
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="Accepted; the output always follows the schema.")
+
+
 class ResponseFormat(_Body):
     """``response_format``: ``text``, ``json_object`` or ``json_schema``."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ContentPart(_Body):
@@ -95,7 +104,9 @@ class EmbeddingRequest(_Body):
     """``POST /v1/embeddings``."""
 
     model: str = Field(..., description="The consumer group to serve the request.")
-    input: str | list[str] = Field(..., description="A text or a list of texts.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text or a list of texts (token-id arrays are refused with a 400: send text)."
+    )
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
     user: str | None = None

@@ -3,10 +3,13 @@
 ``model`` is the consumer group. A field Liftoff does not implement is refused with a 400 that names it, never
 dropped. Sampling follows OpenAI's defaults (temperature 1, no top-k), not the native API's greedy default.
 Stop strings, ``seed``, ``ignore_eos`` and ``min_tokens`` go to the reader with the other decoding parameters.
+``response_format`` becomes the native ``json_schema``: ``json_object`` any JSON object, ``json_schema`` its
+``schema``, ``text`` nothing.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,14 +21,14 @@ from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import GenerationParams
 from liftoff.gateway.translate.native import prompts_of
-from liftoff.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from liftoff.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
 
 # Without max_tokens a chat completion runs until the model stops or its context is full (as OpenAI's does);
 # a completion generates 16 tokens (OpenAI's default).
 CHAT_MAX_TOKENS = 1 << 20
 COMPLETION_MAX_TOKENS = 16
 MAX_STOPS = 4
-_STRUCTURED = "structured generation (response_format json_object / json_schema) is not available yet"
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +155,25 @@ def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
+def response_schema(fmt: ResponseFormat | None) -> str | None:
+    """The JSON schema (as text) that ``response_format`` asks the output to follow; None for plain text."""
+    if fmt is None:
+        return None
+    _refuse([], {f"response_format.{name}": value for name, value in (fmt.model_extra or {}).items()})
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return JSON_OBJECT_SCHEMA
+    spec = fmt.json_schema
+    if spec is None or spec.schema_ is None:
+        where = "response_format.json_schema" + ("" if spec is None else ".schema")
+        raise InvalidRequestError(f"{where} is missing: send the JSON schema the output must follow", param=where)
+    _refuse([], {f"response_format.json_schema.{name}": value for name, value in (spec.model_extra or {}).items()})
+    return json.dumps(spec.schema_)
+
+
 def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
     """The frames of a chat completion (the reader applies its chat template)."""
-    fmt = body.response_format
     _refuse(
         [
             *_common_unsupported(body),
@@ -166,8 +185,6 @@ def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
         ],
         body.model_extra,
     )
-    if fmt is not None and fmt.type != "text":
-        raise NotSupportedError(_STRUCTURED, param="response_format")
     both = (body.max_tokens, body.max_completion_tokens)
     if None not in both and both[0] != both[1]:
         message = "max_tokens and max_completion_tokens differ; send one"
@@ -176,6 +193,9 @@ def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
     turns = chat_messages(body.messages)
     _prompts("".join(content for _, content in turns), config, "messages")  # the size limits, on the whole chat
     params = _params(body, max_tokens, chat=True)
+    schema = response_schema(body.response_format)
+    if schema is not None:
+        params = msgspec.structs.replace(params, json_schema=schema)
     if len(turns) > 1 or turns[0][0] != "user":  # one user turn is the plain chat-template prompt
         params = msgspec.structs.replace(params, messages=turns)
     return _frames([turns[-1][1]], params, body.model, body.n or 1, config)
