@@ -3,7 +3,8 @@ in process at its best batch size, on the bundled all-MiniLM-L6-v2 (CPU).
 
 1. The peer, in this process before any server starts: ``SentenceTransformer.encode`` on batches of the same
    sentence at each of ``--batch-sizes``, timed over ``--duration`` seconds each (after one warm-up batch);
-   the best batch size's sentences/s is the figure to match.
+   the best batch size's sentences/s is the figure to match. That size is measured again after Liftoff's windows
+   and the higher of the two figures counts (this machine's speed drifts by 10 % over minutes).
 2. Liftoff: ``liftoff serve`` with one embedding reader (``max_batch_size`` = the peer's best batch size unless
    ``--max-batch-size``, and no more than the clients keep in flight; ``batch_duration_millis`` =
    ``--batch-duration-ms``), then ``--concurrency`` keep-alive
@@ -27,6 +28,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -59,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per window")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each window")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--reader-log-level", default="INFO", help="DEBUG logs every batch the reader runs")
+    parser.add_argument("--keep-log", type=Path, help="copy Liftoff's log here at the end")
     return parser.parse_args()
 
 
@@ -86,9 +90,9 @@ def peer(batch_sizes: list[int], duration_s: float) -> dict[int, float]:
     return rates
 
 
-def liftoff_config(ports: dict[str, int], workdir: Path, batch: int, duration_ms: int) -> dict[str, Any]:
+def liftoff_config(ports: dict[str, int], workdir: Path, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     reader = {"model_name": "all-minilm-l6-v2", "device": "cpu", "consumer_group": GROUP, "max_batch_size": batch,
-              "batch_duration_millis": duration_ms}  # fmt: skip
+              "batch_duration_millis": args.batch_duration_ms, "log_level": args.reader_log_level}  # fmt: skip
     server = {**ports, "host": "127.0.0.1", "repository_path": str(workdir / "artefacts"), "shutdown_timeout_s": 10}
     return {"takeoff": {"server_config": server, "readers_config": {"minilm": reader}}}
 
@@ -97,9 +101,11 @@ def measure_liftoff(args: argparse.Namespace, batch: int) -> dict[str, dict[str,
     results: dict[str, dict[str, Any]] = {}
     settings = Settings(args.warmup, args.duration, 30.0)
     with tempfile.TemporaryDirectory(prefix="liftoff-embed-") as tmp, contextlib.ExitStack() as stack:
+        if args.keep_log:
+            stack.callback(shutil.copy, Path(tmp) / "liftoff.log", args.keep_log)
         workdir = Path(tmp)
         ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
-        server = launch_liftoff(workdir, liftoff_config(ports, workdir, batch, args.batch_duration_ms), ports, stack,
+        server = launch_liftoff(workdir, liftoff_config(ports, workdir, batch, args), ports, stack,
                                 timeout=120)  # fmt: skip
         cpu = {"client": [os.getpid()], "gateway": [server.pid], "readers": server.track_children()}
         texts = [SENTENCE] * args.inputs_per_request
@@ -141,6 +147,8 @@ def main() -> None:
     best = max(rates, key=lambda size: rates[size])  # but no larger than what the clients keep in flight
     batch = args.max_batch_size or min(best, args.concurrency * args.inputs_per_request)
     results = measure_liftoff(args, batch)
+    again = peer([best], args.duration)[best]  # the machine drifts: the peer's best is measured again after
+    rates[best] = max(rates[best], again)
     report(args, rates, results, batch)
     if args.json:
         args.json.write_text(json.dumps({"peer": rates, "liftoff": results, "max_batch_size": batch}, indent=2))

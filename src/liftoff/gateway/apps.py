@@ -7,7 +7,7 @@ from starlette.types import ASGIApp
 
 from liftoff import __version__
 from liftoff.gateway.errors import Renderer, install_error_handlers, render_native, render_openai
-from liftoff.gateway.fastpath import FastRoutes
+from liftoff.gateway.fastpath import FastRoutes, Handler
 from liftoff.gateway.http import BodyLimitMiddleware
 from liftoff.gateway.state import GatewayState
 from liftoff.gateway.surfaces import (
@@ -34,6 +34,16 @@ PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
     "internal_port": ("internal", [internal.router, health.router]),
 }
 
+# config key of the port → its hottest routes, served past FastAPI's routing (see gateway/fastpath.py)
+HOT_ROUTES: dict[str, dict[tuple[str, str], Handler]] = {
+    "port": {
+        ("POST", "/generate"): native.generate,
+        ("POST", "/generate_stream"): native.generate_stream,
+        ("POST", "/embed"): encoders.embed,
+    },
+    "openai_port": {("POST", "/v1/embeddings"): openai.embeddings},
+}
+
 # config key of the port → how its errors look (native JSON unless listed)
 RENDERERS: dict[str, Renderer] = {"openai_port": render_openai}
 
@@ -56,7 +66,7 @@ def build_app(port_key: str, state: GatewayState) -> ASGIApp:
     render = RENDERERS.get(port_key, render_native)
     install_error_handlers(app, render)
     asgi: ASGIApp = app
-    if port_key == "port":
-        hot = {("POST", "/generate"): native.generate, ("POST", "/generate_stream"): native.generate_stream}
-        asgi = FastRoutes(app, hot, render_native)
+    hot = HOT_ROUTES.get(port_key)
+    if hot:
+        asgi = FastRoutes(app, hot, render)
     return BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)

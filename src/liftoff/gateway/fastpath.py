@@ -1,4 +1,4 @@
-"""Fast dispatch of the hottest routes (``/generate``, ``/generate_stream``).
+"""Fast dispatch of the hottest routes (``/generate``, ``/generate_stream``, ``/embed``, ``/v1/embeddings``).
 
 Their handlers are the same functions FastAPI routes to (so OpenAPI documents them), but requests reach them
 straight from this pure-ASGI layer, skipping FastAPI's routing, dependency and middleware stack, which costs

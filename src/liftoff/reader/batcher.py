@@ -190,6 +190,7 @@ class Batcher:
         count = min(len(self._items), self._backend.capacity)
         batch = [self._items.popleft() for _ in range(count)]
         self.batches += 1
+        started = monotonic()
         try:
             rows = self._backend.encode([item.encoding for item in batch])
         except Exception as exc:
@@ -209,6 +210,8 @@ class Batcher:
                 done.append(self._result(job))
         if done:
             self._emit(done)
+        logger.debug("batch %d: %d inputs in %.1f ms, waited %.1f ms; %d waiting", self.batches, count,
+                     (monotonic() - started) * 1000, (started - batch[0].arrived) * 1000, len(self._items))  # fmt: skip
 
     def _fail(self, jobs: Any, exc: Exception) -> None:
         error = exc if isinstance(exc, LiftoffError) else BackendError(f"the backend failed: {exc}")
