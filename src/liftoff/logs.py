@@ -24,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "role": self.role,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured fields of a request line (liftoff.gateway.observe)
+            body.update(fields)
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return msgspec.json.encode(body).decode()

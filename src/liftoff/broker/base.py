@@ -9,6 +9,7 @@ a ``reader_died`` error frame.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +64,8 @@ class GatewayBroker(abc.ABC):
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self._events: BrokerEvents | None = None
+        # told (consumer group, seconds) when a queued request is first given to a reader (for metrics)
+        self.queue_time_observer: Callable[[str, float], None] | None = None
 
     def bind(self, events: BrokerEvents) -> None:
         """Set the receiver of outputs and reader events (once, before ``start``)."""

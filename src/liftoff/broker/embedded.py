@@ -167,6 +167,9 @@ class EmbeddedBroker(GatewayBroker):
     def _assign(self, job: Job, slot: ReaderSlot) -> None:
         job.slot = slot
         slot.assign(job)
+        observe = self.queue_time_observer
+        if observe is not None and not job.frame.attempt and not job.frame.reader_id:
+            observe(job.frame.consumer_group, monotonic() - job.enqueued)
 
     def _pop_oldest(self, groups: tuple[str, ...]) -> Job | None:
         oldest: deque[Job] | None = None

@@ -98,6 +98,7 @@ class AppConfig(BaseModel):
     )
     log_level: str = Field("INFO", description="[Liftoff] Log level of the gateway (and default of readers).")
     log_format: Literal["text", "json"] = Field("text", description="[Liftoff] Log line format.")
+    log_requests: bool = Field(True, description="[Liftoff] Log one line per HTTP request (id, status, timings).")
     sagemaker_port: Port = Field(
         8080, ge=0, le=65535, description="[Liftoff] SageMaker port (POST /invocations, GET /ping)."
     )

@@ -92,6 +92,7 @@ class HeartbeatFrame(_Frame, tag="hb"):
     timestamp_ms: int
     active: int = 0
     progress: float = -1.0
+    stats: dict[str, float] = msgspec.field(default_factory=dict)  # the reader's running totals, for /metrics
 
 
 class DrainFrame(_Frame, tag="drain"):

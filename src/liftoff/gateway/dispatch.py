@@ -28,6 +28,8 @@ from liftoff.core.errors import (
 )
 from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, ResultFrame, TokenFrame
 from liftoff.core.types import NEEDS, SERVES, ReaderState, RequestKind
+from liftoff.gateway.metrics import GatewayMetrics
+from liftoff.gateway.observe import current_request
 from liftoff.management.registry import ReaderRegistry
 
 
@@ -45,13 +47,19 @@ class Collector:
     Waiting costs one future per wake-up and one timer per request (the deadline), no tasks.
     """
 
-    __slots__ = ("_finished", "_loop", "_next_seq", "_timer", "_waiter", "cancelled", "deadline", "expired",
-                 "pending", "remaining", "request_ids")  # fmt: skip
+    __slots__ = ("_finished", "_loop", "_next_seq", "_timer", "_waiter", "cancelled", "deadline", "expired", "group",
+                 "last_frame", "metrics", "pending", "record", "remaining", "request_ids", "started")  # fmt: skip
 
-    def __init__(self, request_ids: list[str], deadline: float) -> None:
+    def __init__(self, request_ids: list[str], deadline: float, group: str = "",
+                 metrics: GatewayMetrics | None = None) -> None:  # fmt: skip
         self._loop = asyncio.get_running_loop()
         self.request_ids = request_ids
         self.deadline = deadline
+        self.group = group
+        self.metrics = metrics
+        self.record = current_request.get()  # the HTTP request's log record (None outside a request)
+        self.started = monotonic()
+        self.last_frame = 0.0  # when the last token frame arrived (0: none yet)
         self.pending: deque[Item] = deque()
         self.remaining = len(request_ids)
         self.cancelled = False
@@ -113,6 +121,9 @@ class Collector:
             if self.remaining == 0:
                 return []
             if self.expired or monotonic() >= self.deadline:
+                if self.metrics is not None:
+                    self.metrics.timeouts[(self.group,)] += 1
+                    self.metrics = None  # counted once
                 raise RequestTimeoutError("the request did not finish before its deadline")
             if self._timer is None:
                 self._timer = self._loop.call_later(self.deadline - monotonic(), self._expire)
@@ -161,10 +172,12 @@ async def result_of(collector: Collector) -> dict[str, Any]:
 class Dispatcher:
     """Submits requests to the broker and routes their frames to collectors."""
 
-    def __init__(self, broker: GatewayBroker, registry: ReaderRegistry, config: AppConfig) -> None:
+    def __init__(self, broker: GatewayBroker, registry: ReaderRegistry, config: AppConfig,
+                 metrics: GatewayMetrics | None = None) -> None:  # fmt: skip
         self.broker = broker
         self.registry = registry
         self.config = config
+        self.metrics = metrics
         self.reserved = frozenset(config.reserved_groups())
         self.closing = False
         self._routes: dict[str, tuple[Collector, int]] = {}
@@ -201,9 +214,21 @@ class Dispatcher:
             raise ShuttingDownError("the server is shutting down")
         deadline = monotonic() + self.config.request_timeout_s
         group = frames[0].consumer_group
-        queue_deadline = self._queue_deadline(group, deadline)
-        self._check_kind(group, frames[0].kind)
-        return self._enqueue(frames, deadline, queue_deadline)
+        record = current_request.get()
+        if record is not None:
+            record.consumer_group = group
+            record.prompts += len(frames)
+        try:
+            queue_deadline = self._queue_deadline(group, deadline)
+            self._check_kind(group, frames[0].kind)
+            collector = self._enqueue(frames, deadline, queue_deadline, group)
+        except LiftoffError as exc:
+            if self.metrics is not None:
+                self.metrics.rejections[(group, exc.error_type)] += 1
+            raise
+        if self.metrics is not None:
+            self.metrics.user_batch.observe((group,), len(frames))
+        return collector
 
     def submit_to_reader(self, frame: RequestFrame) -> Collector:
         """Send a request to one reader (``frame.reader_id``): 404 if unknown, 503 if not live."""
@@ -222,9 +247,12 @@ class Dispatcher:
         deadline = monotonic() + self.config.request_timeout_s
         return self._enqueue([frame], deadline, deadline)
 
-    def _enqueue(self, frames: list[RequestFrame], deadline: float, queue_deadline: float) -> Collector:
+    def _enqueue(
+        self, frames: list[RequestFrame], deadline: float, queue_deadline: float, group: str = ""
+    ) -> Collector:
         """Route every frame to one new collector and hand it to the broker; on a refusal, abort them all."""
-        collector = Collector([frame.request_id for frame in frames], deadline)
+        metrics = self.metrics if group else None
+        collector = Collector([frame.request_id for frame in frames], deadline, group, metrics)
         for index, frame in enumerate(frames):
             self._routes[frame.request_id] = (collector, index)
             try:
@@ -249,8 +277,41 @@ class Dispatcher:
             if route is None:
                 continue
             collector, index = route
+            if collector.record is not None or collector.metrics is not None:
+                observe(collector, frame)
             if collector.push(index, frame):
                 del routes[frame.request_id]
+
+
+def observe(collector: Collector, frame: OutputFrame) -> None:
+    """Count a frame in the metrics and in the request's log record."""
+    if isinstance(frame, TokenFrame):
+        _observe_token(collector, frame)
+    elif isinstance(frame, FinalFrame):
+        record = collector.record
+        if record is not None:
+            record.reader_id = frame.reader_id or record.reader_id
+            record.prompt_tokens += frame.prompt_tokens
+            record.completion_tokens += frame.completion_tokens
+        if collector.metrics is not None:
+            collector.metrics.prompt_tokens[(collector.group,)] += frame.prompt_tokens
+    elif isinstance(frame, ErrorFrame) and collector.metrics is not None:
+        collector.metrics.errors[(collector.group, frame.error_type)] += 1
+
+
+def _observe_token(collector: Collector, frame: TokenFrame) -> None:
+    metrics, key, now = collector.metrics, (collector.group,), monotonic()
+    if collector.last_frame:
+        if metrics is not None:
+            metrics.token_gap.observe(key, now - collector.last_frame)
+    else:
+        if collector.record is not None:
+            collector.record.first_token_ms = round((now - collector.started) * 1000, 1)
+        if metrics is not None:
+            metrics.first_token.observe(key, now - collector.started)
+    collector.last_frame = now
+    if metrics is not None:
+        metrics.generate_tokens[key] += frame.n_tokens
 
 
 def is_final(frame: OutputFrame) -> bool:

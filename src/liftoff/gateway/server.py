@@ -25,6 +25,7 @@ from liftoff.core.ids import new_gateway_id
 from liftoff.core.runtime import tune_gc
 from liftoff.gateway.apps import PORT_SURFACES, build_app
 from liftoff.gateway.dispatch import Dispatcher
+from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.gateway.state import BrokerEventRouter, GatewayState
 from liftoff.management.heartbeats import sweep_forever
 from liftoff.management.manager import ReaderManager
@@ -117,9 +118,12 @@ class Gateway:
         self.supervisor = Supervisor(spawn, lambda rid, code: manager_ref[0].on_process_exit(rid, code))
         manager = ReaderManager(registry, broker, self.supervisor, self.loaded.path, config.shutdown_timeout_s)
         manager_ref.append(manager)
-        dispatcher = Dispatcher(broker, registry, config)
+        metrics = GatewayMetrics(registry, broker) if config.enable_metrics else None
+        dispatcher = Dispatcher(broker, registry, config, metrics)
+        if metrics is not None:
+            broker.queue_time_observer = metrics.observe_queue_time
         broker.bind(BrokerEventRouter(dispatcher, registry, manager))
-        return GatewayState(config, registry, broker, dispatcher, manager)
+        return GatewayState(config, registry, broker, dispatcher, manager, metrics)
 
     def _serve(self, key: str, sock: socket.socket, state: GatewayState) -> None:
         config = uvicorn.Config(

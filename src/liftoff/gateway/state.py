@@ -10,6 +10,7 @@ from liftoff.broker.base import GatewayBroker
 from liftoff.config.models import AppConfig
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, OutputFrame, RegisterFrame
 from liftoff.gateway.dispatch import Dispatcher
+from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.management.manager import ReaderManager
 from liftoff.management.registry import ReaderRegistry
 
@@ -23,6 +24,7 @@ class GatewayState:
     broker: GatewayBroker
     dispatcher: Dispatcher
     manager: ReaderManager
+    metrics: GatewayMetrics | None = None  # None when enable_metrics is false
 
     def ports(self) -> list[int]:
         """Every port this gateway serves, inference port first."""

@@ -39,6 +39,7 @@ class ReaderRecord:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     state_since_ms: int = field(default_factory=now_ms)
+    stats: dict[str, float] = field(default_factory=dict)  # the reader's running totals (its last heartbeat's)
 
     def set_state(self, state: ReaderState, error: str | None = None) -> None:
         """Move to ``state``; a dead reader keeps the reason."""
@@ -170,6 +171,8 @@ class ReaderRegistry:
             record.last_heartbeat_ms = frame.timestamp_ms
             record.last_seen = monotonic()
             record.active = frame.active
+            if frame.stats:
+                record.stats = frame.stats
             if frame.progress >= 0:
                 record.progress = frame.progress
 

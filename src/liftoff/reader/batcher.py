@@ -84,6 +84,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="liftoff-batcher", daemon=True)
         self._running = False
         self.batches = 0  # batches run so far (for logs and tests)
+        self._totals = {"batches": 0.0, "batch_inputs": 0.0, "batch_seconds": 0.0}
+
+    def stats(self) -> dict[str, float]:
+        """Running totals since start (read from another thread): batches, inputs over all batches, seconds."""
+        return dict(self._totals)
 
     @property
     def in_flight(self) -> int:
@@ -210,8 +215,12 @@ class Batcher:
                 done.append(self._result(job))
         if done:
             self._emit(done)
+        elapsed = monotonic() - started
+        self._totals["batches"] += 1
+        self._totals["batch_inputs"] += count
+        self._totals["batch_seconds"] += elapsed
         logger.debug("batch %d: %d inputs in %.1f ms, waited %.1f ms; %d waiting", self.batches, count,
-                     (monotonic() - started) * 1000, (started - batch[0].arrived) * 1000, len(self._items))  # fmt: skip
+                     elapsed * 1000, (started - batch[0].arrived) * 1000, len(self._items))  # fmt: skip
 
     def _fail(self, jobs: Any, exc: Exception) -> None:
         error = exc if isinstance(exc, LiftoffError) else BackendError(f"the backend failed: {exc}")

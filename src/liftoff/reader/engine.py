@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class Engine:
         self._tracked: dict[str, _Tracked] = {}
         self._thread = threading.Thread(target=self._run, name="liftoff-engine", daemon=True)
         self._running = False
+        self._totals = {"steps": 0.0, "step_rows": 0.0, "step_seconds": 0.0, "tokens": 0.0}
+
+    def stats(self) -> dict[str, float]:
+        """Running totals since start (read from another thread): steps, rows over all steps, seconds, tokens."""
+        return dict(self._totals)
 
     @property
     def in_flight(self) -> int:
@@ -160,6 +166,8 @@ class Engine:
             self._emit(out)
 
     def _step(self) -> None:
+        rows = self._backend.active()
+        started = time.perf_counter()
         try:
             outputs = self._backend.step()
         except Exception as exc:
@@ -168,6 +176,11 @@ class Engine:
             outputs = [StepOutput(request_id, error=error) for request_id in self._running_ids()]
             for request_id in self._running_ids():
                 self._backend.abort(request_id)
+        totals = self._totals
+        totals["steps"] += 1
+        totals["step_rows"] += rows
+        totals["step_seconds"] += time.perf_counter() - started
+        totals["tokens"] += sum(out.n_tokens for out in outputs)
         self._emit(self._frames(outputs))
 
     def _running_ids(self) -> list[str]:

@@ -74,6 +74,8 @@ class Worker(Protocol):
 
     def stop(self, timeout: float = 5.0) -> None: ...
 
+    def stats(self) -> dict[str, float]: ...
+
 
 def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> Worker:
     """The engine of a generative backend, or the batcher of an encoder."""
@@ -330,7 +332,8 @@ class ReaderProcess:
                 last = now
                 active = self._engine.in_flight if self._engine else 0
                 progress = 1.0 if self._loaded else self._progress
-                link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress)])
+                stats = self._engine.stats() if self._engine else {}
+                link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress, stats=stats)])
             await asyncio.sleep(keepalive)
 
     async def _drain(self, link: ReaderLink) -> None:

@@ -2,12 +2,14 @@
 
 ``GET /status`` matches Takeoff's schema field for field (takeoff-spec §2.2.1); ``GET /reader/{id}`` is a
 Liftoff extension that shows a reader's state, the reason it died and the options its backend ignores.
+``GET /metrics`` is the Prometheus exposition (:mod:`liftoff.gateway.metrics`).
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import PlainTextResponse, Response
 
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import NotFoundError
@@ -59,6 +61,15 @@ async def delete_reader(request: Request, reader_id: str) -> Response:
 async def reader_config(request: Request, reader_id: str) -> Response:
     """The ReaderConfig a reader runs with (nulls dropped)."""
     return json_response(get_state(request).manager.config_of(reader_id).public_dict())
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses={404: ERROR_RESPONSES[404]})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this gateway and its readers (404 when ``enable_metrics`` is false)."""
+    state = get_state(request)
+    if state.metrics is None:
+        raise NotFoundError("metrics are off on this gateway (enable_metrics is false)")
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/reader/{reader_id}", responses={404: ERROR_RESPONSES[404]})
