@@ -1,6 +1,7 @@
 """The command line, and the composition root: ``liftoff serve`` and ``liftoff reader``.
 
-``serve`` runs a gateway with the readers of its configuration. ``reader`` runs one reader that joins a gateway
+``serve`` runs a gateway with the readers of its configuration; ``status`` prints a running gateway's
+readers. ``reader`` runs one reader that joins a gateway
 (headless, from any host) or, with ``--supervised``, one spawned by ``serve``. Every ``server_config`` key has a
 flag (``--management-port``...), and so does every simple reader option (``--model-name``, ``--device``...).
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -98,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reader.add_argument("--shutdown-timeout-s", type=float, default=30.0)
     _add_reader_flags(reader)
+
+    status = commands.add_parser("status", help="Print the readers of a running gateway as a table.")
+    port = os.environ.get("TAKEOFF_MANAGEMENT_PORT", "3001")
+    status.add_argument("--url", default=f"http://127.0.0.1:{port}", help="The gateway's management API.")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
     return parser
 
 
@@ -106,7 +113,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         sys.exit(_serve(args))
+    if args.command == "status":
+        sys.exit(_status(args))
     sys.exit(_reader(args))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from liftoff.status_table import StatusError, status_text
+
+    try:
+        while True:
+            text = status_text(args.url)
+            if args.watch is None:
+                print(text)  # noqa: T201
+                return 0
+            print(f"\x1b[2J\x1b[H{args.url}  (every {args.watch:g} s; Ctrl-C to stop)\n\n{text}", flush=True)  # noqa: T201
+            time.sleep(args.watch)
+    except StatusError as exc:
+        print(f"liftoff status: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -87,7 +89,7 @@ def test_request_ids_are_returned_and_accepted(server: Any) -> None:
     chosen = server.http.post(server.base + "/generate", json={"text": "hi"}, headers={"X-Request-Id": "abc-123"})
     assert chosen.headers["x-request-id"] == "abc-123"
     made = server.generate("hi").headers["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", made)
     odd = server.http.post(server.base + "/generate", json={"text": "hi"}, headers={"X-Request-Id": "bad id\t!"})
     assert odd.headers["x-request-id"] != "bad id\t!"
     error = server.http.post(server.base + "/generate", content=b"{", headers={"X-Request-Id": "broken-1"})
@@ -128,3 +130,16 @@ def test_metrics_off_is_404_and_json_logs(liftoff: type[LiftoffServer]) -> None:
     assert found["status"] == 200
     assert found["consumer_group"] == "primary"
     assert found["logger"] == "liftoff.requests"
+
+
+def test_liftoff_status_prints_the_readers_table(server: Any) -> None:
+    result = subprocess.run([sys.executable, "-m", "liftoff", "status", "--url", server.mgmt],
+                            capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["READER", "STATE", "GROUPS"]
+    assert {line.split()[0] for line in lines[1:]} == {"r1", "slow"}
+    assert all(" live " in line for line in lines[1:])
+    down = subprocess.run([sys.executable, "-m", "liftoff", "status", "--url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert down.returncode == 1
+    assert "cannot reach" in down.stderr

@@ -36,6 +36,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "gateway": frozenset({"protocol", "core", "config", "broker", "management"}),
     "cli": ANYTHING,
     "logs": frozenset(),
+    "status_table": frozenset(),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset(),
 }

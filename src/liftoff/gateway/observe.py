@@ -1,7 +1,8 @@
 """Per-request observation at the edge of every port: request ids, HTTP metrics and one log line per request.
 
 :class:`ObserveMiddleware` wraps each port's app, outermost. It takes the client's ``X-Request-Id`` (or makes one),
-returns it in the response headers, counts the request in ``http_pre_handler_requests_total`` as it arrives and in
+returns it in the response headers (a made one is this process's random prefix and a counter: no system
+call), counts the request in ``http_pre_handler_requests_total`` as it arrives and in
 ``http_requests_total``/``http_requests_duration_seconds`` when its last byte is sent (a stream's end), and logs one
 line: request id, method, path, status, duration, and what the dispatcher learnt on the way (consumer group,
 reader, token counts, time to first token) through the :class:`RequestRecord` it keeps in a context variable.
@@ -14,7 +15,6 @@ import contextvars
 import logging
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from liftoff.core.ids import new_request_id
 from liftoff.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("liftoff.requests")
@@ -92,7 +93,7 @@ def _request_id(scope: Scope) -> str:
             if _VALID_ID.fullmatch(value):
                 return str(value.decode())
             break
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 class ObserveMiddleware:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,13 @@ async def in_own_thread(function: Callable[..., T], *args: Any) -> T:
     return result
 
 
+def progress_bar(label: str, fraction: float, width: int = 30) -> str:
+    """``label [#########.....................]  30%``: the loading bar shown on a terminal."""
+    fraction = min(1.0, max(0.0, fraction))
+    done = round(fraction * width)
+    return f"{label} [{'#' * done}{'.' * (width - done)}] {fraction:4.0%}"
+
+
 @dataclass(frozen=True)
 class ReaderOptions:
     """How to run one reader."""
@@ -146,6 +154,7 @@ class ReaderProcess:
         self._stop_reason = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer_name = ids.consumer_name(options.reader_id)
+        self._tty = sys.stderr.isatty()
 
     # ---- entry point --------------------------------------------------------------------------------------------
 
@@ -213,8 +222,14 @@ class ReaderProcess:
         )
 
     def _set_progress(self, fraction: float) -> None:
-        """Loading progress from the backend (any thread): kept for heartbeats, logged every quarter."""
-        if int(fraction * 4) > int(self._progress * 4):
+        """Loading progress from the backend (any thread): kept for heartbeats; a bar on a terminal, else logged
+        every quarter."""
+        if self._tty:
+            label = f"reader {self.options.reader_id}: loading {self.options.config.model_name}"
+            end = "\n" if fraction >= 1.0 else ""
+            sys.stderr.write(f"\r{progress_bar(label, fraction)}{end}")
+            sys.stderr.flush()
+        elif int(fraction * 4) > int(self._progress * 4):
             logger.info("reader %s: loading %s: %d%%", self.options.reader_id, self.options.config.model_name,
                         round(fraction * 100))  # fmt: skip
         self._progress = fraction
