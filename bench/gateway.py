@@ -70,8 +70,15 @@ TARGET_RATIO = 0.5
 TARGET_TOKENS_PER_S = 20_000
 READ_SIZE = 256 * 1024
 PACED_GROUP = "paced"
-LIFTOFF_PORT_KEYS = ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "internal_port",
-                     "sagemaker_port")
+LIFTOFF_PORT_KEYS = (
+    "port",
+    "management_port",
+    "vertex_port",
+    "openai_port",
+    "snowflake_port",
+    "internal_port",
+    "sagemaker_port",
+)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Shared fixtures; tests are marked by folder (unit, integration, models, gpu)."""
+"""Shared fixtures; tests are marked by folder (unit, integration, models, gpu, browser)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import LiftoffServer
 
-_FOLDER_MARKERS = {"unit", "integration", "models", "gpu"}
+_FOLDER_MARKERS = {"unit", "integration", "models", "gpu", "browser"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

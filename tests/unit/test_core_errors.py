@@ -8,6 +8,7 @@ from liftoff.core import errors
 from liftoff.core.errors import (
     BackendError,
     ContextLengthExceededError,
+    ForbiddenError,
     InvalidRequestError,
     LiftoffError,
     NoReadersAvailableError,
@@ -28,6 +29,7 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     InvalidRequestError: ("invalid_request", 400),
     ValidationFailedError: ("validation_error", 422),
     ContextLengthExceededError: ("context_length_exceeded", 400),
+    ForbiddenError: ("forbidden", 403),
     NotFoundError: ("not_found", 404),
     PayloadTooLargeError: ("payload_too_large", 413),
     OverloadedError: ("overloaded", 429),

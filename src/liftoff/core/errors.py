@@ -46,6 +46,13 @@ class ContextLengthExceededError(InvalidRequestError):
     error_type = "context_length_exceeded"
 
 
+class ForbiddenError(LiftoffError):
+    """The request is refused whatever its content (a cross-origin browser request from a foreign page)."""
+
+    error_type = "forbidden"
+    status = 403
+
+
 class NotFoundError(LiftoffError):
     """An addressed object (reader, consumer group, route) does not exist."""
 

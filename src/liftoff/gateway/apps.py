@@ -6,9 +6,11 @@ from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
 from liftoff import __version__
+from liftoff.gateway.cors import CrossOriginMiddleware
 from liftoff.gateway.errors import Renderer, install_error_handlers, render_native, render_openai
 from liftoff.gateway.fastpath import FastRoutes, Handler
 from liftoff.gateway.http import BodyLimitMiddleware
+from liftoff.gateway.observe import ObserveMiddleware, PathNames
 from liftoff.gateway.state import GatewayState
 from liftoff.gateway.surfaces import (
     encoders,
@@ -20,12 +22,13 @@ from liftoff.gateway.surfaces import (
     sagemaker,
     snowflake,
     tokens,
+    ui,
     vertex,
 )
 
 # config key of the port → (title, routers)
 PORT_SURFACES: dict[str, tuple[str, list[APIRouter]]] = {
-    "port": ("inference", [native.router, tokens.router, encoders.router, health.router]),
+    "port": ("inference", [native.router, tokens.router, encoders.router, health.router, ui.router]),
     "management_port": ("management", [management.router, health.router]),
     "vertex_port": ("vertex", [vertex.router, health.router]),
     "openai_port": ("openai", [openai.router, encoders.openai_router, health.router]),
@@ -69,4 +72,7 @@ def build_app(port_key: str, state: GatewayState) -> ASGIApp:
     hot = HOT_ROUTES.get(port_key)
     if hot:
         asgi = FastRoutes(app, hot, render)
-    return BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)
+    asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)
+    limited = CrossOriginMiddleware(asgi, state.ports(), render)  # outside the limit: its 413s get CORS headers
+    return ObserveMiddleware(limited, port=getattr(state.config, port_key), paths=PathNames(app.routes),
+                             metrics=state.metrics, log_requests=state.config.log_requests)  # fmt: skip
