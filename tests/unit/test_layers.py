@@ -33,7 +33,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "backends": frozenset({"core", "config"}),
     "reader": frozenset({"core", "config", "broker", "backends"}),
     "management": frozenset({"core", "config", "broker"}),
-    "gateway": frozenset({"protocol", "core", "config", "broker", "management"}),
+    "gateway": frozenset({"protocol", "core", "config", "broker", "management", "logs"}),
     "cli": ANYTHING,
     "logs": frozenset(),
     "status_table": frozenset(),

@@ -75,4 +75,4 @@ def build_app(port_key: str, state: GatewayState) -> ASGIApp:
     asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)
     limited = CrossOriginMiddleware(asgi, state.ports(), render)  # outside the limit: its 413s get CORS headers
     return ObserveMiddleware(limited, port=getattr(state.config, port_key), paths=PathNames(app.routes),
-                             metrics=state.metrics, log_requests=state.config.log_requests)  # fmt: skip
+                             metrics=state.metrics, request_log=state.request_log)  # fmt: skip

@@ -12,7 +12,6 @@ Paths are labelled by their route template (``/tokenize/{reader_id}``), so label
 from __future__ import annotations
 
 import contextvars
-import logging
 import re
 import time
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liftoff.core.ids import new_request_id
 from liftoff.gateway.metrics import GatewayMetrics
-
-logger = logging.getLogger("liftoff.requests")
+from liftoff.logs import RequestLog
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -100,12 +98,12 @@ class ObserveMiddleware:
     """Request ids, HTTP metrics and request log lines for one port's app."""
 
     def __init__(self, app: ASGIApp, *, port: int, paths: PathNames, metrics: GatewayMetrics | None,
-                 log_requests: bool) -> None:  # fmt: skip
+                 request_log: RequestLog | None) -> None:  # fmt: skip
         self.app = app
         self.port = str(port)
         self.paths = paths
         self.metrics = metrics
-        self.log_requests = log_requests
+        self.request_log = request_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,8 +136,7 @@ class ObserveMiddleware:
         if self.metrics is not None:
             self.metrics.http_requests[(self.port, path, method, str(status or 499))] += 1
             self.metrics.http_duration.observe((self.port, path), seconds)
-        if self.log_requests and logger.isEnabledFor(logging.INFO):
+        if self.request_log is not None:
             fields = {"request_id": record.request_id, "method": method, "path": scope["path"],
                       "status": status or 499, "ms": round(seconds * 1000, 2), **record.fields()}  # fmt: skip
-            details = " ".join(f"{key}={value}" for key, value in fields.items())
-            logger.info("request %s", details, extra={"fields": fields})
+            self.request_log.write(fields)

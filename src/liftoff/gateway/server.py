@@ -27,6 +27,7 @@ from liftoff.gateway.apps import PORT_SURFACES, build_app
 from liftoff.gateway.dispatch import Dispatcher
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.gateway.state import BrokerEventRouter, GatewayState
+from liftoff.logs import RequestLog
 from liftoff.management.heartbeats import sweep_forever
 from liftoff.management.manager import ReaderManager
 from liftoff.management.registry import ReaderRegistry
@@ -123,7 +124,8 @@ class Gateway:
         if metrics is not None:
             broker.queue_time_observer = metrics.observe_queue_time
         broker.bind(BrokerEventRouter(dispatcher, registry, manager))
-        return GatewayState(config, registry, broker, dispatcher, manager, metrics)
+        request_log = RequestLog(config.log_format) if config.log_requests and RequestLog.enabled() else None
+        return GatewayState(config, registry, broker, dispatcher, manager, metrics, request_log)
 
     def _serve(self, key: str, sock: socket.socket, state: GatewayState) -> None:
         config = uvicorn.Config(
@@ -197,4 +199,6 @@ class Gateway:
         self._servers["internal_port"].should_exit = True
         await asyncio.gather(self._tasks["internal_port"], return_exceptions=True)
         await state.broker.close()
+        if state.request_log is not None:
+            state.request_log.flush()
         logger.info("Liftoff stopped")

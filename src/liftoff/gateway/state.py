@@ -11,6 +11,7 @@ from liftoff.config.models import AppConfig
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, OutputFrame, RegisterFrame
 from liftoff.gateway.dispatch import Dispatcher
 from liftoff.gateway.metrics import GatewayMetrics
+from liftoff.logs import RequestLog
 from liftoff.management.manager import ReaderManager
 from liftoff.management.registry import ReaderRegistry
 
@@ -25,6 +26,7 @@ class GatewayState:
     dispatcher: Dispatcher
     manager: ReaderManager
     metrics: GatewayMetrics | None = None  # None when enable_metrics is false
+    request_log: RequestLog | None = None  # None when log_requests is false (or the level is above INFO)
 
     def ports(self) -> list[int]:
         """Every port this gateway serves, inference port first."""

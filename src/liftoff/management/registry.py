@@ -97,11 +97,13 @@ class ReaderRegistry:
     def __init__(self) -> None:
         self.records: dict[str, ReaderRecord] = {}
         self.closing = False
+        self._live_types: dict[str, frozenset[str]] = {}  # group → live model types; cleared on every change
         self._changed = asyncio.Event()
 
     # ---- changes ------------------------------------------------------------------------------------------------
 
     def _touch(self) -> None:
+        self._live_types.clear()
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -207,15 +209,18 @@ class ReaderRegistry:
 
     def has_live(self, group: str) -> bool:
         """Whether any live reader serves ``group``."""
-        return any(r.state is ReaderState.LIVE and group in r.info.consumer_groups for r in self.records.values())
+        return bool(self.live_model_types(group))
 
-    def live_model_types(self, group: str) -> set[str]:
-        """The ``model_type`` of every live reader of ``group``."""
-        return {
-            r.info.model_type
-            for r in self.records.values()
-            if r.state is ReaderState.LIVE and group in r.info.consumer_groups
-        }
+    def live_model_types(self, group: str) -> frozenset[str]:
+        """The ``model_type`` of every live reader of ``group`` (cached until a reader changes)."""
+        types = self._live_types.get(group)
+        if types is None:
+            types = self._live_types[group] = frozenset(
+                r.info.model_type
+                for r in self.records.values()
+                if r.state is ReaderState.LIVE and group in r.info.consumer_groups
+            )
+        return types
 
     def knows(self, group: str) -> bool:
         """Whether any reader (in any state) serves ``group``."""
