@@ -16,6 +16,7 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import msgspec
@@ -74,7 +75,7 @@ class RequestLog:
         self._second = -1
         self._stamp = ""
         self._flush_due: asyncio.TimerHandle | None = None
-        self._pending: list[tuple[float, dict[str, Any]]] = []
+        self._pending: list[tuple[float, Callable[[], dict[str, Any]]]] = []
         atexit.register(self.flush)
 
     @staticmethod
@@ -82,9 +83,9 @@ class RequestLog:
         """Whether request lines pass the log level."""
         return logging.getLogger(REQUEST_LOGGER).isEnabledFor(logging.INFO)
 
-    def write(self, fields: dict[str, Any]) -> None:
-        """One request line with ``fields`` (``key=value`` pairs, or JSON keys); formatted and written within
-        ``FLUSH_EVERY_S``, together with the others of that time."""
+    def write(self, fields: Callable[[], dict[str, Any]]) -> None:
+        """One request line of the fields ``fields()`` returns (``key=value`` pairs, or JSON keys); they are made,
+        formatted and written within ``FLUSH_EVERY_S``, together with the others of that time."""
         self._pending.append((time.time(), fields))
         if self._flush_due is None:
             try:
@@ -92,7 +93,8 @@ class RequestLog:
             except RuntimeError:  # no event loop: write through
                 self.flush()
 
-    def _line(self, now: float, fields: dict[str, Any]) -> str:
+    def _line(self, now: float, make: Callable[[], dict[str, Any]]) -> str:
+        fields = make()
         second = int(now)
         millis = int((now - second) * 1000)
         if self._json:

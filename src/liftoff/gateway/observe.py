@@ -35,6 +35,10 @@ class RequestRecord:
     """What one HTTP request did, filled in as it goes (the log line's fields)."""
 
     request_id: str
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    ms: float = 0.0
     consumer_group: str = ""
     reader_id: str = ""
     prompts: int = 0
@@ -42,8 +46,14 @@ class RequestRecord:
     completion_tokens: int = 0
     first_token_ms: float | None = None
 
+    def line_fields(self) -> dict[str, Any]:
+        """Every field of the request's log line."""
+        head = {"request_id": self.request_id, "method": self.method, "path": self.path, "status": self.status,
+                "ms": round(self.ms, 2)}  # fmt: skip
+        return head | self.fields()
+
     def fields(self) -> dict[str, Any]:
-        """The non-empty fields, for the log line."""
+        """The non-empty fields the dispatcher filled in."""
         found: dict[str, Any] = {
             "consumer_group": self.consumer_group,
             "reader_id": self.reader_id,
@@ -137,6 +147,5 @@ class ObserveMiddleware:
             self.metrics.http_requests[(self.port, path, method, str(status or 499))] += 1
             self.metrics.http_duration.observe((self.port, path), seconds)
         if self.request_log is not None:
-            fields = {"request_id": record.request_id, "method": method, "path": scope["path"],
-                      "status": status or 499, "ms": round(seconds * 1000, 2), **record.fields()}  # fmt: skip
-            self.request_log.write(fields)
+            record.method, record.path, record.status, record.ms = method, scope["path"], status or 499, seconds * 1000
+            self.request_log.write(record.line_fields)
