@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +22,9 @@ from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, ResultFrame
 from liftoff.core.types import FinishReason
 from liftoff.reader.engine import Emit
+from liftoff.reader.worker import InboxWorker
 
 logger = logging.getLogger(__name__)
-
-_STOP = object()
-_ABORT_ALL = object()
 
 
 @dataclass(slots=True)
@@ -71,18 +68,16 @@ def split_input(value: object) -> tuple[str, str | None]:
     raise InvalidRequestError("each input must be a string or a pair of strings [text, text_pair]", param="text")
 
 
-class Batcher:
+class Batcher(InboxWorker):
     """Runs an encoder backend on a dedicated thread; thread-safe ``submit``/``abort``/``stop``."""
 
     def __init__(self, backend: EncoderBackend, emit: Emit, reader_id: str = "") -> None:
+        super().__init__("liftoff-batcher")
         self._backend = backend
         self._emit = emit
         self._reader_id = reader_id
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}
         self._items: deque[_Item] = deque()
-        self._thread = threading.Thread(target=self._run, name="liftoff-batcher", daemon=True)
-        self._running = False
         self.batches = 0  # batches run so far (for logs and tests)
         self._totals = {"batches": 0.0, "batch_inputs": 0.0, "batch_seconds": 0.0}
 
@@ -94,30 +89,6 @@ class Batcher:
     def in_flight(self) -> int:
         """Requests queued or waiting for a batch (read from another thread: approximate)."""
         return len(self._jobs) + (not self._inbox.empty())
-
-    def start(self) -> None:
-        """Start the batcher thread."""
-        self._running = True
-        self._thread.start()
-
-    def submit(self, frame: RequestFrame) -> None:
-        """Queue a request's inputs."""
-        self._inbox.put(frame)
-
-    def abort(self, request_id: str) -> None:
-        """Drop a request's waiting inputs."""
-        self._inbox.put(request_id)
-
-    def abort_all(self) -> None:
-        """Drop every request (the gateway connection was lost)."""
-        self._inbox.put(_ABORT_ALL)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread; waiting requests are dropped."""
-        if self._running:
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-            self._running = False
 
     # ---- batcher thread -----------------------------------------------------------------------------------------
 
@@ -142,25 +113,11 @@ class Batcher:
             command = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return True
-        while True:
-            if not self._apply(command):
-                return False
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
+        return self._apply_all(command)
 
-    def _apply(self, command: object) -> bool:
-        if command is _STOP:
-            return False
-        if isinstance(command, RequestFrame):
-            self._accept(command)
-        elif isinstance(command, str):
-            self._abort(command)
-        elif command is _ABORT_ALL:
-            for request_id in list(self._jobs):
-                self._abort(request_id)
-        return True
+    def _cancel_all(self) -> None:
+        for request_id in list(self._jobs):
+            self._cancel(request_id)
 
     def _accept(self, frame: RequestFrame) -> None:
         """Tokenize every input of a request and queue them; any refused input fails the request."""
@@ -183,7 +140,7 @@ class Batcher:
         now = monotonic()
         self._items.extend(_Item(job, index, encoding, now) for index, encoding in enumerate(encodings))
 
-    def _abort(self, request_id: str) -> None:
+    def _cancel(self, request_id: str) -> None:
         job = self._jobs.pop(request_id, None)
         if job is None:
             return

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,13 +20,11 @@ from liftoff.core.errors import BackendError, LiftoffError
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.types import FinishReason
 from liftoff.reader.stops import StopScanner
+from liftoff.reader.worker import InboxWorker
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[list[Any]], None]
-
-_STOP = object()
-_ABORT_ALL = object()
 
 
 @dataclass(slots=True)
@@ -44,19 +41,17 @@ class _Tracked:
         self.scanner = StopScanner(stops) if stops else None
 
 
-class Engine:
+class Engine(InboxWorker):
     """Runs ``backend`` on a dedicated thread; thread-safe ``submit``/``abort``/``stop``."""
 
     def __init__(self, backend: Backend, emit: Emit, reader_id: str = "") -> None:
+        super().__init__("liftoff-engine")
         self._reader_id = reader_id
         self._backend = backend
         self._emit = emit
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[RequestFrame] = deque()
         self._seq: dict[str, int] = {}
         self._tracked: dict[str, _Tracked] = {}
-        self._thread = threading.Thread(target=self._run, name="liftoff-engine", daemon=True)
-        self._running = False
         self._totals = {"steps": 0.0, "step_rows": 0.0, "step_seconds": 0.0, "tokens": 0.0}
 
     def stats(self) -> dict[str, float]:
@@ -68,30 +63,6 @@ class Engine:
         """Requests admitted or waiting (read from another thread: approximate)."""
         return len(self._seq)
 
-    def start(self) -> None:
-        """Start the engine thread."""
-        self._running = True
-        self._thread.start()
-
-    def submit(self, frame: RequestFrame) -> None:
-        """Queue a request for admission."""
-        self._inbox.put(frame)
-
-    def abort(self, request_id: str) -> None:
-        """Cancel a request (waiting or running)."""
-        self._inbox.put(request_id)
-
-    def abort_all(self) -> None:
-        """Cancel every request (the gateway connection was lost)."""
-        self._inbox.put(_ABORT_ALL)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread; running sequences are dropped."""
-        if self._running:
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-            self._running = False
-
     # ---- engine thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -102,40 +73,23 @@ class Engine:
 
     def _collect(self, *, block: bool) -> bool:
         """Apply every queued command, first waiting for one when idle; False means stop."""
-        if block:
-            try:
-                command = self._inbox.get(timeout=1.0)
-            except queue.Empty:
-                return True
-            if not self._apply(command):
-                return False
-        return self._drain()
+        try:
+            command = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        return self._apply_all(command)
 
-    def _drain(self) -> bool:
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if not self._apply(command):
-                return False
+    def _accept(self, frame: RequestFrame) -> None:
+        self._seq[frame.request_id] = 0
+        if frame.params.stop or frame.params.running_counts:
+            self._tracked[frame.request_id] = _Tracked(frame)
+        self._waiting.append(frame)
 
-    def _apply(self, command: object) -> bool:
-        if command is _STOP:
-            return False
-        if isinstance(command, RequestFrame):
-            self._seq[command.request_id] = 0
-            if command.params.stop or command.params.running_counts:
-                self._tracked[command.request_id] = _Tracked(command)
-            self._waiting.append(command)
-        elif isinstance(command, str):
-            self._abort(command)
-        elif command is _ABORT_ALL:
-            for request_id in list(self._seq):
-                self._abort(request_id)
-        return True
+    def _cancel_all(self) -> None:
+        for request_id in list(self._seq):
+            self._cancel(request_id)
 
-    def _abort(self, request_id: str) -> None:
+    def _cancel(self, request_id: str) -> None:
         if request_id not in self._seq:
             return
         for index, frame in enumerate(self._waiting):

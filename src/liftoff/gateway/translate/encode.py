@@ -20,7 +20,7 @@ from liftoff.core.errors import BackendError, InvalidRequestError
 from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import RequestKind
-from liftoff.gateway.translate.native import DEFAULT_GROUP
+from liftoff.gateway.translate.native import DEFAULT_GROUP, check_batch, utf8_size
 
 
 @dataclass(frozen=True)
@@ -78,22 +78,9 @@ def _pairs(text: str | list[str] | list[list[str]]) -> list[str | list[str]]:
 
 
 def _check(items: list[str | list[str]], config: AppConfig) -> None:
-    """Limits on the number and size of inputs (the same as for prompts: ``max_user_batch_size``,
-    ``max_prompt_string_bytes``)."""
-    if not items:
-        raise InvalidRequestError("text is an empty list; send at least one input", param="text")
-    if len(items) > config.max_user_batch_size:
-        raise InvalidRequestError(
-            f"text has {len(items)} inputs, more than max_user_batch_size ({config.max_user_batch_size})",
-            param="text",
-        )
-    limit = config.max_prompt_string_bytes
-    for index, item in enumerate(items):
-        size = sum(len(part.encode("utf-8", "surrogatepass")) for part in ([item] if isinstance(item, str) else item))
-        if size > limit:
-            raise InvalidRequestError(
-                f"input {index} is {size} bytes, more than max_prompt_string_bytes ({limit})", param="text"
-            )
+    """Limits on the number and size of inputs (those of prompts; a pair's size is both texts')."""
+    sizes = [utf8_size(item) if isinstance(item, str) else sum(map(utf8_size, item)) for item in items]
+    check_batch(sizes, config, single=False, what="input")
 
 
 def encode_frame(

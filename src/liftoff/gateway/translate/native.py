@@ -14,24 +14,33 @@ from liftoff.protocol.native import GenerateRequest
 DEFAULT_GROUP = "primary"
 
 
-def prompts_of(text: str | list[str], config: AppConfig) -> list[str]:
-    """The prompts of a request, checked against ``max_user_batch_size`` and ``max_prompt_string_bytes``."""
-    prompts = [text] if isinstance(text, str) else text
-    if not prompts:
-        raise InvalidRequestError("text is an empty list; send at least one prompt", param="text")
-    if len(prompts) > config.max_user_batch_size:
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (lone surrogates count as three)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_batch(sizes: list[int], config: AppConfig, *, single: bool, what: str = "prompt") -> None:
+    """A request's items (of these byte sizes) against ``max_user_batch_size`` and ``max_prompt_string_bytes``."""
+    if not sizes:
+        raise InvalidRequestError(f"text is an empty list; send at least one {what}", param="text")
+    if len(sizes) > config.max_user_batch_size:
         raise InvalidRequestError(
-            f"text has {len(prompts)} prompts, more than max_user_batch_size ({config.max_user_batch_size})",
+            f"text has {len(sizes)} {what}s, more than max_user_batch_size ({config.max_user_batch_size})",
             param="text",
         )
     limit = config.max_prompt_string_bytes
-    for index, prompt in enumerate(prompts):
-        size = len(prompt.encode("utf-8", "surrogatepass"))
+    for index, size in enumerate(sizes):
         if size > limit:
-            where = "the prompt" if isinstance(text, str) else f"prompt {index}"
+            where = f"the {what}" if single else f"{what} {index}"
             raise InvalidRequestError(
                 f"{where} is {size} bytes, more than max_prompt_string_bytes ({limit})", param="text"
             )
+
+
+def prompts_of(text: str | list[str], config: AppConfig) -> list[str]:
+    """The prompts of a request, checked against ``max_user_batch_size`` and ``max_prompt_string_bytes``."""
+    prompts = [text] if isinstance(text, str) else text
+    check_batch([utf8_size(prompt) for prompt in prompts], config, single=isinstance(text, str))
     return prompts
 
 
