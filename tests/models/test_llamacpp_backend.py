@@ -44,7 +44,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppBacken
         max_batch_size=CAPACITY,
         max_sequence_length=CONTEXT,
         prefill_chunk_size=128,
-        backend_options={"n_threads": 2, "prefix_cache": False},  # exact numerics: see test_llamacpp_prefix_cache
+        backend_options={"n_threads": 1, "prefix_cache": False},  # exact numerics: see test_llamacpp_prefix_cache
     )
     backend = LlamaCppBackend(config, BackendContext(model=resolved))
     progress: list[float] = []
@@ -171,7 +171,7 @@ def test_small_prefill_chunks_shared_between_prompts_stay_batch_independent(tmp_
         max_batch_size=3,
         max_sequence_length=256,
         prefill_chunk_size=16,
-        backend_options={"n_threads": 2, "prefill_tokens_per_step": 40},
+        backend_options={"n_threads": 1, "prefill_tokens_per_step": 40},
     )
     small = LlamaCppBackend(config, BackendContext(model=resolve_model(MODEL, tmp_path)))
     small.load(lambda _: None)

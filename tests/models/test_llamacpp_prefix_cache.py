@@ -35,7 +35,7 @@ def make_backend(tmp_path_factory: pytest.TempPathFactory, *, prefix_cache: obje
         device="cpu",
         max_batch_size=2,
         max_sequence_length=512,
-        backend_options={"n_threads": 2, "prefix_cache": prefix_cache},
+        backend_options={"n_threads": 1, "prefix_cache": prefix_cache},
     )
     backend = LlamaCppBackend(config, BackendContext(model=resolve_model(MODEL, tmp_path_factory.mktemp("repo"))))
     backend.load(lambda fraction: None)

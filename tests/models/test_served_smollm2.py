@@ -16,7 +16,10 @@ SPECIAL = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "max_batch_size": 4, "max_sequence_length": 256}
+    # One llama.cpp thread: two spinning threads on a 2-core machine shared with the test and the gateway stall
+    # whenever another process takes a core (docs/benchmarks.md, "Problems seen").
+    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "max_batch_size": 4, "max_sequence_length": 256,
+              "backend_options": {"n_threads": 1}}  # fmt: skip
     instance = LiftoffServer(workdir=tmp_path_factory.mktemp("smollm2"), readers={"smol": reader})
     instance.start(timeout=120)
     yield instance

@@ -49,7 +49,8 @@ def check_city(text: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "max_batch_size": 4, "max_sequence_length": 512}
+    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "max_batch_size": 4, "max_sequence_length": 512,
+              "backend_options": {"n_threads": 1}}  # one thread: see test_served_smollm2.py  # fmt: skip
     instance = LiftoffServer(workdir=tmp_path_factory.mktemp("structured"), readers={"smol": reader})
     instance.start(timeout=120)
     yield instance

@@ -88,7 +88,7 @@ def transformers_backend(tiny_llama: Path) -> Iterator[TransformersBackend]:
 def llamacpp_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppBackend]:
     model = "smollm2-135m-instruct"
     resolved = resolve_model(model, tmp_path_factory.mktemp("repository"))
-    options = {"n_threads": 2, "prefix_cache": False}  # exact numerics: batched runs match runs alone
+    options = {"n_threads": 1, "prefix_cache": False}  # exact numerics: batched runs match runs alone
     config = ReaderConfig(
         model_name=model, device="cpu", max_batch_size=CAPACITY, max_sequence_length=512, backend_options=options
     )
