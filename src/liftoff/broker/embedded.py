@@ -42,6 +42,7 @@ from liftoff.core.frames import (
     TokenFrame,
     WelcomeFrame,
     decode_reader_frames,
+    error_frame,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,10 +208,7 @@ class EmbeddedBroker(GatewayBroker):
     def _fail(self, job: Job, error: LiftoffError) -> None:
         self._jobs.pop(job.frame.request_id, None)
         job.cancelled = True
-        frame = ErrorFrame(
-            request_id=job.frame.request_id, seq=job.next_seq, error_type=error.error_type, message=error.message
-        )
-        self.events.on_outputs([frame])
+        self.events.on_outputs([error_frame(job.frame.request_id, error, job.next_seq)])
 
     def _lose(self, slot: ReaderSlot, reason: str, *, close_code: int) -> None:
         """A reader is gone: retry what it had not started, fail what it had, then tell the gateway."""

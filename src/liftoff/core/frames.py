@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from liftoff.core.errors import LiftoffError
 from liftoff.core.types import GenerationParams, ReaderInfo, RequestKind
 
 PROTOCOL_VERSION = 1
@@ -142,6 +143,11 @@ class ErrorFrame(_Frame, tag="err"):
     seq: int
     error_type: str
     message: str
+
+
+def error_frame(request_id: str, error: LiftoffError, seq: int = 0) -> ErrorFrame:
+    """The frame that ends a request with ``error``."""
+    return ErrorFrame(request_id=request_id, seq=seq, error_type=error.error_type, message=error.message)
 
 
 OutputFrame = TokenFrame | FinalFrame | ResultFrame | ErrorFrame

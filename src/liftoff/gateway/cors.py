@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from liftoff.core.errors import ForbiddenError
+from liftoff.gateway.asgi import header
 from liftoff.gateway.errors import Renderer
 
 ALLOWED_METHODS = ("GET", "POST", "DELETE")
@@ -58,10 +59,8 @@ def same_host_origin(origin: str, host_header: str, ports: frozenset[int]) -> bo
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+    value = header(scope, name)
+    return None if value is None else value.decode("latin-1")
 
 
 class CrossOriginMiddleware:

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liftoff.core.errors import LiftoffError, PayloadTooLargeError
+from liftoff.gateway.asgi import header
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import Renderer, from_validation_error
 
@@ -116,10 +117,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self.render(self._error(int(value)))(scope, receive, send)
-                return
+        length = header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self.render(self._error(int(length)))(scope, receive, send)
+            return
         received = 0
 
         async def limited() -> Message:

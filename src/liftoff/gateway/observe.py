@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liftoff.core.ids import new_request_id
+from liftoff.gateway.asgi import header
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.logs import RequestLog
 
@@ -96,12 +97,9 @@ def _templates(routes: list[Any]) -> Iterator[tuple[re.Pattern[str], str]]:
 
 
 def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == REQUEST_ID_HEADER:
-            if _VALID_ID.fullmatch(value):
-                return str(value.decode())
-            break
-    return new_request_id()
+    """The client's request id when it is a valid one, else a new one."""
+    given = header(scope, REQUEST_ID_HEADER)
+    return given.decode() if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
 
 
 class ObserveMiddleware:

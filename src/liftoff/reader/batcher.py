@@ -19,7 +19,7 @@ from typing import Any
 from liftoff.backends.base import EncoderBackend, Encoding
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
-from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, ResultFrame
+from liftoff.core.frames import FinalFrame, RequestFrame, ResultFrame, error_frame
 from liftoff.core.types import FinishReason
 from liftoff.reader.engine import Emit
 from liftoff.reader.worker import InboxWorker
@@ -126,11 +126,11 @@ class Batcher(InboxWorker):
         try:
             encodings = [self._backend.prepare(*split_input(value), truncate=truncate) for value in inputs]
         except LiftoffError as exc:
-            self._emit([_error(frame.request_id, exc)])
+            self._emit([error_frame(frame.request_id, exc)])
             return
         except Exception as exc:
             logger.exception("tokenizing request %s failed", frame.request_id)
-            self._emit([_error(frame.request_id, BackendError(f"tokenizing failed: {exc}"))])
+            self._emit([error_frame(frame.request_id, BackendError(f"tokenizing failed: {exc}"))])
             return
         job = _Job(frame, len(encodings))
         if not encodings:
@@ -185,13 +185,9 @@ class Batcher(InboxWorker):
         for job in jobs:
             if self._jobs.pop(job.frame.request_id, None) is not None:
                 self._items = deque(item for item in self._items if item.job is not job)
-                frames.append(_error(job.frame.request_id, error))
+                frames.append(error_frame(job.frame.request_id, error))
         self._emit(frames)
 
     def _result(self, job: _Job) -> ResultFrame:
         job.truncated.sort()
         return ResultFrame(request_id=job.frame.request_id, seq=0, data=job.result())
-
-
-def _error(request_id: str, exc: LiftoffError) -> ErrorFrame:
-    return ErrorFrame(request_id=request_id, seq=0, error_type=exc.error_type, message=exc.message)

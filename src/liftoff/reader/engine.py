@@ -17,7 +17,7 @@ from typing import Any
 
 from liftoff.backends.base import Backend, StepOutput
 from liftoff.core.errors import BackendError, LiftoffError
-from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
+from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame, error_frame
 from liftoff.core.types import FinishReason
 from liftoff.reader.stops import StopScanner
 from liftoff.reader.worker import InboxWorker
@@ -219,4 +219,4 @@ class Engine(InboxWorker):
     def _error_frame(self, request_id: str, exc: LiftoffError) -> ErrorFrame:
         self._tracked.pop(request_id, None)
         seq = self._seq.pop(request_id, 0)
-        return ErrorFrame(request_id=request_id, seq=seq, error_type=exc.error_type, message=exc.message)
+        return error_frame(request_id, exc, seq)

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend
 from liftoff.backends.registry import create_backend
@@ -35,7 +35,6 @@ from liftoff.core.errors import InvalidRequestError
 from liftoff.core.frames import (
     AbortFrame,
     DrainFrame,
-    ErrorFrame,
     HeartbeatFrame,
     LoadedFrame,
     LoadFailedFrame,
@@ -43,12 +42,14 @@ from liftoff.core.frames import (
     RequestFrame,
     StopFrame,
     WelcomeFrame,
+    error_frame,
 )
 from liftoff.core.runtime import tune_gc
 from liftoff.core.types import NEEDS, SERVES, ReaderInfo, RequestKind
 from liftoff.reader import services
 from liftoff.reader.batcher import Batcher
 from liftoff.reader.engine import Emit, Engine
+from liftoff.reader.worker import InboxWorker
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +60,7 @@ T = TypeVar("T")
 _WORKER_KINDS = frozenset({RequestKind.GENERATE, RequestKind.EMBED, RequestKind.CLASSIFY})
 
 
-class Worker(Protocol):
-    """The thread that runs a loaded backend: the engine (generation) or the batcher (encoders)."""
-
-    @property
-    def in_flight(self) -> int: ...
-
-    def start(self) -> None: ...
-
-    def submit(self, frame: RequestFrame) -> None: ...
-
-    def abort(self, request_id: str) -> None: ...
-
-    def abort_all(self) -> None: ...
-
-    def stop(self, timeout: float = 5.0) -> None: ...
-
-    def stats(self) -> dict[str, float]: ...
-
-
-def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> Worker:
+def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> InboxWorker:
     """The engine of a generative backend, or the batcher of an encoder."""
     if isinstance(backend, EncoderBackend):
         return Batcher(backend, emit, reader_id)
@@ -144,7 +126,7 @@ class ReaderProcess:
         self._link_factory = link_factory
         self._link: ReaderLink | None = None
         self._backend: ModelBackend | None = None
-        self._engine: Worker | None = None
+        self._engine: InboxWorker | None = None  # the engine or the batcher
         self._progress = 0.0
         self._loaded = False
         self._exit_code: int | None = None
@@ -324,7 +306,7 @@ class ReaderProcess:
             return True
         error = InvalidRequestError(f"{NEEDS[frame.kind]}; reader {self.options.reader_id} serves a "
                                     f"{model_type.value} model ({self.options.config.model_name})")  # fmt: skip
-        self._emit([ErrorFrame(request_id=frame.request_id, seq=0, error_type=error.error_type, message=error.message)])
+        self._emit([error_frame(frame.request_id, error)])
         return False
 
     async def _serve(self, frame: RequestFrame) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from liftoff.backends.base import ModelBackend
 from liftoff.core.errors import BackendError, LiftoffError
-from liftoff.core.frames import ErrorFrame, OutputFrame, RequestFrame, ResultFrame
+from liftoff.core.frames import OutputFrame, RequestFrame, ResultFrame, error_frame
 from liftoff.core.types import RequestKind
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,8 @@ def serve(backend: ModelBackend, frame: RequestFrame) -> OutputFrame:
     try:
         data = SERVICES[frame.kind](backend, frame.payload)
     except LiftoffError as exc:
-        return ErrorFrame(request_id=frame.request_id, seq=0, error_type=exc.error_type, message=exc.message)
+        return error_frame(frame.request_id, exc)
     except Exception as exc:
         logger.exception("%s failed", frame.kind)
-        error = BackendError(f"{frame.kind} failed: {exc}")
-        return ErrorFrame(request_id=frame.request_id, seq=0, error_type=error.error_type, message=error.message)
+        return error_frame(frame.request_id, BackendError(f"{frame.kind} failed: {exc}"))
     return ResultFrame(request_id=frame.request_id, seq=0, data=data)

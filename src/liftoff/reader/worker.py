@@ -25,6 +25,15 @@ class InboxWorker(abc.ABC):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._running = False
 
+    @property
+    @abc.abstractmethod
+    def in_flight(self) -> int:
+        """Requests taken and not finished (read from another thread: approximate)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, float]:
+        """Running totals since start, for the heartbeats (read from another thread)."""
+
     def start(self) -> None:
         """Start the thread."""
         self._running = True

@@ -7,8 +7,8 @@ prompt too long) is a plain HTTP error; after that, an error is the stream's las
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import APIRouter, Request
@@ -28,6 +28,7 @@ from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest, GenerateRe
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["inference"])
+T = TypeVar("T")
 
 _BODY = json_body(GenerateRequest)
 
@@ -58,26 +59,28 @@ async def _submit(request: Request) -> tuple[GatewayState, GenerateRequest, Coll
     return state, body, start_generate(state, body)
 
 
+async def _watched(
+    request: Request, state: GatewayState, collector: Collector, wait: Callable[[Collector], Awaitable[T]]
+) -> T:
+    """``wait(collector)`` while watching the client; a client that leaves, or any failure, aborts what is left."""
+    try:
+        with cancel_on_disconnect(request.receive, collector):
+            return await wait(collector)
+    finally:
+        if not collector.done:
+            state.dispatcher.abort(collector)
+
+
 async def collect(
     request: Request, state: GatewayState, collector: Collector
 ) -> tuple[list[list[str]], list[FinalFrame | None]]:
-    """Every piece and final frame of a submitted request; a client that leaves, or any failure, aborts the rest."""
-    try:
-        with cancel_on_disconnect(request.receive, collector):
-            return await gather(collector)
-    finally:
-        if not collector.done:
-            state.dispatcher.abort(collector)
+    """Every piece and final frame of a submitted request (aborted if the client leaves or anything fails)."""
+    return await _watched(request, state, collector, gather)
 
 
 async def collect_result(request: Request, state: GatewayState, collector: Collector) -> dict[str, Any]:
-    """The result frame's data of a submitted request; a client that leaves, or any failure, aborts it."""
-    try:
-        with cancel_on_disconnect(request.receive, collector):
-            return await result_of(collector)
-    finally:
-        if not collector.done:
-            state.dispatcher.abort(collector)
+    """The result frame's data of a submitted request (aborted if the client leaves or anything fails)."""
+    return await _watched(request, state, collector, result_of)
 
 
 def start_generate(state: GatewayState, body: GenerateRequest) -> Collector:

@@ -9,6 +9,7 @@ browser, which the gateway's CORS rules (gateway/cors.py) allow for its own page
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from string import Template
 
@@ -52,8 +53,10 @@ SECURITY_HEADERS = {
 router = APIRouter(tags=["web UI"], include_in_schema=False)
 
 
+@functools.cache
 def render_page(path: str) -> str:
-    """The HTML of the page at ``path`` (a key of :data:`PAGES`): the shell around the page's own content."""
+    """The HTML of the page at ``path`` (a key of :data:`PAGES`): the shell around the page's own content, read
+    from the package once."""
     name, title = PAGES[path]
     current = ' aria-current="page"'
     links = "".join(

@@ -51,13 +51,17 @@ class VertexResponse(BaseModel):
     predictions: list[GenerateResponse]
 
 
+def _fields(body: VertexRequest, instance: dict[str, Any]) -> dict[str, Any]:
+    """An instance's fields over the shared parameters (an explicit ``null`` keeps the parameter)."""
+    return {**(body.parameters or {}), **{key: value for key, value in instance.items() if value is not None}}
+
+
 def _instances(body: VertexRequest) -> list[GenerateRequest]:
     """Each instance over the shared parameters, validated; errors name the instance (``instances.2.text``)."""
     requests = []
     for index, instance in enumerate(body.instances):
         try:
-            fields = {**(body.parameters or {}), **{key: value for key, value in instance.items() if value is not None}}
-            requests.append(GenerateRequest.model_validate(fields))
+            requests.append(GenerateRequest.model_validate(_fields(body, instance)))
         except ValidationError as exc:
             error = from_validation_error(exc)
             if not isinstance(error, ValidationFailedError):
@@ -81,8 +85,7 @@ def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Col
 
 def _group(body: VertexRequest) -> str:
     """The consumer group the instances name (the first instance's, else the parameters', else the default)."""
-    fields = {**(body.parameters or {}), **{k: v for k, v in body.instances[0].items() if v is not None}}
-    group = fields.get("consumer_group")
+    group = _fields(body, body.instances[0]).get("consumer_group")
     return group if isinstance(group, str) and group else DEFAULT_GROUP
 
 
