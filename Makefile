@@ -28,7 +28,7 @@ SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
 # Debian's Chromium drives the browser tests (tests/browser, Playwright); Playwright's own downloads are never used.
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo 2>/dev/null))
 
-.PHONY: serve test check lint typecheck unit integration models browser clean venv llama-wheel
+.PHONY: serve test check lint typecheck unit integration models browser redis clean venv llama-wheel
 
 venv: $(STAMP)
 
@@ -78,7 +78,15 @@ browser:
 				--no-install-recommends chromium; \
 		else echo "no chromium and no apt-get: install Chromium to run tests/browser (they are skipped without it)"; fi
 
-test: check browser
+# Debian's redis-server runs the Redis broker tests (each test starts its own on a free loopback port).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+				--no-install-recommends redis-server; \
+		else echo "no redis-server and no apt-get: install Redis to run the Redis broker tests (skipped without it)"; fi
+
+test: check browser redis
 	$(BIN)/pytest -q --cov --cov-report=term
 
 clean:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LiftoffServer
+from tests.redis_server import RedisServer
 
 _FOLDER_MARKERS = {"unit", "integration", "models", "gpu", "browser"}
 
@@ -33,3 +34,13 @@ def liftoff(tmp_path: Path) -> Iterator[type[LiftoffServer]]:
     yield Factory
     for server in started:
         server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh ``redis-server`` on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reader = commands.add_parser("reader", help="Run one reader that joins a running gateway.")
     reader.add_argument("--gateway", help="Gateway internal address, host:port (default: internal_gateway_ip:3005).")
+    reader.add_argument(
+        "--broker",
+        help="Redis URL redis://host:port/db of a shared broker (default TAKEOFF_BROKER, or TAKEOFF_REDIS_HOST/PORT); "
+        "without it the reader connects to a gateway (--gateway).",
+    )
     reader.add_argument("--reader-id", help="Reader id (default TAKEOFF_READER_ID, or a new uuid).")
     reader.add_argument("--config", help="Read this reader's options from readers_config.<reader-id> of a manifest.")
     reader.add_argument("--supervised", action="store_true", help="Spawned by a gateway: exit with it.")
@@ -197,6 +202,22 @@ def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
     return f"{host}:{os.environ.get('TAKEOFF_INTERNAL_PORT', '3005')}"
 
 
+def _reader_broker(args: argparse.Namespace, redis_host: str | None) -> str:
+    """The broker a reader joins: --broker, TAKEOFF_BROKER, the reader's redis_host (TAKEOFF_REDIS_HOST), or the
+    embedded broker of a gateway."""
+    from liftoff.config.loader import redis_url
+    from liftoff.config.models import check_broker
+
+    value = args.broker or os.environ.get("TAKEOFF_BROKER")
+    if not value and redis_host:
+        value = redis_url({**os.environ, "TAKEOFF_REDIS_HOST": redis_host})
+    try:
+        return check_broker(value or "embedded")
+    except ValueError as exc:
+        print(f"liftoff reader: {exc}", file=sys.stderr)  # noqa: T201
+        sys.exit(2)
+
+
 def _reader(args: argparse.Namespace) -> int:
     reader_id, config, gateway_ip = _reader_config(args)
     setup_logging(config.log_level or args.log_level, args.log_format, role=f"reader {reader_id}")
@@ -215,7 +236,13 @@ def _reader(args: argparse.Namespace) -> int:
         heartbeat_interval_ms=args.heartbeat_interval_ms,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
-    code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address)).run())
+    broker = _reader_broker(args, config.redis_host)
+    if broker != "embedded":
+        from liftoff.broker.redis_link import RedisReaderLink
+
+        code = _run(ReaderProcess(options, lambda: RedisReaderLink(broker)).run())
+    else:
+        code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address)).run())
     logging.shutdown()
     # A model load still running on a worker thread must not keep the process alive.
     os._exit(code)

@@ -381,3 +381,29 @@ def test_sagemaker_port_is_a_served_port_but_not_in_the_status_view() -> None:
     assert "sagemaker_port" not in server.status_view()
     with pytest.raises(ConfigError, match="sagemaker_port and port are both 3000"):
         load_config(env={"TAKEOFF_SAGEMAKER_PORT": "3000"})
+
+
+# ---- broker -----------------------------------------------------------------------------------------------------
+
+
+def test_the_broker_is_embedded_unless_a_redis_url_is_given() -> None:
+    assert load_config(env={}).server.broker == "embedded"
+    assert load_config(env={"TAKEOFF_BROKER": "redis://cache:6380/2"}).server.broker == "redis://cache:6380/2"
+
+
+def test_takeoffs_redis_host_and_port_select_the_redis_broker() -> None:
+    assert load_config(env={"TAKEOFF_REDIS_HOST": "cache"}).server.broker == "redis://cache:6379/0"
+    env = {"TAKEOFF_REDIS_HOST": "cache", "TAKEOFF_REDIS_PORT": "7000"}
+    assert load_config(env=env).server.broker == "redis://cache:7000/0"
+    env["TAKEOFF_BROKER"] = "redis://other:1/0"  # the explicit broker wins
+    assert load_config(env=env).server.broker == "redis://other:1/0"
+
+
+def test_redis_max_memory_comes_from_takeoffs_variable() -> None:
+    assert load_config(env={}).server.redis_max_memory == 1_000_000_000
+    assert load_config(env={"TAKEOFF_REDIS_MAX_MEMORY": "5000000"}).server.redis_max_memory == 5_000_000
+
+
+def test_a_broker_that_is_neither_embedded_nor_redis_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"server_config\.broker: .*redis://host:6379/0.*from environment"):
+        load_config(env={"TAKEOFF_BROKER": "kafka://x"})

@@ -7,6 +7,7 @@ import pytest
 from liftoff.core import errors
 from liftoff.core.errors import (
     BackendError,
+    BrokerUnavailableError,
     ContextLengthExceededError,
     ForbiddenError,
     InvalidRequestError,
@@ -40,6 +41,7 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     RequestCancelledError: ("cancelled", 499),
     BackendError: ("generation_error", 500),
     ShuttingDownError: ("shutting_down", 503),
+    BrokerUnavailableError: ("broker_unavailable", 503),
 }
 
 

@@ -57,9 +57,16 @@ class BrokerEvents(Protocol):
     def on_reader_lost(self, reader_id: str, reason: str) -> None:
         """A reader disconnected, or was evicted; its requests were re-queued or failed already."""
 
+    def on_reader_removed(self, reader_id: str) -> None:
+        """A reader was deleted elsewhere (through another gateway sharing the broker): forget it."""
+
 
 class GatewayBroker(abc.ABC):
     """The gateway's half: queue requests per consumer group, route outputs back, track reader links."""
+
+    # Whether other gateways share this broker's readers (Redis): then a gateway stops only the reader processes
+    # it started itself, and a reader that was lost re-registers by itself instead of being stopped.
+    shared = False
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
@@ -111,6 +118,11 @@ class GatewayBroker(abc.ABC):
     def in_flight(self, group: str | None = None) -> int:
         """Requests assigned to readers and not finished, in one group or in all."""
 
+    def reserved_groups(self, own: list[str]) -> list[str]:
+        """``status.reserved_consumers``: this gateway's reserved groups (``own``), plus, on a shared broker,
+        those of the other gateways."""
+        return own
+
 
 class LinkClosedError(Exception):
     """The connection between a reader and its gateway is gone."""
@@ -118,6 +130,10 @@ class LinkClosedError(Exception):
 
 class ReaderLink(abc.ABC):
     """The reader's half: register, receive work and send frames back."""
+
+    # Whether the link is a connection to the gateway itself (a supervised reader exits when it closes), or to a
+    # broker shared by many gateways (the reader reconnects, even when supervised).
+    tied_to_gateway = True
 
     @abc.abstractmethod
     async def connect(self, register: RegisterFrame) -> WelcomeFrame:

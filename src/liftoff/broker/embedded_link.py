@@ -41,6 +41,7 @@ class EmbeddedReaderLink(ReaderLink):
         self._outbox: list[Any] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._early: list[GatewayFrame] = []
 
     async def connect(self, register: RegisterFrame) -> WelcomeFrame:
         try:
@@ -52,6 +53,7 @@ class EmbeddedReaderLink(ReaderLink):
         frames = await self.receive()
         if not frames or not isinstance(frames[0], WelcomeFrame):
             raise LinkClosedError("the gateway did not answer the registration")
+        self._early = frames[1:]  # work sent with the welcome (a loaded reader reconnecting to queued requests)
         self._writer = asyncio.create_task(self._write_forever(self._conn), name="liftoff-link-writer")
         return frames[0]
 
@@ -71,6 +73,9 @@ class EmbeddedReaderLink(ReaderLink):
                     await conn.send(encode_frames(batch))
 
     async def receive(self) -> list[GatewayFrame]:
+        if self._early:
+            early, self._early = self._early, []
+            return early
         if self._conn is None:
             raise LinkClosedError("not connected")
         try:

@@ -84,6 +84,11 @@ def _env_values(model: type[BaseModel], env: Mapping[str, str]) -> dict[str, Any
     return values
 
 
+def redis_url(env: Mapping[str, str]) -> str:
+    """Takeoff's ``TAKEOFF_REDIS_HOST`` and ``TAKEOFF_REDIS_PORT`` (default 6379) as a broker URL."""
+    return f"redis://{env['TAKEOFF_REDIS_HOST']}:{env.get('TAKEOFF_REDIS_PORT') or 6379}/0"
+
+
 def _resolve_path(flag_path: str | None, env: Mapping[str, str]) -> Path | None:
     if flag_path:
         return Path(flag_path)
@@ -133,6 +138,8 @@ def _load_server(
     for key, variable in VERTEX_ENV.items():
         if key not in env_values and env.get(variable):
             env_values[key] = env[variable]
+    if "broker" not in env_values and env.get("TAKEOFF_REDIS_HOST"):
+        env_values["broker"] = redis_url(env)
     data, sources = _sourced(_section(manifest, "server_config", path), env_values, flags, path)
     if env.get(VERTEX_ENV["vertex_port"]) and "sagemaker_port" not in data:
         # On Vertex AI (which sets AIP_HTTP_PORT, 8080 by default) SageMaker's fixed 8080 is of no use and would

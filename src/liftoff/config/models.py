@@ -96,6 +96,14 @@ class AppConfig(BaseModel):
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="[Liftoff] On SIGTERM, how long in-flight requests may take to finish."
     )
+    broker: str = Field(
+        "embedded",
+        description="[Liftoff] 'embedded' (readers connect to the internal port) or a Redis URL, "
+        "redis://host:port/db, shared by many gateways and readers (TAKEOFF_REDIS_HOST/PORT set it too).",
+    )
+    redis_max_memory: int = Field(
+        1_000_000_000, ge=0, description="Redis maxmemory (bytes) a gateway sets on the redis broker; 0 leaves it."
+    )
     log_level: str = Field("INFO", description="[Liftoff] Log level of the gateway (and default of readers).")
     log_format: Literal["text", "json"] = Field("text", description="[Liftoff] Log line format.")
     log_requests: bool = Field(True, description="[Liftoff] Log one line per HTTP request (id, status, timings).")
@@ -134,6 +142,11 @@ class AppConfig(BaseModel):
             raise ValueError(f"a route starts with '/', not {value!r}")
         return value
 
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        return check_broker(value)
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> AppConfig:
         ports = {name: getattr(self, name) for name in self.port_fields() if getattr(self, name) != 0}
@@ -157,6 +170,17 @@ class AppConfig(BaseModel):
     def status_view(self) -> dict[str, Any]:
         """The ``config`` object of the management ``/status``: Takeoff's keys only, with Takeoff's types."""
         return {key: getattr(self, key) for key in STATUS_CONFIG_KEYS}
+
+
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_broker(value: str) -> str:
+    """``embedded`` or a Redis URL; anything else is an error that says what is accepted."""
+    value = value.strip()
+    if value == "embedded" or value.startswith(BROKER_SCHEMES):
+        return value
+    raise ValueError(f"broker is 'embedded' or a Redis URL like redis://host:6379/0, not {value!r}")
 
 
 def _split_groups(value: Any) -> Any:

@@ -116,6 +116,13 @@ class BackendError(LiftoffError):
     status = 500
 
 
+class BrokerUnavailableError(LiftoffError):
+    """The broker (Redis) cannot be reached: the request cannot be queued, or its replies cannot arrive."""
+
+    error_type = "broker_unavailable"
+    status = 503
+
+
 class ShuttingDownError(LiftoffError):
     """The server is shutting down and takes no new work."""
 

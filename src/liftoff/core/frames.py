@@ -96,6 +96,18 @@ class HeartbeatFrame(_Frame, tag="hb"):
     stats: dict[str, float] = msgspec.field(default_factory=dict)  # the reader's running totals, for /metrics
 
 
+class ClaimedFrame(_Frame, tag="claimed"):
+    """A reader took a request from a shared queue (Redis broker): the gateway now knows who runs it.
+
+    ``entry`` is the request's queue entry id; ``reclaimed`` says the reader took it over from a dead reader.
+    """
+
+    request_id: str
+    reader_id: str
+    entry: str = ""
+    reclaimed: bool = False
+
+
 class DrainFrame(_Frame, tag="drain"):
     """The reader is shutting down: it finishes what it has and takes nothing new."""
 
@@ -157,6 +169,7 @@ ReaderFrame = (
     | LoadFailedFrame
     | HeartbeatFrame
     | DrainFrame
+    | ClaimedFrame
     | TokenFrame
     | FinalFrame
     | ResultFrame

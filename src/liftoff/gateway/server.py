@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from liftoff.broker.base import BrokerSettings
+from liftoff.broker.base import BrokerSettings, GatewayBroker
 from liftoff.broker.embedded import EmbeddedBroker
 from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
@@ -36,6 +36,15 @@ from liftoff.management.supervisor import SpawnSettings, Supervisor
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
+
+
+def make_broker(config: AppConfig, settings: BrokerSettings) -> GatewayBroker:
+    """The broker ``config.broker`` names: embedded, or Redis (imported only then)."""
+    if config.broker == "embedded":
+        return EmbeddedBroker(settings)
+    from liftoff.broker.redis_gateway import RedisBroker
+
+    return RedisBroker(settings, config.broker, config.redis_max_memory)
 
 
 class GatewayStartError(Exception):
@@ -103,11 +112,12 @@ class Gateway:
             reader_message_timeout_ms=config.reader_message_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
         )
-        broker = EmbeddedBroker(settings)
+        broker = make_broker(config, settings)
         registry = ReaderRegistry()
         host = "127.0.0.1" if config.host in {"0.0.0.0", "::", ""} else config.host
         spawn = SpawnSettings(
             gateway_address=f"{host}:{config.internal_port}",
+            broker=config.broker,
             log_level=config.log_level,
             log_format=config.log_format,
             heartbeat_interval_ms=config.heartbeat_interval_ms,

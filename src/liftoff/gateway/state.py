@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import HTTPConnection
 
@@ -27,6 +28,11 @@ class GatewayState:
     manager: ReaderManager
     metrics: GatewayMetrics | None = None  # None when enable_metrics is false
     request_log: RequestLog | None = None  # None when log_requests is false (or the level is above INFO)
+
+    def status(self) -> dict[str, Any]:
+        """The management ``GET /status`` body (takeoff-spec §2.2.1)."""
+        reserved = self.broker.reserved_groups(self.config.reserved_groups())
+        return {"config": self.config.status_view(), "status": self.registry.status(reserved)}
 
     def ports(self) -> list[int]:
         """Every port this gateway serves, inference port first."""
@@ -64,3 +70,6 @@ class BrokerEventRouter:
 
     def on_reader_lost(self, reader_id: str, reason: str) -> None:
         self._manager.on_reader_lost(reader_id, reason)
+
+    def on_reader_removed(self, reader_id: str) -> None:
+        self._registry.remove(reader_id)

@@ -91,7 +91,7 @@ class ReaderManager:
     def on_reader_lost(self, reader_id: str, reason: str) -> None:
         """A reader's link is gone; a process of ours that is still running is stopped."""
         self.registry.on_reader_lost(reader_id, reason)
-        if self.supervisor.pid(reader_id) is not None:
+        if not self.broker.shared and self.supervisor.pid(reader_id) is not None:
             task = asyncio.create_task(self.supervisor.stop(reader_id, 5.0))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -105,8 +105,9 @@ class ReaderManager:
     async def shutdown(self) -> None:
         """Stop every reader this gateway started."""
         self.registry.closing = True
-        for reader_id in list(self.registry.records):
-            self.broker.stop_reader(reader_id, "the gateway is shutting down")
+        if not self.broker.shared:  # on a shared broker the readers of other gateways and headless ones stay
+            for reader_id in list(self.registry.records):
+                self.broker.stop_reader(reader_id, "the gateway is shutting down")
         await self.supervisor.stop_all(self.stop_timeout_s)
         for task in list(self._background):
             await task

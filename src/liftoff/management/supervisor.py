@@ -39,6 +39,7 @@ class SpawnSettings:
     """What every spawned reader is told."""
 
     gateway_address: str
+    broker: str  # "embedded" (readers connect to gateway_address) or a Redis URL
     log_level: str
     log_format: str
     heartbeat_interval_ms: int
@@ -67,13 +68,15 @@ class Supervisor:
     async def spawn(self, reader_id: str, config: ReaderConfig) -> int:
         """Start a reader process; return its pid."""
         settings = self.settings
+        embedded = settings.broker == "embedded"
+        broker = ["--gateway", settings.gateway_address] if embedded else ["--broker", settings.broker]
         env = dict(os.environ)
         env[READER_CONFIG_ENV] = json.dumps(config.manifest_dict())
         env["PYTHONUNBUFFERED"] = "1"
         command = [
             sys.executable, "-m", "liftoff", "reader",
             "--reader-id", reader_id,
-            "--gateway", settings.gateway_address,
+            *broker,
             "--supervised",
             "--log-level", config.log_level or settings.log_level,
             "--log-format", settings.log_format,

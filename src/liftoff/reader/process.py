@@ -153,7 +153,7 @@ class ReaderProcess:
                 try:
                     welcome = await link.connect(self._register_frame())
                 except LinkClosedError as exc:
-                    if self.options.supervised and load_task is not None:
+                    if self.options.supervised and link.tied_to_gateway and load_task is not None:
                         logger.error("lost the gateway: %s", exc)
                         break
                     logger.warning("%s; retrying in %.1f s", exc, backoff)
@@ -164,7 +164,7 @@ class ReaderProcess:
                 if load_task is None:
                     load_task = asyncio.create_task(self._load(), name="liftoff-load")
                 await self._session(link, welcome)
-                if self.options.supervised:
+                if self.options.supervised and link.tied_to_gateway:
                     break
         finally:
             await self._cleanup(load_task)

@@ -28,8 +28,7 @@ _CREATE_BODY = json_body(ReaderConfig)
 async def status(request: Request) -> Response:
     """The app configuration and every reader: loading, live and dead, with their last heartbeats."""
     state = get_state(request)
-    config = state.config
-    body = {"config": config.status_view(), "status": state.registry.status(config.reserved_groups())}
+    body = state.status()
     return json_response(body)
 
 

@@ -30,6 +30,5 @@ async def invocations(request: Request) -> Response:
 async def ping(request: Request) -> Response:
     """The management status; 200 when at least one reader is live, else 503."""
     state = get_state(request)
-    config = state.config
-    body = {"config": config.status_view(), "status": state.registry.status(config.reserved_groups())}
+    body = state.status()
     return json_response(body, 200 if state.registry.count(ReaderState.LIVE) else 503)

@@ -1,0 +1,166 @@
+"""What both halves of the Redis broker share: key names, the connection, and the reader registry's records.
+
+Layout (every key starts with ``liftoff:``):
+
+- ``q:{group}``: stream of the requests of one consumer group. A Redis consumer group named ``{group}`` reads it;
+  each reader is a consumer named by its ``consumer_name``. Readers XACK and XDEL an entry after its final frame.
+- ``r:{gateway}``: stream of output frames for one gateway; ``gw:{gateway}``: that gateway's liveness key (TTL).
+- ``ctl:{reader}``: control stream of one reader (stop frames, per-reader requests); ``aborts``: cancellations.
+- ``readers`` (set of ids) and ``reader:{id}`` (hash): the shared reader registry; ``reserved``: reserved groups;
+  ``settings``: the timing readers must follow (written by gateways).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
+
+from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
+
+PREFIX = "liftoff:"
+READERS = PREFIX + "readers"
+RESERVED = PREFIX + "reserved"
+SETTINGS = PREFIX + "settings"
+ABORTS = PREFIX + "aborts"
+
+ABORTS_MAXLEN = 10_000
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+# Errors that mean "Redis is not reachable right now" (reconnect), as opposed to a refused command.
+LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+Fields = dict[Any, Any]  # what XADD takes (redis-py's annotation is invariant on the key and value types)
+
+
+def stream_entries(result: Any) -> list[tuple[bytes, list[Entry]]]:
+    """An XREAD/XREADGROUP answer, typed (redis-py leaves it ``Any``)."""
+    return cast(list[tuple[bytes, list[Entry]]], result or [])
+
+
+async def reader_ids(client: aioredis.Redis) -> list[str]:
+    """The ids in the registry's set, sorted."""
+    members: set[bytes] = cast(set[bytes], await client.smembers(READERS))
+    return sorted(member.decode() for member in members)
+
+
+def queue_key(group: str) -> str:
+    """The request stream of a consumer group."""
+    return f"{PREFIX}q:{group}"
+
+
+def reply_key(gateway_id: str) -> str:
+    """The output stream of a gateway."""
+    return f"{PREFIX}r:{gateway_id}"
+
+
+def gateway_key(gateway_id: str) -> str:
+    """The key that exists while a gateway is alive."""
+    return f"{PREFIX}gw:{gateway_id}"
+
+
+def control_key(reader_id: str) -> str:
+    """The control stream of a reader."""
+    return f"{PREFIX}ctl:{reader_id}"
+
+
+def reader_key(reader_id: str) -> str:
+    """The registry hash of a reader."""
+    return f"{PREFIX}reader:{reader_id}"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url`` (commands time out rather than hang; blocking reads pass their own timeout)."""
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=0, retry_on_timeout=False
+    )
+
+
+def describe(error: BaseException) -> str:
+    """A short reason for a Redis failure."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ReaderEntry(msgspec.Struct, frozen=True):
+    """A reader as the shared registry holds it (fields of ``reader:{id}``; heartbeat and loaded are raw)."""
+
+    register: bytes
+    state: str
+    error: str = ""
+    why: str = ""  # "load_failed" when the model failed to load
+    heartbeat: bytes = b""
+    loaded: bytes = b""
+
+    @staticmethod
+    def parse(fields: dict[bytes, bytes]) -> ReaderEntry | None:
+        """From ``HGETALL``; None for a partial or missing hash."""
+        register = fields.get(b"register")
+        if not register:
+            return None
+        return ReaderEntry(
+            register=register,
+            state=fields.get(b"state", b"loading").decode(),
+            error=fields.get(b"error", b"").decode(errors="replace"),
+            why=fields.get(b"why", b"").decode(),
+            heartbeat=fields.get(b"heartbeat", b""),
+            loaded=fields.get(b"loaded", b""),
+        )
+
+    def register_frame(self) -> RegisterFrame:
+        """The reader's registration."""
+        return msgspec.msgpack.decode(self.register, type=RegisterFrame)
+
+    def heartbeat_frame(self) -> HeartbeatFrame | None:
+        """Its last heartbeat."""
+        return msgspec.msgpack.decode(self.heartbeat, type=HeartbeatFrame) if self.heartbeat else None
+
+    def loaded_frame(self) -> LoadedFrame | None:
+        """What it said when it finished loading."""
+        return msgspec.msgpack.decode(self.loaded, type=LoadedFrame) if self.loaded else None
+
+
+def pack(frame: msgspec.Struct) -> bytes:
+    """One frame as registry bytes."""
+    return _encoder.encode(frame)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The timing gateways publish for readers (``settings``)."""
+
+    reader_message_timeout_ms: int
+    heartbeat_interval_ms: int
+
+    @staticmethod
+    def parse(fields: dict[Any, Any], default_heartbeat_ms: int) -> Timing:
+        """From ``HGETALL settings``, with defaults when no gateway has written them yet."""
+        return Timing(
+            reader_message_timeout_ms=int(fields.get(b"reader_message_timeout_ms", 500)),
+            heartbeat_interval_ms=int(fields.get(b"heartbeat_interval_ms", default_heartbeat_ms)),
+        )
+
+
+__all__ = [
+    "ABORTS",
+    "LOST",
+    "READERS",
+    "RESERVED",
+    "SETTINGS",
+    "Entry",
+    "Fields",
+    "ReaderEntry",
+    "RedisError",
+    "Timing",
+    "connect",
+    "reader_ids",
+    "stream_entries",
+]

@@ -1,0 +1,463 @@
+"""The gateway's half of the Redis broker: requests go to per-group streams, outputs come back on this gateway's
+reply stream, and the reader registry is read from Redis (see :mod:`liftoff.broker.redis_common` for the keys).
+
+The gateway decides the fate of its own requests: a reader says when it claims one (``ClaimedFrame``), and only
+the reader that owns a request may answer it. When a reader dies, the requests it had started fail with
+``reader_died``; the ones it had not started stay in its pending list until a live reader of the group re-claims
+them (``max_retries`` times at most). When Redis is lost every request in flight fails at once with 503 and new
+ones are refused until the connection is back (reconnects with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from liftoff.broker.base import BrokerSettings, GatewayBroker
+from liftoff.broker.redis_common import (
+    ABORTS,
+    ABORTS_MAXLEN,
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    LOST,
+    READERS,
+    RESERVED,
+    SETTINGS,
+    Fields,
+    RedisError,
+    connect,
+    control_key,
+    describe,
+    gateway_key,
+    queue_key,
+    reader_key,
+    reply_key,
+    stream_entries,
+)
+from liftoff.broker.redis_jobs import RedisJob
+from liftoff.broker.redis_registry import RegistryMirror, snapshot
+from liftoff.core.clock import monotonic
+from liftoff.core.errors import (
+    BrokerUnavailableError,
+    LiftoffError,
+    NoReadersAvailableError,
+    OverloadedError,
+    ReaderDiedError,
+    RequestTimeoutError,
+)
+from liftoff.core.frames import (
+    ClaimedFrame,
+    OutputFrame,
+    RequestFrame,
+    StopFrame,
+    TokenFrame,
+    decode_reader_frames,
+    encode_frames,
+    error_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+Op = tuple[Callable[[Pipeline], Any], Callable[[Any], None] | None]
+_SWEEP_S = 0.05
+
+
+class RedisBroker(GatewayBroker):
+    """Gateway-side broker over Redis Streams."""
+
+    shared = True
+
+    def __init__(self, settings: BrokerSettings, url: str, max_memory: int = 0) -> None:
+        super().__init__(settings)
+        self.url = url
+        self.max_memory = max_memory
+        self._client: aioredis.Redis | None = None
+        self._up = False
+        self._closing = False  # redis-py may turn a cancellation into a connection error: loops check this
+        self._jobs: dict[str, RedisJob] = {}
+        self._queued = 0
+        self._deadlines: list[tuple[float, int, RedisJob]] = []
+        self._tiebreak = 0
+        self._ops: list[Op] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reply_key = reply_key(settings.gateway_id)
+        self._last_reply = "0-0"
+        self._mirror = RegistryMirror(self._reader_gone)
+        self._shared_reserved: list[str] = []
+        hb_s = settings.heartbeat_interval_ms / 1000.0
+        self._poll_s = max(0.02, min(hb_s, settings.reader_message_timeout_ms / 1000.0) / 4)
+        self._gateway_ttl_ms = max(10_000, 5 * settings.heartbeat_interval_ms)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = connect(self.url)
+        try:
+            await self._announce()
+        except LOST as exc:
+            logger.warning("Redis at %s is unreachable (%s); requests get 503 until it is back", self.url,
+                           describe(exc))  # fmt: skip
+        else:
+            self._up = True
+            logger.info("redis broker: connected to %s (gateway %s)", self.url, self.settings.gateway_id)
+        for name, loop in (("writer", self._write_forever), ("replies", self._read_replies_forever),
+                           ("poll", self._poll_forever), ("sweep", self._sweep_forever)):  # fmt: skip
+            self._tasks.append(asyncio.create_task(loop(), name=f"liftoff-redis-{name}"))
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for job in list(self._jobs.values()):
+            self._fail(job, BrokerUnavailableError("the gateway is shutting down"))
+        if self._client is not None:
+            with contextlib.suppress(RedisError, *LOST):
+                if self._ops:
+                    await self._flush(self._client)
+                await self._client.delete(gateway_key(self.settings.gateway_id), self._reply_key)
+            await self._client.aclose()
+
+    async def _announce(self) -> None:
+        """Create this gateway's reply stream and liveness key, and publish the settings readers follow."""
+        client = self.client
+        settings = self.settings
+        if self.max_memory:
+            try:
+                await client.config_set("maxmemory", self.max_memory)
+            except LOST:
+                raise
+            except RedisError as exc:
+                logger.warning("could not set Redis maxmemory to %d: %s", self.max_memory, exc)
+        if not await client.exists(self._reply_key):
+            self._last_reply = "0-0"
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._reply_key, {b"hello": b"1"})
+            pipe.pexpire(self._reply_key, self._gateway_ttl_ms)
+            pipe.set(gateway_key(settings.gateway_id), b"1", px=self._gateway_ttl_ms)
+            pipe.hset(SETTINGS, mapping={"reader_message_timeout_ms": settings.reader_message_timeout_ms,
+                                         "heartbeat_interval_ms": settings.heartbeat_interval_ms})  # fmt: skip
+            if settings.reserved_groups:
+                pipe.sadd(RESERVED, *sorted(settings.reserved_groups))
+            await pipe.execute()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (after ``start``)."""
+        if self._client is None:
+            raise RuntimeError("the redis broker is not started")
+        return self._client
+
+    # ---- gateway API --------------------------------------------------------------------------------------------
+
+    def submit(self, frame: RequestFrame, queue_deadline: float) -> None:
+        if not self._up:
+            raise BrokerUnavailableError(f"the broker (Redis at {self.url}) is unreachable; try again shortly")
+        if self._queued >= self.settings.max_queued_requests:
+            raise OverloadedError(f"{self._queued} requests are already waiting (max_queued_requests); try again later")
+        job = RedisJob(frame=frame, deadline=queue_deadline)
+        if frame.reader_id:
+            if not self._mirror.live(frame.reader_id):
+                raise NoReadersAvailableError(f"reader {frame.reader_id!r} is not live")
+            job.reader = frame.reader_id
+            self._jobs[frame.request_id] = job
+            self._op(lambda p: p.xadd(control_key(frame.reader_id), self._entry(job)))
+            return
+        self._jobs[frame.request_id] = job
+        self._queue(job)
+        key = queue_key(frame.consumer_group)
+        self._op(lambda p: p.xadd(key, self._entry(job)), lambda entry_id: self._added(job, entry_id))
+
+    def _entry(self, job: RedisJob) -> Fields:
+        return {b"f": encode_frames([job.frame]), b"gw": self.settings.gateway_id.encode()}
+
+    def _added(self, job: RedisJob, entry_id: Any) -> None:
+        if isinstance(entry_id, BaseException):
+            self._fail(job, BrokerUnavailableError(f"could not queue the request in Redis: {entry_id}"))
+            return
+        job.entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        if job.cancelled:
+            self._forget_entry(job)
+
+    def abort(self, request_id: str) -> None:
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return
+        if job.reader is None and not job.cancelled:
+            self._queued -= 1
+        job.cancelled = True
+        self._forget_entry(job)
+        self._op(lambda p: p.xadd(ABORTS, {b"id": request_id.encode()}, maxlen=ABORTS_MAXLEN, approximate=True))
+
+    def evict_reader(self, reader_id: str, reason: str) -> None:
+        if reader_id not in self._mirror.seen:
+            self._reader_gone(reader_id, reason)
+            return
+        self._mirror.seen[reader_id].entry = msgspec.structs.replace(
+            self._mirror.seen[reader_id].entry, state="dead", error=reason
+        )
+        self._reader_gone(reader_id, reason)
+        key = reader_key(reader_id)
+        self._op(lambda p: p.hset(key, mapping={"state": "dead", "error": reason, "why": "lost"}))
+        self.events.on_reader_lost(reader_id, reason)
+
+    def stop_reader(self, reader_id: str, reason: str) -> None:
+        self._reader_gone(reader_id, reason)
+        self._mirror.seen.pop(reader_id, None)
+        stop = encode_frames([StopFrame(reason=reason)])
+
+        def ops(pipe: Pipeline) -> None:
+            pipe.xadd(control_key(reader_id), {b"f": stop})
+            pipe.srem(READERS, reader_id)
+            pipe.delete(reader_key(reader_id))
+
+        self._op(ops)
+
+    def queue_depth(self, group: str | None = None) -> int:
+        if group is None:
+            return self._queued
+        return sum(1 for job in self._jobs.values() if job.queued and job.frame.consumer_group == group)
+
+    def in_flight(self, group: str | None = None) -> int:
+        return sum(
+            1
+            for job in self._jobs.values()
+            if job.reader is not None and not job.frame.reader_id
+            and (group is None or job.frame.consumer_group == group)
+        )  # fmt: skip
+
+    def reserved_groups(self, own: list[str]) -> list[str]:
+        return [*own, *(group for group in self._shared_reserved if group not in own)]
+
+    # ---- jobs ---------------------------------------------------------------------------------------------------
+
+    def _queue(self, job: RedisJob) -> None:
+        """Count the job as waiting for a reader, with its queue deadline."""
+        job.reader = None
+        self._queued += 1
+        self._tiebreak += 1
+        heapq.heappush(self._deadlines, (job.deadline, self._tiebreak, job))
+
+    def _fail(self, job: RedisJob, error: LiftoffError) -> None:
+        if self._jobs.pop(job.frame.request_id, None) is None:
+            return
+        if job.queued:
+            self._queued -= 1
+        job.cancelled = True
+        self._forget_entry(job)
+        self.events.on_outputs([error_frame(job.frame.request_id, error, job.next_seq)])
+
+    def _forget_entry(self, job: RedisJob) -> None:
+        """Take the job's entry out of its stream (unread) and out of any pending list (read)."""
+        if not job.entry or job.frame.reader_id:
+            return
+        group = job.frame.consumer_group
+        key, entry = queue_key(group), job.entry
+
+        def ops(pipe: Pipeline) -> None:
+            pipe.xack(key, group, entry)
+            pipe.xdel(key, entry)
+
+        self._op(ops)
+
+    def _reader_gone(self, reader_id: str, reason: str) -> None:
+        """A reader is dead or deleted: fail what it had started, leave the rest to be re-claimed."""
+        for job in [job for job in self._jobs.values() if job.reader == reader_id]:
+            if job.started or job.frame.reader_id:
+                self._fail(job, ReaderDiedError(f"reader {reader_id} failed mid-request: {reason}"))
+            elif job.frame.attempt >= self.settings.max_retries:
+                self._fail(job, ReaderDiedError(f"reader {reader_id} failed ({reason}) and retries ran out"))
+            else:
+                job.lost_reader = reader_id
+                self._queue(job)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """Fail at once the waiting requests of groups no live reader serves (reserved groups keep them)."""
+        for job in [job for job in self._jobs.values() if job.queued]:
+            group = job.frame.consumer_group
+            if group not in self.settings.reserved_groups and not self._mirror.live_in(group):
+                self._fail(job, NoReadersAvailableError(f"no live reader is left in consumer group '{group}'"))
+
+    def _on_claimed(self, claim: ClaimedFrame) -> None:
+        job = self._jobs.get(claim.request_id)
+        if job is None or job.cancelled:
+            rid = claim.request_id.encode()
+            self._op(lambda p: p.xadd(ABORTS, {b"id": rid}, maxlen=ABORTS_MAXLEN, approximate=True))
+            return
+        if job.reader == claim.reader_id:
+            return
+        if job.reader is not None:  # re-claimed before this gateway saw its reader die
+            if job.started:
+                self._fail(job, ReaderDiedError(f"reader {job.reader} stopped answering mid-request"))
+                self._on_claimed(claim)
+                return
+            job.lost_reader = job.reader
+            self._queue(job)
+        if job.lost_reader is not None or claim.reclaimed:
+            if job.frame.attempt >= self.settings.max_retries:
+                self._fail(job, ReaderDiedError(f"reader {job.lost_reader} failed and retries ran out"))
+                self._on_claimed(claim)
+                return
+            job.frame = msgspec.structs.replace(job.frame, attempt=job.frame.attempt + 1)
+        self._queued -= 1
+        job.reader = claim.reader_id
+        observe = self.queue_time_observer
+        if observe is not None and job.frame.attempt == 0:
+            observe(job.frame.consumer_group, monotonic() - job.enqueued)
+
+    def _on_replies(self, reader_id: str, frames: list[Any], outputs: list[OutputFrame]) -> None:
+        seen = self._mirror.seen.get(reader_id)
+        if seen is not None:
+            seen.heard = monotonic()  # any message counts as a sign of life, as with the embedded broker
+        for frame in frames:
+            if isinstance(frame, ClaimedFrame):
+                self._on_claimed(frame)
+                continue
+            job = self._jobs.get(getattr(frame, "request_id", ""))
+            if job is None or job.reader != reader_id:
+                continue  # finished, failed, or answered by a reader that no longer owns it
+            if isinstance(frame, TokenFrame):
+                job.started = True
+                job.next_seq = frame.seq + 1
+            else:
+                del self._jobs[frame.request_id]
+            outputs.append(frame)
+
+    # ---- background tasks ---------------------------------------------------------------------------------------
+
+    def _op(self, op: Callable[[Pipeline], Any], done: Callable[[Any], None] | None = None) -> None:
+        self._ops.append((op, done))
+        self._wake.set()
+
+    async def _flush(self, client: aioredis.Redis) -> None:
+        ops, self._ops = self._ops, []
+        async with client.pipeline(transaction=False) as pipe:
+            counts = []
+            for op, _ in ops:
+                before = len(pipe.command_stack)
+                op(pipe)
+                counts.append(len(pipe.command_stack) - before)
+            results = await pipe.execute(raise_on_error=False)
+        index = 0
+        for (_, done), count in zip(ops, counts, strict=True):
+            if done is not None:
+                done(results[index])
+            index += count
+
+    async def _write_forever(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._ops or self._client is None:
+                continue
+            try:
+                await self._flush(self._client)
+            except LOST as exc:
+                self._lost(exc)
+
+    async def _read_replies_forever(self) -> None:
+        while not self._closing:
+            if not self._up:
+                await self._reconnect()
+                continue
+            try:
+                streams = await self.client.xread({self._reply_key: self._last_reply}, count=2048, block=1000)
+            except LOST as exc:
+                self._lost(exc)
+                continue
+            outputs: list[OutputFrame] = []
+            for _, entries in stream_entries(streams):
+                for entry_id, fields in entries:
+                    self._last_reply = entry_id.decode()
+                    data = fields.get(b"f")
+                    if data:
+                        self._on_replies(fields[b"rd"].decode(), decode_reader_frames(data), outputs)
+            if outputs:
+                self.events.on_outputs(outputs)
+
+    def _lost(self, exc: BaseException) -> None:
+        """Redis went away: fail everything in flight now (503) and refuse new work until it is back."""
+        if not self._up or self._closing:
+            return
+        self._up = False
+        logger.error("lost Redis at %s (%s): failing %d requests in flight, reconnecting", self.url,
+                     describe(exc), len(self._jobs))  # fmt: skip
+        self._ops.clear()
+        for job in list(self._jobs.values()):
+            self._fail(job, BrokerUnavailableError(f"the connection to the broker (Redis) was lost: {describe(exc)}"))
+        self._ops.clear()
+        for reader_id in list(self._mirror.seen):
+            self.events.on_reader_lost(reader_id, "the broker (Redis) was lost")
+            self.events.on_reader_removed(reader_id)
+        self._mirror.forget()
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_START_S
+        while not self._up and not self._closing:
+            try:
+                await self._announce()
+            except LOST:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            self._up = True
+            logger.info("reconnected to Redis at %s", self.url)
+
+    async def _poll_forever(self) -> None:
+        settings = self.settings
+        while not self._closing:
+            await asyncio.sleep(self._poll_s)
+            if not self._up:
+                continue
+            try:
+                entries = await snapshot(self.client)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.set(gateway_key(settings.gateway_id), b"1", px=self._gateway_ttl_ms)
+                    pipe.pexpire(self._reply_key, self._gateway_ttl_ms)
+                    pipe.xtrim(self._reply_key, minid=self._last_reply, approximate=False)
+                    pipe.smembers(RESERVED)
+                    *_, reserved = await pipe.execute()
+            except LOST as exc:
+                self._lost(exc)
+                continue
+            self._shared_reserved = sorted(member.decode() for member in reserved)
+            self._mirror.apply(entries, self.events)
+            self._check_silence()
+
+    def _check_silence(self) -> None:
+        """Evict readers silent for longer than ``reader_message_timeout_ms`` while they hold our requests."""
+        limit = self.settings.reader_message_timeout_ms / 1000.0 + self._poll_s
+        busy = {job.reader for job in self._jobs.values() if job.reader is not None}
+        now = monotonic()
+        for reader_id in busy:
+            seen = self._mirror.seen.get(reader_id)
+            if seen is not None and seen.entry.state != "dead" and now - seen.heard > limit:
+                self.evict_reader(reader_id, f"silent for {(now - seen.heard) * 1000:.0f} ms with requests in flight")
+
+    async def _sweep_forever(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(_SWEEP_S)
+            now = monotonic()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, job = heapq.heappop(self._deadlines)
+                if not job.queued or job.frame.request_id not in self._jobs:
+                    continue
+                group = job.frame.consumer_group
+                error: LiftoffError
+                if self._mirror.live_in(group):
+                    error = RequestTimeoutError(f"the request waited too long in the queue of group '{group}'")
+                else:
+                    error = NoReadersAvailableError(f"no reader of consumer group '{group}' became live in time")
+                self._fail(job, error)

@@ -1,0 +1,425 @@
+"""The reader's half of the Redis broker: claim requests from the consumer groups' streams, answer on the reply
+stream of the gateway that sent each one, keep the shared registry entry current.
+
+A reader pulls at most its free slots (capacity plus a small prefetch) with ``XREADGROUP``, so the readers of a
+group share its load. It acknowledges (and deletes) an entry after the request's final frame. Once a heartbeat
+period it re-claims the entries of dead readers of its groups (:mod:`liftoff.broker.redis_reclaim`) and aborts the
+requests of gateways that are gone. Losing Redis closes the link; the reader process reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from liftoff.broker.base import LinkClosedError, ReaderLink
+from liftoff.broker.redis_common import (
+    ABORTS,
+    LOST,
+    READERS,
+    SETTINGS,
+    Entry,
+    RedisError,
+    Timing,
+    connect,
+    control_key,
+    describe,
+    gateway_key,
+    pack,
+    queue_key,
+    reader_key,
+    reply_key,
+    stream_entries,
+)
+from liftoff.broker.redis_reclaim import reclaim_dead
+from liftoff.core.clock import monotonic
+from liftoff.core.frames import (
+    AbortFrame,
+    ClaimedFrame,
+    DrainFrame,
+    ErrorFrame,
+    FinalFrame,
+    GatewayFrame,
+    HeartbeatFrame,
+    LoadedFrame,
+    LoadFailedFrame,
+    RegisterFrame,
+    RequestFrame,
+    ResultFrame,
+    TokenFrame,
+    WelcomeFrame,
+    decode_gateway_frames,
+    encode_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+_ABORT_MEMORY_S = 300.0
+_CLAIM_DELAY_S = 0.005
+# Update fields of a reader's hash only while it is registered (a deleted reader must not come back half-made);
+# returns the state before the update.
+_UPDATE_IF_REGISTERED = """
+if redis.call('HEXISTS', KEYS[1], 'register') == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return state
+"""
+
+
+@dataclass(slots=True)
+class Claim:
+    """A request this reader took: where to answer, and which entry to acknowledge when it ends."""
+
+    gateway: str
+    group: str = ""  # "" for a per-reader request (from the control stream)
+    entry: str = ""
+
+
+class RedisReaderLink(ReaderLink):
+    """A reader's connection to the Redis broker."""
+
+    tied_to_gateway = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: aioredis.Redis | None = None
+        self._register: RegisterFrame | None = None
+        self._consumer = ""
+        self._groups: tuple[str, ...] = ()
+        self._capacity = 0
+        self._live = False
+        self._draining = False
+        self._claims: dict[str, Claim] = {}
+        self._aborted: dict[str, float] = {}
+        self._outbox: list[Any] = []
+        self._wake = asyncio.Event()
+        self._free = asyncio.Event()
+        self._inbox: asyncio.Queue[list[GatewayFrame]] = asyncio.Queue()
+        self._closed: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timing = Timing(500, 1000)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (after ``connect``)."""
+        if self._client is None:
+            raise LinkClosedError("not connected")
+        return self._client
+
+    # ---- ReaderLink ---------------------------------------------------------------------------------------------
+
+    async def connect(self, register: RegisterFrame) -> WelcomeFrame:
+        self._client = connect(self.url)
+        self._register = register
+        self._consumer = register.info.consumer_name
+        self._groups = tuple(register.info.consumer_groups)
+        try:
+            await self._join(register)
+        except (*LOST, RedisError) as exc:
+            await self._client.aclose()
+            raise LinkClosedError(f"cannot reach Redis at {self.url}: {describe(exc)}") from exc
+        if register.loaded:
+            self._went_live(register.capacity)
+        for name, loop in (("writer", self._write_forever), ("control", self._control_forever),
+                           ("keeper", self._keep_forever)):  # fmt: skip
+            self._spawn(name, loop())
+        for group in self._groups:
+            self._spawn(f"claim-{group}", self._claim_forever(group))
+        timing = self._timing
+        return WelcomeFrame(gateway_id=f"redis {self.url}", reader_message_timeout_ms=timing.reader_message_timeout_ms,
+                            heartbeat_interval_ms=timing.heartbeat_interval_ms)  # fmt: skip
+
+    async def _join(self, register: RegisterFrame) -> None:
+        """Create the groups' streams and consumer groups, and enter the registry."""
+        client = self.client
+        self._timing = Timing.parse(await client.hgetall(SETTINGS), register.heartbeat_interval_ms)
+        for group in self._groups:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await client.xgroup_create(queue_key(group), group, id="0", mkstream=True)
+        aborts = cast(list[Entry], await client.xrevrange(ABORTS, count=1))
+        self._last_abort = aborts[0][0].decode() if aborts else "0-0"
+        self._last_control = "0-0"
+        key = reader_key(register.reader_id)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping={"register": pack(register), "state": "live" if register.loaded else "loading"})
+            if register.loaded:
+                pipe.hset(key, "loaded", pack(LoadedFrame(model_type=register.info.model_type,
+                                                          capacity=register.capacity)))  # fmt: skip
+            pipe.sadd(READERS, register.reader_id)
+            await pipe.execute()
+
+    def send(self, frames: list[Any]) -> None:
+        if self._closed is not None:
+            return
+        self._outbox.extend(frames)
+        self._wake.set()
+
+    async def receive(self) -> list[GatewayFrame]:
+        if self._closed is not None and self._inbox.empty():
+            raise LinkClosedError(self._closed)
+        frames = await self._inbox.get()
+        if not frames:
+            raise LinkClosedError(self._closed or "the link closed")
+        return frames
+
+    async def close(self) -> None:
+        if self._client is None:
+            return
+        self._shut("the reader closed its link")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client, self._client = self._client, None
+        with contextlib.suppress(*LOST, RedisError):
+            if self._outbox:
+                await self._flush(client)
+            if self._register is not None:
+                await self._update(client, {"state": "dead", "error": "the reader disconnected", "why": "lost"})
+        await client.aclose()
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        self._tasks.append(asyncio.create_task(self._guard(coro), name=f"liftoff-redis-link-{name}"))
+
+    async def _guard(self, coro: Any) -> None:
+        """Run one background loop; losing Redis closes the link."""
+        try:
+            await coro
+        except LOST as exc:
+            self._shut(f"lost Redis at {self.url}: {describe(exc)}")
+        except Exception as exc:  # a refused command, or a bug: the link closes, the reader reconnects
+            logger.exception("redis link failed")
+            self._shut(f"the link to Redis failed: {describe(exc)}")
+
+    def _shut(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._inbox.put_nowait([])
+
+    def _went_live(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._live = True
+        self._free.set()
+
+    def _free_slots(self) -> int:
+        if not self._live or self._draining:
+            return 0
+        return self._capacity + max(1, self._capacity // 4) - len(self._claims)
+
+    async def _update(self, client: aioredis.Redis | Pipeline, fields: dict[str, Any]) -> Any:
+        assert self._register is not None
+        args = [item for pair in fields.items() for item in pair]
+        return await client.eval(_UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
+
+    # ---- claiming -----------------------------------------------------------------------------------------------
+
+    async def _claim_forever(self, group: str) -> None:
+        key = queue_key(group)
+        start = "0"  # first our own pending entries (claimed before a reconnect), then new ones
+        while True:
+            await self._free.wait()
+            count = self._free_slots()
+            if count <= 0:
+                self._free.clear()
+                continue
+            try:
+                streams = await self.client.xreadgroup(group, self._consumer, {key: start}, count=count,
+                                                       block=None if start == "0" else 1000)  # fmt: skip
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.client.xgroup_create(key, group, id="0", mkstream=True)
+                continue
+            backlog = start == "0"
+            for _, entries in stream_entries(streams):
+                if backlog and len(entries) < count:
+                    start = ">"
+                for entry_id, fields in entries:
+                    if fields:  # an entry deleted meanwhile comes back without fields
+                        self.take(group, entry_id, fields, reclaimed=backlog)
+                    else:
+                        self._acknowledge(group, entry_id.decode())
+            if backlog and not stream_entries(streams):
+                start = ">"
+
+    def take(self, group: str, entry_id: bytes, fields: dict[bytes, bytes], *, reclaimed: bool) -> None:
+        """Start serving one stream entry (claimed, or re-claimed from a dead reader)."""
+        entry = entry_id.decode()
+        frame = decode_gateway_frames(fields[b"f"])[0]
+        if not isinstance(frame, RequestFrame) or frame.request_id in self._aborted:
+            self._acknowledge(group, entry)
+            return
+        assert self._register is not None
+        self._claims[frame.request_id] = Claim(fields[b"gw"].decode(), group, entry)
+        # Sent a moment later, so that it usually goes with the request's first output: one write for both.
+        self._outbox.append(ClaimedFrame(request_id=frame.request_id, reader_id=self._register.reader_id,
+                                         entry=entry, reclaimed=reclaimed))  # fmt: skip
+        asyncio.get_running_loop().call_later(_CLAIM_DELAY_S, self._wake.set)
+        self._inbox.put_nowait([frame])
+
+    def _acknowledge(self, group: str, entry: str) -> None:
+        key = queue_key(group)
+
+        def ops(pipe: Pipeline) -> None:
+            pipe.xack(key, group, entry)
+            pipe.xdel(key, entry)
+
+        self.send([ops])
+
+    # ---- control stream and aborts ------------------------------------------------------------------------------
+
+    async def _control_forever(self) -> None:
+        assert self._register is not None
+        control = control_key(self._register.reader_id)
+        while True:
+            streams = await self.client.xread({control: self._last_control, ABORTS: self._last_abort},
+                                              count=512, block=1000)  # fmt: skip
+            for stream, entries in stream_entries(streams):
+                if stream.decode() == ABORTS:
+                    self._last_abort = entries[-1][0].decode()
+                    self._on_aborts([fields.get(b"id", b"").decode() for _, fields in entries])
+                else:
+                    self._last_control = entries[-1][0].decode()
+                    await self._on_control(control, entries)
+
+    def _on_aborts(self, request_ids: list[str]) -> None:
+        now = monotonic()
+        frames: list[GatewayFrame] = []
+        for request_id in request_ids:
+            if request_id in self._claims:
+                frames.append(AbortFrame(request_id=request_id))
+            else:
+                self._aborted[request_id] = now
+        if frames:
+            self._inbox.put_nowait(frames)
+
+    async def _on_control(self, control: str, entries: list[Entry]) -> None:
+        frames: list[GatewayFrame] = []
+        for _, fields in entries:
+            for frame in decode_gateway_frames(fields[b"f"]):
+                if isinstance(frame, RequestFrame):
+                    self._claims[frame.request_id] = Claim(fields[b"gw"].decode())
+                frames.append(frame)
+        await self.client.xdel(control, *(entry_id for entry_id, _ in entries))
+        if frames:
+            self._inbox.put_nowait(frames)
+
+    # ---- keeping up: dead readers' entries, gone gateways, old aborts --------------------------------------------
+
+    async def _keep_forever(self) -> None:
+        period = self._timing.heartbeat_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(period)
+            cutoff = monotonic() - _ABORT_MEMORY_S
+            self._aborted = {rid: at for rid, at in self._aborted.items() if at > cutoff}
+            await self._abort_orphans()
+            free = self._free_slots()
+            for group in self._groups:
+                if free <= 0:
+                    break
+                taken = await reclaim_dead(self.client, group, self._consumer, free)
+                for entry_id, fields in taken:
+                    self.take(group, entry_id, fields, reclaimed=True)
+                free -= len(taken)
+
+    async def _abort_orphans(self) -> None:
+        """Abort the requests of gateways that are gone (their clients are gone with them)."""
+        gateways = sorted({claim.gateway for claim in self._claims.values()})
+        if not gateways:
+            return
+        alive = await self.client.exists(*(gateway_key(g) for g in gateways)) if len(gateways) == 1 else None
+        if alive is None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for gateway in gateways:
+                    pipe.exists(gateway_key(gateway))
+                flags = await pipe.execute()
+        else:
+            flags = [alive]
+        gone = {gateway for gateway, flag in zip(gateways, flags, strict=True) if not flag}
+        frames: list[GatewayFrame] = [AbortFrame(request_id=r) for r, c in self._claims.items() if c.gateway in gone]
+        if frames:
+            logger.warning("aborting %d requests of gateways that are gone: %s", len(frames), ", ".join(sorted(gone)))
+            self._inbox.put_nowait(frames)
+
+    # ---- writing ------------------------------------------------------------------------------------------------
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._outbox:
+                await self._flush(self.client)
+
+    async def _flush(self, client: aioredis.Redis) -> None:
+        batch, self._outbox = self._outbox, []
+        replies: dict[str, list[Any]] = {}
+        async with client.pipeline(transaction=False) as pipe:
+            heartbeat: int | None = None  # the index of the heartbeat's command, whose result is our state
+            for frame in batch:
+                at = len(pipe.command_stack)
+                if self._queue_frame(pipe, frame, replies):
+                    heartbeat = at
+            assert self._register is not None
+            reader = self._register.reader_id.encode()
+            for gateway, frames in replies.items():
+                pipe.xadd(reply_key(gateway), {b"rd": reader, b"f": encode_frames(frames)}, nomkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        if heartbeat is not None:
+            self._check_heartbeat(results[heartbeat])
+        if self._free_slots() > 0:
+            self._free.set()
+
+    def _queue_frame(self, pipe: Pipeline, frame: Any, replies: dict[str, list[Any]]) -> bool:
+        """Add one outgoing frame to the pipeline; True for a heartbeat (whose result says our registry state)."""
+        if callable(frame):
+            frame(pipe)
+        elif isinstance(frame, TokenFrame | FinalFrame | ResultFrame | ErrorFrame | ClaimedFrame):
+            self._route(pipe, frame, replies)
+        elif isinstance(frame, HeartbeatFrame):
+            self._pipe_update(pipe, {"heartbeat": pack(frame)})
+            return True
+        elif isinstance(frame, LoadedFrame):
+            self._pipe_update(pipe, {"state": "live", "loaded": pack(frame)})
+            self._went_live(frame.capacity)
+        elif isinstance(frame, LoadFailedFrame):
+            self._pipe_update(pipe, {"state": "dead", "error": f"model failed to load: {frame.reason}",
+                                     "why": "load_failed"})  # fmt: skip
+        elif isinstance(frame, DrainFrame):
+            self._draining = True
+        return False
+
+    def _pipe_update(self, pipe: Pipeline, fields: dict[str, Any]) -> None:
+        assert self._register is not None
+        args = [item for pair in fields.items() for item in pair]
+        pipe.eval(_UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
+
+    def _route(self, pipe: Pipeline, frame: Any, replies: dict[str, list[Any]]) -> None:
+        claim = self._claims.get(frame.request_id)
+        if claim is None:
+            return
+        replies.setdefault(claim.gateway, []).append(frame)
+        if isinstance(frame, TokenFrame | ClaimedFrame):
+            return
+        del self._claims[frame.request_id]
+        if claim.group:
+            key = queue_key(claim.group)
+            pipe.xack(key, claim.group, claim.entry)
+            pipe.xdel(key, claim.entry)
+
+    def _check_heartbeat(self, state: Any) -> None:
+        """A gateway declared this reader dead (it was silent too long): its requests went to other readers or
+        failed, so the link closes and the reader registers again."""
+        if state == b"dead" and self._live:
+            self._claims.clear()
+            self._shut("a gateway declared this reader dead (silent too long); registering again")

@@ -1,0 +1,63 @@
+"""Re-claiming the pending entries of dead readers (Redis broker, reader side).
+
+An entry a reader claimed stays in its consumer's pending list until the reader acknowledges it. When the reader
+dies first, another reader of the group takes the entry over with ``XCLAIM``. A consumer counts as dead when no
+registered reader that is not dead has its ``consumer_name`` (gateways mark silent readers dead in the registry;
+a restarted process has a new consumer name). The gateway that owns each request decides what happens next: a
+request that had started answering fails, one that had not runs on its new reader (``ClaimedFrame.reclaimed``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+
+from liftoff.broker.redis_common import Entry, queue_key, reader_ids, reader_key
+from liftoff.core.frames import RegisterFrame
+
+logger = logging.getLogger(__name__)
+
+# An entry must have been idle this long to be taken over (two readers re-claiming at once: the first one wins).
+MIN_IDLE_MS = 200
+
+
+async def living_consumers(client: aioredis.Redis) -> set[str]:
+    """The consumer names of every registered reader that is not dead."""
+    ids = await reader_ids(client)
+    if not ids:
+        return set()
+    async with client.pipeline(transaction=False) as pipe:
+        for reader_id in ids:
+            pipe.hmget(reader_key(reader_id), ["register", "state"])
+        rows = await pipe.execute()
+    names = set()
+    for register, state in rows:
+        if register and state != b"dead":
+            names.add(msgspec.msgpack.decode(register, type=RegisterFrame).info.consumer_name)
+    return names
+
+
+async def reclaim_dead(client: aioredis.Redis, group: str, consumer: str, limit: int) -> list[Entry]:
+    """Take over up to ``limit`` entries of ``group`` that dead consumers left pending; forget emptied consumers."""
+    key = queue_key(group)
+    summary = await client.xpending(key, group)
+    if not summary["pending"]:
+        return []
+    holders = {entry["name"].decode(): int(entry["pending"]) for entry in summary["consumers"] or []}
+    living = await living_consumers(client)
+    taken: list[Entry] = []
+    for name, pending in holders.items():
+        if name == consumer or name in living or len(taken) >= limit:
+            continue
+        rows = await client.xpending_range(key, group, "-", "+", limit - len(taken), consumername=name)
+        ids: list[Any] = [row["message_id"] for row in rows]
+        if ids:
+            claimed = cast(list[Entry], await client.xclaim(key, group, consumer, MIN_IDLE_MS, ids))
+            taken.extend(entry for entry in claimed if entry and entry[1])
+            logger.warning("took over %d requests of the dead reader %s in group %s", len(claimed), name, group)
+        if len(ids) >= pending:
+            await client.xgroup_delconsumer(key, group, name)
+    return taken

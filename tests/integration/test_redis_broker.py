@@ -1,0 +1,147 @@
+"""What only the Redis broker does: survive Redis going away, share readers between gateways, and find dead
+readers and gateways through the shared registry (the contract both brokers keep is in test_broker_contract)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from liftoff.core.errors import BrokerUnavailableError
+from liftoff.core.frames import (
+    AbortFrame,
+    ErrorFrame,
+    FinalFrame,
+    HeartbeatFrame,
+    RequestFrame,
+    TokenFrame,
+    encode_frames,
+)
+from tests.integration.broker_harness import Harness
+from tests.integration.test_broker_contract import settings
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def gateway(redis_server: RedisServer) -> AsyncIterator[Harness]:
+    harness = await Harness("redis", settings(), redis_server.url).start()
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+async def second_gateway(redis_server: RedisServer, **changes: object) -> Harness:
+    return await Harness("redis", settings(**changes), redis_server.url).start()
+
+
+async def test_a_lost_redis_fails_requests_at_once_and_everything_reconnects(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    reader = await gateway.reader("r1")
+    running = gateway.submit("running")
+    await reader.frames(1)
+    redis_server.stop()
+    error = await gateway.final(running, timeout=5)
+    assert isinstance(error, ErrorFrame)
+    assert error.error_type == "broker_unavailable"
+    await gateway.wait(lambda: not gateway.broker._up, "the gateway to notice")  # type: ignore[attr-defined]
+    with pytest.raises(BrokerUnavailableError, match="unreachable"):
+        gateway.submit("while Redis is down")
+    assert "lost Redis" in await reader.link_closed()
+    redis_server.start()  # empty, as after a restart without persistence
+    await gateway.wait(lambda: gateway.broker._up, "the gateway to reconnect", timeout=15)  # type: ignore[attr-defined]
+    again = await gateway.reader("r1-again")
+    request_id = gateway.submit("after")
+    (frame,) = await again.frames(1)
+    assert isinstance(frame, RequestFrame)
+    again.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
+    assert isinstance(await gateway.final(request_id), FinalFrame)
+
+
+async def test_a_gateway_started_before_redis_serves_once_redis_is_up(tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = RedisServer(tmp_path_factory.mktemp("late-redis"))
+    harness = await Harness("redis", settings(), server.url).start()
+    try:
+        with pytest.raises(BrokerUnavailableError):
+            harness.submit("too early")
+        server.start()
+        await harness.wait(lambda: harness.broker._up, "the gateway to connect", timeout=15)  # type: ignore[attr-defined]
+        reader = await harness.reader()
+        request_id = harness.submit("now")
+        await reader.frames(1)
+        reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
+        assert isinstance(await harness.final(request_id), FinalFrame)
+    finally:
+        await harness.close()
+        server.stop()
+
+
+async def test_two_gateways_share_readers_and_see_the_same_registry(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    other = await second_gateway(redis_server, reserved_groups=frozenset({"batch"}))
+    try:
+        reader = await gateway.reader("shared")
+        await other.wait(lambda: "shared" in other.events.live, "the other gateway to see the reader")
+        from_other = other.submit("via the other gateway")
+        from_first = gateway.submit("via the first gateway")
+        await reader.frames(2)
+        for request_id in (from_other, from_first):
+            reader.send([TokenFrame(request_id=request_id, seq=0, text="x"),
+                         FinalFrame(request_id=request_id, seq=1, finish_reason="stop")])  # fmt: skip
+        assert isinstance(await other.final(from_other), FinalFrame)
+        assert isinstance(await gateway.final(from_first), FinalFrame)
+        assert from_first not in other.events.outputs  # each gateway hears only its own requests
+        await gateway.wait(lambda: "batch" in gateway.broker.reserved_groups(["primary"]), "the shared reserved list")
+        assert gateway.broker.reserved_groups(["primary"]) == ["primary", "batch"]
+        other.broker.stop_reader("shared", "the reader was deleted")  # deleted through the other gateway
+        await gateway.wait(lambda: "shared" in gateway.events.removed, "the deletion to reach the first gateway")
+        assert isinstance((await reader.frames(3))[-1], type(reader.received[-1]))
+    finally:
+        await other.close()
+
+
+async def test_a_reader_silent_with_requests_in_flight_is_declared_dead_and_registers_again(
+    redis_server: RedisServer,
+) -> None:
+    harness = await Harness("redis", settings(reader_message_timeout_ms=300), redis_server.url).start()
+    try:
+        reader = await harness.reader("quiet")
+        started = harness.submit("started")
+        await reader.frames(1)
+        reader.send([TokenFrame(request_id=started, seq=0, text="a")])
+        error = await harness.final(started, timeout=5)  # no heartbeat, no frame: silent
+        assert isinstance(error, ErrorFrame)
+        assert error.error_type == "reader_died"
+        assert "silent" in harness.events.lost["quiet"]
+        reader.send([HeartbeatFrame(timestamp_ms=1)])  # it speaks again and learns that it was declared dead
+        assert "declared this reader dead" in await reader.link_closed()
+    finally:
+        await harness.close()
+
+
+async def test_a_reader_aborts_the_requests_of_a_gateway_that_is_gone(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    reader = await gateway.reader("orphaned")
+    frame = RequestFrame(request_id="from-a-dead-gateway", consumer_group="primary", text="x")
+    with redis_server.client() as client:  # a request whose gateway has no liveness key (it died)
+        client.xadd("liftoff:q:primary", {"f": encode_frames([frame]), "gw": "gw-dead"})
+    frames = await reader.frames(2, timeout=5)
+    assert frames == [frame, AbortFrame(request_id="from-a-dead-gateway")]
+
+
+async def test_the_streams_hold_only_what_is_waiting_or_running(gateway: Harness, redis_server: RedisServer) -> None:
+    reader = await gateway.reader(capacity=4)
+    request_ids = [gateway.submit(f"p{i}") for i in range(5)]
+    await reader.frames(5)
+    for request_id in request_ids:
+        reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
+    for request_id in request_ids:
+        await gateway.final(request_id)
+    with redis_server.client() as client:
+        await gateway.wait(lambda: client.xlen("liftoff:q:primary") == 0, "the queue stream to empty")
+        assert client.xpending("liftoff:q:primary", "primary")["pending"] == 0
+        reply = f"liftoff:r:{gateway.settings.gateway_id}"
+        await gateway.wait(lambda: client.xlen(reply) <= 1, "the reply stream to be trimmed")
