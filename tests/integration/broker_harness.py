@@ -100,8 +100,9 @@ class TestReader:
     def register_frame(self, *, loaded: bool = True) -> RegisterFrame:
         info = ReaderInfo(consumer_groups=list(self.groups), consumer_name=ids.consumer_name(self.reader_id),
                           device="cpu", model_name="test", model_type="CAUSAL", pids=[])  # fmt: skip
-        return RegisterFrame(reader_id=self.reader_id, info=info, config={"model_name": "test", "device": "cpu"},
-                             heartbeat_interval_ms=200, loaded=loaded, capacity=self.capacity if loaded else 0)  # fmt: skip
+        config = {"model_name": "test", "device": "cpu"}
+        return RegisterFrame(reader_id=self.reader_id, info=info, config=config, heartbeat_interval_ms=200,
+                             loaded=loaded, capacity=self.capacity if loaded else 0)  # fmt: skip
 
     def start(self) -> None:
         """Receive in the background from now on (into ``received``)."""
@@ -114,18 +115,18 @@ class TestReader:
         except LinkClosedError as exc:
             self.closed = str(exc)
 
-    async def link_closed(self, timeout: float = WAIT_S) -> str:
+    async def link_closed(self, within_s: float = WAIT_S) -> str:
         """Wait until the link closes by itself; its reason."""
-        deadline = monotonic() + timeout
+        deadline = monotonic() + within_s
         while self.closed is None:
             if monotonic() > deadline:
                 raise AssertionError(f"the link of {self.reader_id} did not close")
             await asyncio.sleep(0.01)
         return self.closed
 
-    async def frames(self, count: int = 1, timeout: float = WAIT_S) -> list[GatewayFrame]:
-        """Wait until ``count`` frames have arrived in all (fails after ``timeout``)."""
-        deadline = monotonic() + timeout
+    async def frames(self, count: int = 1, within_s: float = WAIT_S) -> list[GatewayFrame]:
+        """Wait until ``count`` frames have arrived in all (fails after ``within_s``)."""
+        deadline = monotonic() + within_s
         while len(self.received) < count:
             if monotonic() > deadline:
                 raise AssertionError(f"{self.reader_id} received {len(self.received)} frames, not {count}")
@@ -211,15 +212,15 @@ class Harness:
         self.broker.submit(frame, monotonic() + deadline_s)
         return request_id
 
-    async def wait(self, predicate: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
-        deadline = monotonic() + timeout
+    async def wait(self, predicate: Callable[[], object], what: str, within_s: float = WAIT_S) -> None:
+        deadline = monotonic() + within_s
         while not predicate():
             if monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.01)
 
-    async def final(self, request_id: str, timeout: float = WAIT_S) -> OutputFrame:
-        await self.wait(lambda: self.events.final(request_id) is not None, f"the end of {request_id}", timeout)
+    async def final(self, request_id: str, within_s: float = WAIT_S) -> OutputFrame:
+        await self.wait(lambda: self.events.final(request_id) is not None, f"the end of {request_id}", within_s)
         frame = self.events.final(request_id)
         assert frame is not None
         return frame

@@ -111,7 +111,7 @@ async def test_load_is_shared_between_the_readers_of_a_group(harness: Harness) -
     two = await harness.reader(capacity=2)
     for i in range(6):
         harness.submit(f"p{i}")
-    await harness.wait(lambda: len(one.received) + len(two.received) >= 6, "6 deliveries", timeout=5)
+    await harness.wait(lambda: len(one.received) + len(two.received) >= 6, "6 deliveries", within_s=5)
     await one.quiet(0.2)
     assert len(one.requests()) == 3
     assert len(two.requests()) == 3
@@ -165,7 +165,7 @@ async def test_an_aborted_queued_request_is_never_delivered(harness: Harness) ->
 
 async def test_a_request_no_reader_takes_fails_at_its_deadline(harness: Harness) -> None:
     request_id = harness.submit("alone", "nobody", deadline_s=0.3)
-    error = await harness.final(request_id, timeout=5)
+    error = await harness.final(request_id, within_s=5)
     assert isinstance(error, ErrorFrame)
     assert error.error_type == "unavailable"
     assert harness.broker.queue_depth() == 0
@@ -177,7 +177,7 @@ async def test_a_busy_group_times_out_its_queued_requests(harness: Harness) -> N
     harness.submit("two")  # the prefetch slot
     late = harness.submit("three", deadline_s=0.3)
     await reader.frames(2)
-    error = await harness.final(late, timeout=5)
+    error = await harness.final(late, within_s=5)
     assert isinstance(error, ErrorFrame)
     assert error.error_type == "timeout"
 
@@ -290,7 +290,7 @@ async def test_the_last_readers_death_fails_its_groups_waiting_requests_at_once(
     queued = harness.submit("queued")
     await only.frames(2)
     await only.close()
-    error = await harness.final(queued, timeout=5)
+    error = await harness.final(queued, within_s=5)
     assert isinstance(error, ErrorFrame)
     assert error.error_type in {"unavailable", "reader_died"}
 

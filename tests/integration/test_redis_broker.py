@@ -42,7 +42,7 @@ async def test_a_lost_redis_fails_requests_at_once_and_everything_reconnects(
     running = gateway.submit("running")
     await reader.frames(1)
     redis_server.stop()
-    error = await gateway.final(running, timeout=5)
+    error = await gateway.final(running, within_s=5)
     assert isinstance(error, ErrorFrame)
     assert error.error_type == "broker_unavailable"
     await gateway.wait(lambda: not gateway.broker._up, "the gateway to notice")  # type: ignore[attr-defined]
@@ -50,7 +50,7 @@ async def test_a_lost_redis_fails_requests_at_once_and_everything_reconnects(
         gateway.submit("while Redis is down")
     assert "lost Redis" in await reader.link_closed()
     redis_server.start()  # empty, as after a restart without persistence
-    await gateway.wait(lambda: gateway.broker._up, "the gateway to reconnect", timeout=15)  # type: ignore[attr-defined]
+    await gateway.wait(lambda: gateway.broker._up, "the gateway to reconnect", within_s=15)  # type: ignore[attr-defined]
     again = await gateway.reader("r1-again")
     request_id = gateway.submit("after")
     (frame,) = await again.frames(1)
@@ -66,7 +66,7 @@ async def test_a_gateway_started_before_redis_serves_once_redis_is_up(tmp_path_f
         with pytest.raises(BrokerUnavailableError):
             harness.submit("too early")
         server.start()
-        await harness.wait(lambda: harness.broker._up, "the gateway to connect", timeout=15)  # type: ignore[attr-defined]
+        await harness.wait(lambda: harness.broker._up, "the gateway to connect", within_s=15)  # type: ignore[attr-defined]
         reader = await harness.reader()
         request_id = harness.submit("now")
         await reader.frames(1)
@@ -111,7 +111,7 @@ async def test_a_reader_silent_with_requests_in_flight_is_declared_dead_and_regi
         started = harness.submit("started")
         await reader.frames(1)
         reader.send([TokenFrame(request_id=started, seq=0, text="a")])
-        error = await harness.final(started, timeout=5)  # no heartbeat, no frame: silent
+        error = await harness.final(started, within_s=5)  # no heartbeat, no frame: silent
         assert isinstance(error, ErrorFrame)
         assert error.error_type == "reader_died"
         assert "silent" in harness.events.lost["quiet"]
@@ -128,7 +128,7 @@ async def test_a_reader_aborts_the_requests_of_a_gateway_that_is_gone(
     frame = RequestFrame(request_id="from-a-dead-gateway", consumer_group="primary", text="x")
     with redis_server.client() as client:  # a request whose gateway has no liveness key (it died)
         client.xadd("liftoff:q:primary", {"f": encode_frames([frame]), "gw": "gw-dead"})
-    frames = await reader.frames(2, timeout=5)
+    frames = await reader.frames(2, within_s=5)
     assert frames == [frame, AbortFrame(request_id="from-a-dead-gateway")]
 
 

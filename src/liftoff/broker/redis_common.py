@@ -12,6 +12,8 @@ Layout (every key starts with ``liftoff:``):
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,6 +22,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "liftoff:"
 READERS = PREFIX + "readers"
@@ -85,6 +89,27 @@ def connect(url: str) -> aioredis.Redis:
 def describe(error: BaseException) -> str:
     """A short reason for a Redis failure."""
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+# Update fields of a reader's hash only while it is registered (a deleted reader must not come back half-made);
+# returns the state before the update.
+UPDATE_IF_REGISTERED = """
+if redis.call('HEXISTS', KEYS[1], 'register') == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return state
+"""
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they have ended. redis-py runs commands under ``asyncio.wait_for``, which on
+    Python 3.11 can lose a cancellation that arrives as a command completes: cancel again until each one ends."""
+    for task in tasks:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -160,6 +185,7 @@ __all__ = [
     "ReaderEntry",
     "RedisError",
     "Timing",
+    "cancel_all",
     "connect",
     "reader_ids",
     "stream_entries",

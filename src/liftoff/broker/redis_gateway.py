@@ -31,8 +31,10 @@ from liftoff.broker.redis_common import (
     READERS,
     RESERVED,
     SETTINGS,
+    UPDATE_IF_REGISTERED,
     Fields,
     RedisError,
+    cancel_all,
     connect,
     control_key,
     describe,
@@ -95,7 +97,7 @@ class RedisBroker(GatewayBroker):
         self._shared_reserved: list[str] = []
         hb_s = settings.heartbeat_interval_ms / 1000.0
         self._poll_s = max(0.02, min(hb_s, settings.reader_message_timeout_ms / 1000.0) / 4)
-        self._gateway_ttl_ms = max(10_000, 5 * settings.heartbeat_interval_ms)
+        self._gateway_ttl_ms = max(5_000, 5 * settings.heartbeat_interval_ms)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -115,11 +117,7 @@ class RedisBroker(GatewayBroker):
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         for job in list(self._jobs.values()):
             self._fail(job, BrokerUnavailableError("the gateway is shutting down"))
         if self._client is not None:
@@ -208,8 +206,8 @@ class RedisBroker(GatewayBroker):
             self._mirror.seen[reader_id].entry, state="dead", error=reason
         )
         self._reader_gone(reader_id, reason)
-        key = reader_key(reader_id)
-        self._op(lambda p: p.hset(key, mapping={"state": "dead", "error": reason, "why": "lost"}))
+        key = reader_key(reader_id)  # not if it was deleted meanwhile: no half-made entry
+        self._op(lambda p: p.eval(UPDATE_IF_REGISTERED, 1, key, "state", "dead", "error", reason, "why", "lost"))
         self.events.on_reader_lost(reader_id, reason)
 
     def stop_reader(self, reader_id: str, reason: str) -> None:
@@ -297,6 +295,9 @@ class RedisBroker(GatewayBroker):
             self._op(lambda p: p.xadd(ABORTS, {b"id": rid}, maxlen=ABORTS_MAXLEN, approximate=True))
             return
         if job.reader == claim.reader_id:
+            if claim.reclaimed and job.started:  # it started again after a reconnect: the stream would repeat
+                self._fail(job, ReaderDiedError(f"reader {job.reader} lost its work mid-request"))
+                self._on_claimed(claim)
             return
         if job.reader is not None:  # re-claimed before this gateway saw its reader die
             if job.started:
@@ -311,8 +312,12 @@ class RedisBroker(GatewayBroker):
                 self._on_claimed(claim)
                 return
             job.frame = msgspec.structs.replace(job.frame, attempt=job.frame.attempt + 1)
+        self._adopt(job, claim.reader_id)
+
+    def _adopt(self, job: RedisJob, reader_id: str) -> None:
+        """A waiting job now belongs to ``reader_id``."""
         self._queued -= 1
-        job.reader = claim.reader_id
+        job.reader = reader_id
         observe = self.queue_time_observer
         if observe is not None and job.frame.attempt == 0:
             observe(job.frame.consumer_group, monotonic() - job.enqueued)
@@ -326,6 +331,8 @@ class RedisBroker(GatewayBroker):
                 self._on_claimed(frame)
                 continue
             job = self._jobs.get(getattr(frame, "request_id", ""))
+            if job is not None and job.reader is None and job.lost_reader == reader_id:
+                self._adopt(job, reader_id)  # declared dead too soon: it is still working on it, and nobody else is
             if job is None or job.reader != reader_id:
                 continue  # finished, failed, or answered by a reader that no longer owns it
             if isinstance(frame, TokenFrame):

@@ -25,9 +25,11 @@ from liftoff.broker.redis_common import (
     LOST,
     READERS,
     SETTINGS,
+    UPDATE_IF_REGISTERED,
     Entry,
     RedisError,
     Timing,
+    cancel_all,
     connect,
     control_key,
     describe,
@@ -63,14 +65,6 @@ logger = logging.getLogger(__name__)
 
 _ABORT_MEMORY_S = 300.0
 _CLAIM_DELAY_S = 0.005
-# Update fields of a reader's hash only while it is registered (a deleted reader must not come back half-made);
-# returns the state before the update.
-_UPDATE_IF_REGISTERED = """
-if redis.call('HEXISTS', KEYS[1], 'register') == 0 then return false end
-local state = redis.call('HGET', KEYS[1], 'state')
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return state
-"""
 
 
 @dataclass(slots=True)
@@ -174,11 +168,7 @@ class RedisReaderLink(ReaderLink):
         if self._client is None:
             return
         self._shut("the reader closed its link")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         client, self._client = self._client, None
         with contextlib.suppress(*LOST, RedisError):
             if self._outbox:
@@ -220,14 +210,14 @@ class RedisReaderLink(ReaderLink):
     async def _update(self, client: aioredis.Redis | Pipeline, fields: dict[str, Any]) -> Any:
         assert self._register is not None
         args = [item for pair in fields.items() for item in pair]
-        return await client.eval(_UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
+        return await client.eval(UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
 
     # ---- claiming -----------------------------------------------------------------------------------------------
 
     async def _claim_forever(self, group: str) -> None:
         key = queue_key(group)
         start = "0"  # first our own pending entries (claimed before a reconnect), then new ones
-        while True:
+        while self._closed is None:
             await self._free.wait()
             count = self._free_slots()
             if count <= 0:
@@ -282,7 +272,7 @@ class RedisReaderLink(ReaderLink):
     async def _control_forever(self) -> None:
         assert self._register is not None
         control = control_key(self._register.reader_id)
-        while True:
+        while self._closed is None:
             streams = await self.client.xread({control: self._last_control, ABORTS: self._last_abort},
                                               count=512, block=1000)  # fmt: skip
             for stream, entries in stream_entries(streams):
@@ -319,7 +309,7 @@ class RedisReaderLink(ReaderLink):
 
     async def _keep_forever(self) -> None:
         period = self._timing.heartbeat_interval_ms / 1000.0
-        while True:
+        while self._closed is None:
             await asyncio.sleep(period)
             cutoff = monotonic() - _ABORT_MEMORY_S
             self._aborted = {rid: at for rid, at in self._aborted.items() if at > cutoff}
@@ -355,7 +345,7 @@ class RedisReaderLink(ReaderLink):
     # ---- writing ------------------------------------------------------------------------------------------------
 
     async def _write_forever(self) -> None:
-        while True:
+        while self._closed is None:
             await self._wake.wait()
             self._wake.clear()
             if self._outbox:
@@ -402,7 +392,7 @@ class RedisReaderLink(ReaderLink):
     def _pipe_update(self, pipe: Pipeline, fields: dict[str, Any]) -> None:
         assert self._register is not None
         args = [item for pair in fields.items() for item in pair]
-        pipe.eval(_UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
+        pipe.eval(UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
 
     def _route(self, pipe: Pipeline, frame: Any, replies: dict[str, list[Any]]) -> None:
         claim = self._claims.get(frame.request_id)
