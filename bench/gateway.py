@@ -35,6 +35,25 @@ Run it from the repository root::
 
 The figures depend on the machine and on what else runs on it: the CPU table's "other processes" column shows
 how much of the machine something else used during each window.
+
+Redis broker (``--broker redis``, code in ``bench/gateway_redis.py``): the script also starts its own
+``redis-server`` (``--port P --bind 127.0.0.1 --save '' --appendonly no``, a free loopback port, its own process
+group, stopped at the end) and runs, one after the other (only one part's gateways run at a time), the
+``POST /generate`` phase (``--concurrency`` clients) against (a) a gateway with the embedded broker, (b) a gateway
+with ``broker: redis://...`` and the same echo readers, and (c) two gateways on that Redis (the first is (b)'s,
+with the readers in its config; the second has none and uses them through Redis), the load generator sending
+half of its connections to each. For (a) and (b) it also measures ``POST /generate`` from
+``--latency-concurrency`` clients (default 1: one client, sequential requests), where latency is not queueing:
+that is the cleanest "what does Redis add per request" figure (at ``--concurrency`` clients p50 is mostly
+queueing in a saturated gateway, so its difference follows the requests/s). The report gives requests/s, p50,
+p99 and errors of each, ``Redis p50 - embedded p50`` at both concurrencies against the target (at most 1 ms),
+the CPU table with the ``redis-server`` process, and the Redis commands per request (``INFO commandstats``).
+The minimal-uvicorn peer and the stream phases are not run in this mode (``--paced-token-delay-ms`` is refused).
+``--latency-concurrency``, ``--reader-message-timeout-ms`` (set on every gateway of the run, the embedded one
+too) and ``--keep-logs`` are used only in this mode. A gateway that cannot start skips its phases (the others
+are still reported) and makes the exit code 1::
+
+    .venv/bin/python bench/gateway.py --broker redis --duration 3 --warmup 1 --json /tmp/gateway-redis.json
 """
 
 from __future__ import annotations
@@ -280,13 +299,24 @@ def start_liftoff(
     return launch_liftoff(workdir, liftoff_config(ports, workdir, args), ports, stack), ports
 
 
-def launch_liftoff(workdir: Path, config: dict[str, Any], ports: dict[str, int], stack: contextlib.ExitStack,
-                   timeout: float = 60.0) -> Managed:  # fmt: skip
-    """``liftoff serve`` with ``config`` (a ``{"takeoff": ...}`` document), every reader live; ``stack`` stops it."""
-    readers = len(config["takeoff"]["readers_config"])
+def launch_liftoff(
+    workdir: Path,
+    config: dict[str, Any],
+    ports: dict[str, int],
+    stack: contextlib.ExitStack,
+    timeout: float = 60.0,
+    *,
+    name: str = "liftoff",
+    live_readers: int | None = None,
+) -> Managed:
+    """``liftoff serve`` with ``config`` (a ``{"takeoff": ...}`` document), every reader live; ``stack`` stops it.
+
+    ``live_readers``: the live readers to wait for, if not those of the config (a gateway of a shared broker sees
+    other gateways' readers). The log is ``<name>.log`` in ``workdir``."""
+    readers = len(config["takeoff"]["readers_config"]) if live_readers is None else live_readers
     (workdir / "config.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
     command = [sys.executable, "-m", "liftoff", "serve", "--config", str(workdir / "config.yaml")]
-    server = Managed("liftoff", command, workdir, workdir / "liftoff.log")
+    server = Managed(name, command, workdir, workdir / f"{name}.log")
     stack.callback(server.stop)
     health = f"http://{HOST}:{ports['management_port']}/healthz"
 
@@ -295,7 +325,7 @@ def launch_liftoff(workdir: Path, config: dict[str, Any], ports: dict[str, int],
         return status == 200 and int(body["live_readers"]) >= readers
 
     wait_for(server, all_live, timeout)
-    log(f"liftoff is live with {readers} reader(s): pids {server.track_children()}")
+    log(f"{name} is live with {readers} reader(s): pids {server.track_children()}")
     return server
 
 
@@ -358,11 +388,17 @@ class Phase:
     expect_events: int | None  # SSE: the events each stream must deliver; None: a JSON answer
     cpu_groups: dict[str, list[int]]
     same_body: bool = True  # JSON answers must all equal the first (off where floats may differ in the last bit)
+    extra_ports: tuple[int, ...] = ()  # more servers of the same app: the clients are spread over all the ports
 
-    def request(self) -> bytes:
+    def client_ports(self) -> list[int]:
+        """The port of each client: round robin over ``port`` and ``extra_ports``."""
+        ports = (self.port, *self.extra_ports)
+        return [ports[index % len(ports)] for index in range(self.concurrency)]
+
+    def request(self, port: int | None = None) -> bytes:
         body = json.dumps(self.payload, separators=(",", ":")).encode()
-        head = (f"POST {self.path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        head = (f"POST {self.path} HTTP/1.1\r\nHost: {HOST}:{port or self.port}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
         return head.encode() + body
 
 
@@ -507,10 +543,11 @@ def record(tally: Tally, exchange: Exchange, expect_events: int | None, end: int
 class Client:
     """One simulated user: sends the phase's request again and again on its connection until the window ends."""
 
-    def __init__(self, phase: Phase, request: bytes, tally: Tally) -> None:
+    def __init__(self, phase: Phase, request: bytes, tally: Tally, port: int | None = None) -> None:
         self.phase = phase
         self.request = request
         self.tally = tally
+        self.port = port or phase.port
         self.conn: Connection | None = None
 
     def drop(self) -> None:
@@ -527,7 +564,7 @@ class Client:
                 if self.conn is None:
                     self.tally.connections += 1
                     self.conn = await Connection.open(
-                        self.phase.port, Exchange(self.tally, self.phase.expect_events is not None)
+                        self.port, Exchange(self.tally, self.phase.expect_events is not None)
                     )
                 exchange = await self.conn.send(self.request, start)
             except (OSError, httptools.HttpParserError) as exc:
@@ -601,8 +638,9 @@ async def run_phase(phase: Phase, settings: Settings) -> dict[str, Any]:
     start = time.perf_counter_ns()
     tally.t0 = start + int(settings.warmup_s * 1e9)
     tally.t1 = tally.t0 + int(settings.duration_s * 1e9)
-    request = phase.request()
-    clients = [Client(phase, request, tally) for _ in range(phase.concurrency)]
+    ports = phase.client_ports()
+    requests = {port: phase.request(port) for port in set(ports)}
+    clients = [Client(phase, requests[port], tally, port) for port in ports]
     sampler = asyncio.create_task(sample_cpu(tally, phase.cpu_groups))
     guard = asyncio.create_task(watchdog(clients, settings.request_timeout_s))
     try:
@@ -716,14 +754,19 @@ def table(results: dict[str, dict[str, Any]], ratio: float) -> list[str]:
     ]
 
 
-def cpu_table(results: dict[str, dict[str, Any]]) -> list[str]:
+CPU_COLUMNS = (("client", "load generator"), ("gateway", "Liftoff gateway"), ("readers", "Liftoff readers"),
+               ("minimal", "minimal app"), ("other", "other processes"))  # fmt: skip
+
+
+def cpu_table(results: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...] = CPU_COLUMNS) -> list[str]:
+    """One row per phase, one column per process group (``columns``: key in the phase's ``cpu``, heading)."""
     rows = [
-        "| Phase | load generator | Liftoff gateway | Liftoff readers | minimal app | other processes |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| Phase | " + " | ".join(heading for _, heading in columns) + " |",
+        "|---|" + "--:|" * len(columns),
     ]
     for key, result in results.items():
         cpu = result["cpu"]
-        cells = [cpu.get(name) for name in ("client", "gateway", "readers", "minimal", "other")]
+        cells = [cpu.get(name) for name, _ in columns]
         rows.append(f"| {key} | " + " | ".join("—" if c is None else f"{c:.0f} %" for c in cells) + " |")
     return rows
 
@@ -765,11 +808,17 @@ def report(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> tuple[li
         f"stopped with exit code {meta['liftoff_exit']} in {meta['liftoff_stop_s']:.1f} s; "
         f"{len(meta['liftoff_log_problems'])} warning/error log lines",
     ]
-    for name in ("warmup_errors", "error_kinds"):
-        for key, result in results.items():
-            if result[name]:
-                lines.append(f"- {key} {name.replace('_', ' ')}: {result[name]}")
-    return lines, ratio
+    return lines + error_lines(results), ratio
+
+
+def error_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The kinds of errors of each phase, during the warm-up and in the measurement window."""
+    return [
+        f"- {key} {name.replace('_', ' ')}: {result[name]}"
+        for name in ("warmup_errors", "error_kinds")
+        for key, result in results.items()
+        if result[name]
+    ]
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -847,6 +896,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return {"meta": meta, "results": results}
 
 
+def peer_report(outcome: dict[str, Any]) -> list[str]:
+    """The report of the default mode (Liftoff against the minimal peer); adds ``ratio`` to ``outcome``."""
+    lines, outcome["ratio"] = report(outcome["results"], outcome["meta"])
+    return lines + [f"  liftoff log: {line}" for line in outcome["meta"]["liftoff_log_problems"][:10]]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds measured per phase (default 10).")
@@ -865,8 +920,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paced-concurrency", type=int, default=64, help="Clients of the paced stream phase (64).")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="An answer later than this is an error.")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
+    parser.add_argument(
+        "--broker",
+        choices=("embedded", "redis"),
+        default="embedded",
+        help="embedded (default): Liftoff against the minimal peer; redis: embedded vs Redis broker vs two "
+        "gateways on one Redis (starts its own redis-server; see above).",
+    )
+    parser.add_argument(
+        "--latency-concurrency",
+        type=int,
+        default=1,
+        help="--broker redis: clients of the latency phases, embedded vs Redis (default 1: sequential requests).",
+    )
+    parser.add_argument(
+        "--reader-message-timeout-ms",
+        type=int,
+        help="--broker redis: server_config reader_message_timeout_ms of every gateway (default: Liftoff's).",
+    )
+    parser.add_argument("--keep-logs", type=Path, help="--broker redis: copy the servers' logs into this folder.")
     parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.broker == "redis" and args.paced_token_delay_ms > 0:
+        parser.error("--paced-token-delay-ms is for --broker embedded (no stream phases with --broker redis)")
+    if args.broker == "redis" and min(args.latency_concurrency, args.concurrency, args.readers) < 1:
+        parser.error("--concurrency, --latency-concurrency and --readers must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -874,24 +953,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.minimal_server is not None:
         serve_minimal(args.minimal_server)
         return 0
+    run, render = benchmark, peer_report
+    if args.broker == "redis":
+        sys.modules.setdefault("gateway", sys.modules[__name__])  # gateway_redis imports this module, not a copy
+        from gateway_redis import benchmark_redis, report_redis
+
+        run, render = benchmark_redis, report_redis
     with terminate_on_sigterm():
         try:
-            outcome = benchmark(args)
+            outcome = run(args)
         except RuntimeError as exc:
             log(f"failed: {exc}")
             return 1
         except KeyboardInterrupt:
             log("interrupted; the servers were stopped")
             return 130
-    lines, ratio = report(outcome["results"], outcome["meta"])
-    print("\n".join(lines))
-    for line in outcome["meta"]["liftoff_log_problems"][:10]:
-        print(f"  liftoff log: {line}")
+    print("\n".join(render(outcome)))
     if args.json:
-        outcome["ratio"] = ratio
         args.json.write_text(json.dumps(outcome, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
-    return 0
+    return 1 if outcome["meta"].get("failures") else 0
 
 
 if __name__ == "__main__":

@@ -331,8 +331,10 @@ class RedisBroker(GatewayBroker):
                 self._on_claimed(frame)
                 continue
             job = self._jobs.get(getattr(frame, "request_id", ""))
-            if job is not None and job.reader is None and job.lost_reader == reader_id:
-                self._adopt(job, reader_id)  # declared dead too soon: it is still working on it, and nobody else is
+            if job is not None and job.queued and job.lost_reader in {None, reader_id}:
+                # Its first output says who claimed it (a reader sends a claim alone only when no output comes at
+                # once); or a reader declared dead too soon is still working on it, and nobody else is.
+                self._adopt(job, reader_id)
             if job is None or job.reader != reader_id:
                 continue  # finished, failed, or answered by a reader that no longer owns it
             if isinstance(frame, TokenFrame):

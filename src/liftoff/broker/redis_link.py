@@ -353,6 +353,9 @@ class RedisReaderLink(ReaderLink):
 
     async def _flush(self, client: aioredis.Redis) -> None:
         batch, self._outbox = self._outbox, []
+        answered = {f.request_id for f in batch if isinstance(f, TokenFrame | FinalFrame | ResultFrame | ErrorFrame)}
+        if answered:  # a first claim that goes with an output is implied by it
+            batch = [f for f in batch if not isinstance(f, ClaimedFrame) or f.reclaimed or f.request_id not in answered]
         replies: dict[str, list[Any]] = {}
         async with client.pipeline(transaction=False) as pipe:
             heartbeat: int | None = None  # the index of the heartbeat's command, whose result is our state
