@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +43,7 @@ from liftoff.broker.redis_common import (
     reply_key,
     stream_entries,
 )
-from liftoff.broker.redis_jobs import RedisJob
+from liftoff.broker.redis_jobs import JobBook, RedisJob
 from liftoff.broker.redis_registry import RegistryMirror, snapshot
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
@@ -52,18 +51,14 @@ from liftoff.core.errors import (
     LiftoffError,
     NoReadersAvailableError,
     OverloadedError,
-    ReaderDiedError,
     RequestTimeoutError,
 )
 from liftoff.core.frames import (
-    ClaimedFrame,
     OutputFrame,
     RequestFrame,
     StopFrame,
-    TokenFrame,
     decode_reader_frames,
     encode_frames,
-    error_frame,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,16 +79,13 @@ class RedisBroker(GatewayBroker):
         self._client: aioredis.Redis | None = None
         self._up = False
         self._closing = False  # redis-py may turn a cancellation into a connection error: loops check this
-        self._jobs: dict[str, RedisJob] = {}
-        self._queued = 0
-        self._deadlines: list[tuple[float, int, RedisJob]] = []
-        self._tiebreak = 0
+        self._book = JobBook(settings, self)
         self._ops: list[Op] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reply_key = reply_key(settings.gateway_id)
         self._last_reply = "0-0"
-        self._mirror = RegistryMirror(self._reader_gone)
+        self._mirror = RegistryMirror(self._book.reader_gone)
         self._shared_reserved: list[str] = []
         hb_s = settings.heartbeat_interval_ms / 1000.0
         self._poll_s = max(0.02, min(hb_s, settings.reader_message_timeout_ms / 1000.0) / 4)
@@ -118,8 +110,8 @@ class RedisBroker(GatewayBroker):
     async def close(self) -> None:
         self._closing = True
         await cancel_all(self._tasks)
-        for job in list(self._jobs.values()):
-            self._fail(job, BrokerUnavailableError("the gateway is shutting down"))
+        for job in list(self._book.jobs.values()):
+            self._book.fail(job, BrokerUnavailableError("the gateway is shutting down"))
         if self._client is not None:
             with contextlib.suppress(RedisError, *LOST):
                 if self._ops:
@@ -160,20 +152,20 @@ class RedisBroker(GatewayBroker):
     # ---- gateway API --------------------------------------------------------------------------------------------
 
     def submit(self, frame: RequestFrame, queue_deadline: float) -> None:
+        book = self._book
         if not self._up:
             raise BrokerUnavailableError(f"the broker (Redis at {self.url}) is unreachable; try again shortly")
-        if self._queued >= self.settings.max_queued_requests:
-            raise OverloadedError(f"{self._queued} requests are already waiting (max_queued_requests); try again later")
+        if book.queued >= self.settings.max_queued_requests:
+            raise OverloadedError(f"{book.queued} requests are already waiting (max_queued_requests); try again later")
         job = RedisJob(frame=frame, deadline=queue_deadline)
         if frame.reader_id:
             if not self._mirror.live(frame.reader_id):
                 raise NoReadersAvailableError(f"reader {frame.reader_id!r} is not live")
             job.reader = frame.reader_id
-            self._jobs[frame.request_id] = job
+            book.jobs[frame.request_id] = job
             self._op(lambda p: p.xadd(control_key(frame.reader_id), self._entry(job)))
             return
-        self._jobs[frame.request_id] = job
-        self._queue(job)
+        book.queue(job)
         key = queue_key(frame.consumer_group)
         self._op(lambda p: p.xadd(key, self._entry(job)), lambda entry_id: self._added(job, entry_id))
 
@@ -182,36 +174,32 @@ class RedisBroker(GatewayBroker):
 
     def _added(self, job: RedisJob, entry_id: Any) -> None:
         if isinstance(entry_id, BaseException):
-            self._fail(job, BrokerUnavailableError(f"could not queue the request in Redis: {entry_id}"))
+            self._book.fail(job, BrokerUnavailableError(f"could not queue the request in Redis: {entry_id}"))
             return
         job.entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         if job.cancelled:
-            self._forget_entry(job)
+            self.forget_entry(job)
 
     def abort(self, request_id: str) -> None:
-        job = self._jobs.pop(request_id, None)
-        if job is None:
-            return
-        if job.reader is None and not job.cancelled:
-            self._queued -= 1
-        job.cancelled = True
-        self._forget_entry(job)
-        self._op(lambda p: p.xadd(ABORTS, {b"id": request_id.encode()}, maxlen=ABORTS_MAXLEN, approximate=True))
+        job = self._book.pop(request_id)
+        if job is not None:
+            self.forget_entry(job)
+            self.publish_abort(request_id)
 
     def evict_reader(self, reader_id: str, reason: str) -> None:
         if reader_id not in self._mirror.seen:
-            self._reader_gone(reader_id, reason)
+            self._book.reader_gone(reader_id, reason)
             return
         self._mirror.seen[reader_id].entry = msgspec.structs.replace(
             self._mirror.seen[reader_id].entry, state="dead", error=reason
         )
-        self._reader_gone(reader_id, reason)
+        self._book.reader_gone(reader_id, reason)
         key = reader_key(reader_id)  # not if it was deleted meanwhile: no half-made entry
         self._op(lambda p: p.eval(UPDATE_IF_REGISTERED, 1, key, "state", "dead", "error", reason, "why", "lost"))
         self.events.on_reader_lost(reader_id, reason)
 
     def stop_reader(self, reader_id: str, reason: str) -> None:
-        self._reader_gone(reader_id, reason)
+        self._book.reader_gone(reader_id, reason)
         self._mirror.seen.pop(reader_id, None)
         stop = encode_frames([StopFrame(reason=reason)])
 
@@ -224,13 +212,13 @@ class RedisBroker(GatewayBroker):
 
     def queue_depth(self, group: str | None = None) -> int:
         if group is None:
-            return self._queued
-        return sum(1 for job in self._jobs.values() if job.queued and job.frame.consumer_group == group)
+            return self._book.queued
+        return sum(1 for job in self._book.jobs.values() if job.queued and job.frame.consumer_group == group)
 
     def in_flight(self, group: str | None = None) -> int:
         return sum(
             1
-            for job in self._jobs.values()
+            for job in self._book.jobs.values()
             if job.reader is not None and not job.frame.reader_id
             and (group is None or job.frame.consumer_group == group)
         )  # fmt: skip
@@ -238,25 +226,9 @@ class RedisBroker(GatewayBroker):
     def reserved_groups(self, own: list[str]) -> list[str]:
         return [*own, *(group for group in self._shared_reserved if group not in own)]
 
-    # ---- jobs ---------------------------------------------------------------------------------------------------
+    # ---- what the job book needs (Hooks) -----------------------------------------------------------------------
 
-    def _queue(self, job: RedisJob) -> None:
-        """Count the job as waiting for a reader, with its queue deadline."""
-        job.reader = None
-        self._queued += 1
-        self._tiebreak += 1
-        heapq.heappush(self._deadlines, (job.deadline, self._tiebreak, job))
-
-    def _fail(self, job: RedisJob, error: LiftoffError) -> None:
-        if self._jobs.pop(job.frame.request_id, None) is None:
-            return
-        if job.queued:
-            self._queued -= 1
-        job.cancelled = True
-        self._forget_entry(job)
-        self.events.on_outputs([error_frame(job.frame.request_id, error, job.next_seq)])
-
-    def _forget_entry(self, job: RedisJob) -> None:
+    def forget_entry(self, job: RedisJob) -> None:
         """Take the job's entry out of its stream (unread) and out of any pending list (read)."""
         if not job.entry or job.frame.reader_id:
             return
@@ -269,80 +241,19 @@ class RedisBroker(GatewayBroker):
 
         self._op(ops)
 
-    def _reader_gone(self, reader_id: str, reason: str) -> None:
-        """A reader is dead or deleted: fail what it had started, leave the rest to be re-claimed."""
-        for job in [job for job in self._jobs.values() if job.reader == reader_id]:
-            if job.started or job.frame.reader_id:
-                self._fail(job, ReaderDiedError(f"reader {reader_id} failed mid-request: {reason}"))
-            elif job.frame.attempt >= self.settings.max_retries:
-                self._fail(job, ReaderDiedError(f"reader {reader_id} failed ({reason}) and retries ran out"))
-            else:
-                job.lost_reader = reader_id
-                self._queue(job)
-        self._fail_orphans()
+    def publish_abort(self, request_id: str) -> None:
+        rid = request_id.encode()
+        self._op(lambda p: p.xadd(ABORTS, {b"id": rid}, maxlen=ABORTS_MAXLEN, approximate=True))
 
-    def _fail_orphans(self) -> None:
-        """Fail at once the waiting requests of groups no live reader serves (reserved groups keep them)."""
-        for job in [job for job in self._jobs.values() if job.queued]:
-            group = job.frame.consumer_group
-            if group not in self.settings.reserved_groups and not self._mirror.live_in(group):
-                self._fail(job, NoReadersAvailableError(f"no live reader is left in consumer group '{group}'"))
+    def emit(self, frames: list[OutputFrame]) -> None:
+        self.events.on_outputs(frames)
 
-    def _on_claimed(self, claim: ClaimedFrame) -> None:
-        job = self._jobs.get(claim.request_id)
-        if job is None or job.cancelled:
-            rid = claim.request_id.encode()
-            self._op(lambda p: p.xadd(ABORTS, {b"id": rid}, maxlen=ABORTS_MAXLEN, approximate=True))
-            return
-        if job.reader == claim.reader_id:
-            if claim.reclaimed and job.started:  # it started again after a reconnect: the stream would repeat
-                self._fail(job, ReaderDiedError(f"reader {job.reader} lost its work mid-request"))
-                self._on_claimed(claim)
-            return
-        if job.reader is not None:  # re-claimed before this gateway saw its reader die
-            if job.started:
-                self._fail(job, ReaderDiedError(f"reader {job.reader} stopped answering mid-request"))
-                self._on_claimed(claim)
-                return
-            job.lost_reader = job.reader
-            self._queue(job)
-        if job.lost_reader is not None or claim.reclaimed:
-            if job.frame.attempt >= self.settings.max_retries:
-                self._fail(job, ReaderDiedError(f"reader {job.lost_reader} failed and retries ran out"))
-                self._on_claimed(claim)
-                return
-            job.frame = msgspec.structs.replace(job.frame, attempt=job.frame.attempt + 1)
-        self._adopt(job, claim.reader_id)
+    def live_in(self, group: str) -> bool:
+        return self._mirror.live_in(group)
 
-    def _adopt(self, job: RedisJob, reader_id: str) -> None:
-        """A waiting job now belongs to ``reader_id``."""
-        self._queued -= 1
-        job.reader = reader_id
-        observe = self.queue_time_observer
-        if observe is not None and job.frame.attempt == 0:
-            observe(job.frame.consumer_group, monotonic() - job.enqueued)
-
-    def _on_replies(self, reader_id: str, frames: list[Any], outputs: list[OutputFrame]) -> None:
-        seen = self._mirror.seen.get(reader_id)
-        if seen is not None:
-            seen.heard = monotonic()  # any message counts as a sign of life, as with the embedded broker
-        for frame in frames:
-            if isinstance(frame, ClaimedFrame):
-                self._on_claimed(frame)
-                continue
-            job = self._jobs.get(getattr(frame, "request_id", ""))
-            if job is not None and job.queued and job.lost_reader in {None, reader_id}:
-                # Its first output says who claimed it (a reader sends a claim alone only when no output comes at
-                # once); or a reader declared dead too soon is still working on it, and nobody else is.
-                self._adopt(job, reader_id)
-            if job is None or job.reader != reader_id:
-                continue  # finished, failed, or answered by a reader that no longer owns it
-            if isinstance(frame, TokenFrame):
-                job.started = True
-                job.next_seq = frame.seq + 1
-            else:
-                del self._jobs[frame.request_id]
-            outputs.append(frame)
+    def observe_queue_time(self, group: str, seconds: float) -> None:
+        if self.queue_time_observer is not None:
+            self.queue_time_observer(group, seconds)
 
     # ---- background tasks ---------------------------------------------------------------------------------------
 
@@ -392,9 +303,15 @@ class RedisBroker(GatewayBroker):
                     self._last_reply = entry_id.decode()
                     data = fields.get(b"f")
                     if data:
-                        self._on_replies(fields[b"rd"].decode(), decode_reader_frames(data), outputs)
+                        self._on_replies(fields[b"rd"].decode(), data, outputs)
             if outputs:
                 self.events.on_outputs(outputs)
+
+    def _on_replies(self, reader_id: str, data: bytes, outputs: list[OutputFrame]) -> None:
+        seen = self._mirror.seen.get(reader_id)
+        if seen is not None:
+            seen.heard = monotonic()  # any message counts as a sign of life, as with the embedded broker
+        self._book.on_replies(reader_id, decode_reader_frames(data), outputs)
 
     def _lost(self, exc: BaseException) -> None:
         """Redis went away: fail everything in flight now (503) and refuse new work until it is back."""
@@ -402,10 +319,11 @@ class RedisBroker(GatewayBroker):
             return
         self._up = False
         logger.error("lost Redis at %s (%s): failing %d requests in flight, reconnecting", self.url,
-                     describe(exc), len(self._jobs))  # fmt: skip
+                     describe(exc), len(self._book.jobs))  # fmt: skip
         self._ops.clear()
-        for job in list(self._jobs.values()):
-            self._fail(job, BrokerUnavailableError(f"the connection to the broker (Redis) was lost: {describe(exc)}"))
+        error = BrokerUnavailableError(f"the connection to the broker (Redis) was lost: {describe(exc)}")
+        for job in list(self._book.jobs.values()):
+            self._book.fail(job, error)
         self._ops.clear()
         for reader_id in list(self._mirror.seen):
             self.events.on_reader_lost(reader_id, "the broker (Redis) was lost")
@@ -448,9 +366,8 @@ class RedisBroker(GatewayBroker):
     def _check_silence(self) -> None:
         """Evict readers silent for longer than ``reader_message_timeout_ms`` while they hold our requests."""
         limit = self.settings.reader_message_timeout_ms / 1000.0 + self._poll_s
-        busy = {job.reader for job in self._jobs.values() if job.reader is not None}
         now = monotonic()
-        for reader_id in busy:
+        for reader_id in self._book.owners():
             seen = self._mirror.seen.get(reader_id)
             if seen is not None and seen.entry.state != "dead" and now - seen.heard > limit:
                 self.evict_reader(reader_id, f"silent for {(now - seen.heard) * 1000:.0f} ms with requests in flight")
@@ -458,15 +375,11 @@ class RedisBroker(GatewayBroker):
     async def _sweep_forever(self) -> None:
         while not self._closing:
             await asyncio.sleep(_SWEEP_S)
-            now = monotonic()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, _, job = heapq.heappop(self._deadlines)
-                if not job.queued or job.frame.request_id not in self._jobs:
-                    continue
+            for job in list(self._book.expired(monotonic())):
                 group = job.frame.consumer_group
                 error: LiftoffError
                 if self._mirror.live_in(group):
                     error = RequestTimeoutError(f"the request waited too long in the queue of group '{group}'")
                 else:
                     error = NoReadersAvailableError(f"no reader of consumer group '{group}' became live in time")
-                self._fail(job, error)
+                self._book.fail(job, error)
