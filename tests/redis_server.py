@@ -24,8 +24,9 @@ def redis_server_binary() -> str:
 class RedisServer:
     """One ``redis-server`` process on loopback; ``restart`` brings it back empty on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, bind: str = "127.0.0.1") -> None:
         self.binary = redis_server_binary()
+        self.bind = bind  # addresses to listen on, space-separated
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_ports(1)[0]
@@ -39,8 +40,8 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> RedisServer:
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(self.workdir), "--protected-mode", "no"]  # fmt: skip
+        command = [self.binary, "--port", str(self.port), "--bind", *self.bind.split(), "--save", "",
+                   "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"]  # fmt: skip
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
