@@ -173,16 +173,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | None]:
+def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | None, str]:
+    """The reader's id and configuration, the gateway host it joins, and the broker of the configuration."""
     from liftoff.management.supervisor import READER_CONFIG_ENV
 
     raw = os.environ.get(READER_CONFIG_ENV)
     if raw:
-        return args.reader_id, ReaderConfig.model_validate(json.loads(raw)), None
+        return args.reader_id, ReaderConfig.model_validate(json.loads(raw)), None, "embedded"
     loaded = _load(args)
+    broker = loaded.server.broker  # server_config.broker, TAKEOFF_BROKER or TAKEOFF_REDIS_HOST/PORT
     if args.reader_id and args.reader_id in loaded.readers:
         config = loaded.readers[args.reader_id]
-        return args.reader_id, config, config.internal_gateway_ip
+        return args.reader_id, config, config.internal_gateway_ip, broker
     if len(loaded.readers) != 1:
         known = ", ".join(loaded.readers) or "none"
         print(  # noqa: T201
@@ -192,7 +194,7 @@ def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | N
         )
         sys.exit(2)
     reader_id, config = next(iter(loaded.readers.items()))
-    return args.reader_id or reader_id, config, config.internal_gateway_ip
+    return args.reader_id or reader_id, config, config.internal_gateway_ip, broker
 
 
 def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
@@ -202,24 +204,24 @@ def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
     return f"{host}:{os.environ.get('TAKEOFF_INTERNAL_PORT', '3005')}"
 
 
-def _reader_broker(args: argparse.Namespace, redis_host: str | None) -> str:
-    """The broker a reader joins: --broker, TAKEOFF_BROKER, the reader's redis_host (TAKEOFF_REDIS_HOST), or the
-    embedded broker of a gateway."""
+def reader_broker(flag: str | None, configured: str, redis_host: str | None) -> str:
+    """The broker a reader joins: ``--broker``; else the configuration's (``server_config.broker``,
+    ``TAKEOFF_BROKER``, ``TAKEOFF_REDIS_HOST``/``PORT``); else the reader's own ``redis_host``; else a gateway's
+    embedded broker (``--gateway``)."""
     from liftoff.config.loader import redis_url
     from liftoff.config.models import check_broker
 
-    value = args.broker or os.environ.get("TAKEOFF_BROKER")
-    if not value and redis_host:
-        value = redis_url({**os.environ, "TAKEOFF_REDIS_HOST": redis_host})
-    try:
-        return check_broker(value or "embedded")
-    except ValueError as exc:
-        print(f"liftoff reader: {exc}", file=sys.stderr)  # noqa: T201
-        sys.exit(2)
+    if flag:
+        return check_broker(flag)
+    if configured != "embedded":
+        return configured
+    if redis_host:
+        return redis_url({**os.environ, "TAKEOFF_REDIS_HOST": redis_host})
+    return "embedded"
 
 
 def _reader(args: argparse.Namespace) -> int:
-    reader_id, config, gateway_ip = _reader_config(args)
+    reader_id, config, gateway_ip, configured_broker = _reader_config(args)
     setup_logging(config.log_level or args.log_level, args.log_format, role=f"reader {reader_id}")
     if args.supervised:
         _die_with_parent()
@@ -236,7 +238,13 @@ def _reader(args: argparse.Namespace) -> int:
         heartbeat_interval_ms=args.heartbeat_interval_ms,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
-    broker = _reader_broker(args, config.redis_host)
+    try:
+        # A supervised reader joins what its gateway says (--gateway or --broker), whatever its redis_host says.
+        redis_host = None if args.supervised else config.redis_host
+        broker = reader_broker(args.broker, configured_broker, redis_host)
+    except ValueError as exc:
+        print(f"liftoff reader: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     if broker != "embedded":
         from liftoff.broker.redis_link import RedisReaderLink
 

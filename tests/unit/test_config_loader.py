@@ -407,3 +407,14 @@ def test_redis_max_memory_comes_from_takeoffs_variable() -> None:
 def test_a_broker_that_is_neither_embedded_nor_redis_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"server_config\.broker: .*redis://host:6379/0.*from environment"):
         load_config(env={"TAKEOFF_BROKER": "kafka://x"})
+
+
+def test_a_reader_joins_the_broker_its_flag_or_configuration_names() -> None:
+    from liftoff.cli import reader_broker
+
+    assert reader_broker(None, "embedded", None) == "embedded"
+    assert reader_broker("redis://a:1/0", "redis://b:2/0", "c") == "redis://a:1/0"
+    assert reader_broker(None, "redis://b:2/0", "c") == "redis://b:2/0"
+    assert reader_broker(None, "embedded", "cache") == "redis://cache:6379/0"
+    with pytest.raises(ValueError, match="redis://host:6379/0"):
+        reader_broker("amqp://x", "embedded", None)
