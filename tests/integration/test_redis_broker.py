@@ -145,3 +145,23 @@ async def test_the_streams_hold_only_what_is_waiting_or_running(gateway: Harness
         assert client.xpending("liftoff:q:primary", "primary")["pending"] == 0
         reply = f"liftoff:r:{gateway.settings.gateway_id}"
         await gateway.wait(lambda: client.xlen(reply) <= 1, "the reply stream to be trimmed")
+
+
+async def test_entries_that_are_not_liftoffs_are_dropped_and_everything_goes_on(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    with redis_server.client() as client:  # junk in the queue, the reply stream and the registry
+        client.xadd("liftoff:q:primary", {"f": b"\x01not msgpack frames", "gw": "x"})
+        client.xadd("liftoff:q:primary", {"something": "else"})
+        client.xadd(f"liftoff:r:{gateway.settings.gateway_id}", {"f": b"\xc1", "rd": "nobody"})
+        client.sadd("liftoff:readers", "junk")
+        client.hset("liftoff:reader:junk", mapping={"register": b"\x00\x01", "state": "live"})
+    reader = await gateway.reader("after-junk")
+    request_id = gateway.submit("still works")
+    (frame,) = await reader.frames(1)
+    assert isinstance(frame, RequestFrame)
+    reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
+    assert isinstance(await gateway.final(request_id), FinalFrame)
+    assert "junk" not in gateway.events.registered
+    with redis_server.client() as client:
+        await gateway.wait(lambda: client.xlen("liftoff:q:primary") == 0, "the junk entries to be dropped")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
 
 logger = logging.getLogger(__name__)
+_F = TypeVar("_F", bound=msgspec.Struct)
 
 PREFIX = "liftoff:"
 READERS = PREFIX + "readers"
@@ -129,8 +130,8 @@ class ReaderEntry(msgspec.Struct, frozen=True):
     def parse(fields: dict[bytes, bytes]) -> ReaderEntry | None:
         """From ``HGETALL``; None for a partial or missing hash."""
         register = fields.get(b"register")
-        if not register:
-            return None
+        if not register or _decode(register, RegisterFrame) is None:
+            return None  # missing, half-made, or not Liftoff's: ignored
         return ReaderEntry(
             register=register,
             state=fields.get(b"state", b"loading").decode(),
@@ -141,16 +142,26 @@ class ReaderEntry(msgspec.Struct, frozen=True):
         )
 
     def register_frame(self) -> RegisterFrame:
-        """The reader's registration."""
+        """The reader's registration (checked by ``parse``)."""
         return msgspec.msgpack.decode(self.register, type=RegisterFrame)
 
     def heartbeat_frame(self) -> HeartbeatFrame | None:
         """Its last heartbeat."""
-        return msgspec.msgpack.decode(self.heartbeat, type=HeartbeatFrame) if self.heartbeat else None
+        return _decode(self.heartbeat, HeartbeatFrame)
 
     def loaded_frame(self) -> LoadedFrame | None:
         """What it said when it finished loading."""
-        return msgspec.msgpack.decode(self.loaded, type=LoadedFrame) if self.loaded else None
+        return _decode(self.loaded, LoadedFrame)
+
+
+def _decode(data: bytes, kind: type[_F]) -> _F | None:
+    """One frame from registry bytes; None when empty or not that frame."""
+    if not data:
+        return None
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except msgspec.DecodeError:
+        return None
 
 
 def pack(frame: msgspec.Struct) -> bytes:

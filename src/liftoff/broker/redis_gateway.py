@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -105,7 +105,7 @@ class RedisBroker(GatewayBroker):
             logger.info("redis broker: connected to %s (gateway %s)", self.url, self.settings.gateway_id)
         for name, loop in (("writer", self._write_forever), ("replies", self._read_replies_forever),
                            ("poll", self._poll_forever), ("sweep", self._sweep_forever)):  # fmt: skip
-            self._tasks.append(asyncio.create_task(loop(), name=f"liftoff-redis-{name}"))
+            self._tasks.append(asyncio.create_task(self._keep_running(loop), name=f"liftoff-redis-{name}"))
 
     async def close(self) -> None:
         self._closing = True
@@ -118,6 +118,15 @@ class RedisBroker(GatewayBroker):
                     await self._flush(self._client)
                 await self._client.delete(gateway_key(self.settings.gateway_id), self._reply_key)
             await self._client.aclose()
+
+    async def _keep_running(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background loop; a bug in it is logged and the loop starts again (a dead loop would hang requests)."""
+        while not self._closing:
+            try:
+                await loop()
+            except Exception:
+                logger.exception("redis broker: %s failed; restarting it", loop.__name__)
+                await asyncio.sleep(0.5)
 
     async def _announce(self) -> None:
         """Create this gateway's reply stream and liveness key, and publish the settings readers follow."""
@@ -301,9 +310,9 @@ class RedisBroker(GatewayBroker):
             for _, entries in stream_entries(streams):
                 for entry_id, fields in entries:
                     self._last_reply = entry_id.decode()
-                    data = fields.get(b"f")
-                    if data:
-                        self._on_replies(fields[b"rd"].decode(), data, outputs)
+                    data, reader = fields.get(b"f"), fields.get(b"rd")
+                    if data and reader:
+                        self._on_replies(reader.decode(), data, outputs)
             if outputs:
                 self.events.on_outputs(outputs)
 
@@ -311,7 +320,12 @@ class RedisBroker(GatewayBroker):
         seen = self._mirror.seen.get(reader_id)
         if seen is not None:
             seen.heard = monotonic()  # any message counts as a sign of life, as with the embedded broker
-        self._book.on_replies(reader_id, decode_reader_frames(data), outputs)
+        try:
+            frames = decode_reader_frames(data)
+        except ValueError as exc:
+            logger.error("dropped a reply of reader %s: not reader frames (%s)", reader_id, exc)
+            return
+        self._book.on_replies(reader_id, frames, outputs)
 
     def _lost(self, exc: BaseException) -> None:
         """Redis went away: fail everything in flight now (503) and refuse new work until it is back."""

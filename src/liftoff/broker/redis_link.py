@@ -246,12 +246,18 @@ class RedisReaderLink(ReaderLink):
     def take(self, group: str, entry_id: bytes, fields: dict[bytes, bytes], *, reclaimed: bool) -> None:
         """Start serving one stream entry (claimed, or re-claimed from a dead reader)."""
         entry = entry_id.decode()
-        frame = decode_gateway_frames(fields[b"f"])[0]
+        try:
+            frame = decode_gateway_frames(fields[b"f"])[0]
+            gateway = fields[b"gw"].decode()
+        except (KeyError, IndexError, ValueError) as exc:  # not a Liftoff entry: drop it, or it comes back forever
+            logger.error("dropped entry %s of %s: not a request frame (%s)", entry, queue_key(group), exc)
+            self._acknowledge(group, entry)
+            return
         if not isinstance(frame, RequestFrame) or frame.request_id in self._aborted:
             self._acknowledge(group, entry)
             return
         assert self._register is not None
-        self._claims[frame.request_id] = Claim(fields[b"gw"].decode(), group, entry)
+        self._claims[frame.request_id] = Claim(gateway, group, entry)
         # Sent a moment later, so that it usually goes with the request's first output: one write for both.
         self._outbox.append(ClaimedFrame(request_id=frame.request_id, reader_id=self._register.reader_id,
                                          entry=entry, reclaimed=reclaimed))  # fmt: skip
@@ -296,10 +302,16 @@ class RedisReaderLink(ReaderLink):
 
     async def _on_control(self, control: str, entries: list[Entry]) -> None:
         frames: list[GatewayFrame] = []
-        for _, fields in entries:
-            for frame in decode_gateway_frames(fields[b"f"]):
+        for entry_id, fields in entries:
+            try:
+                decoded = decode_gateway_frames(fields[b"f"])
+                gateway = fields.get(b"gw", b"").decode()
+            except (KeyError, ValueError) as exc:
+                logger.error("dropped control entry %s: not gateway frames (%s)", entry_id.decode(), exc)
+                continue
+            for frame in decoded:
                 if isinstance(frame, RequestFrame):
-                    self._claims[frame.request_id] = Claim(fields[b"gw"].decode())
+                    self._claims[frame.request_id] = Claim(gateway)
                 frames.append(frame)
         await self.client.xdel(control, *(entry_id for entry_id, _ in entries))
         if frames:

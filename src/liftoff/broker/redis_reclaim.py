@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-import msgspec
 import redis.asyncio as aioredis
 
-from liftoff.broker.redis_common import Entry, queue_key, reader_ids, reader_key
-from liftoff.core.frames import RegisterFrame
+from liftoff.broker.redis_common import Entry, ReaderEntry, queue_key, reader_ids, reader_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +32,10 @@ async def living_consumers(client: aioredis.Redis) -> set[str]:
             pipe.hmget(reader_key(reader_id), ["register", "state"])
         rows = await pipe.execute()
     names = set()
-    for register, state in rows:
-        if register and state != b"dead":
-            names.add(msgspec.msgpack.decode(register, type=RegisterFrame).info.consumer_name)
+    for fields in rows:
+        entry = ReaderEntry.parse({b"register": fields[0] or b"", b"state": fields[1] or b""})
+        if entry is not None and entry.state != "dead":
+            names.add(entry.register_frame().info.consumer_name)
     return names
 
 
