@@ -165,3 +165,26 @@ async def test_entries_that_are_not_liftoffs_are_dropped_and_everything_goes_on(
     assert "junk" not in gateway.events.registered
     with redis_server.client() as client:
         await gateway.wait(lambda: client.xlen("liftoff:q:primary") == 0, "the junk entries to be dropped")
+
+
+async def test_consumers_of_dead_readers_are_deleted_once_they_hold_nothing(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    from liftoff.broker.redis_common import connect
+    from liftoff.broker.redis_reclaim import forget_dead_consumers
+
+    gone = await gateway.reader("gone")
+    stays = await gateway.reader("stays")
+    await gone.close()
+    client = connect(redis_server.url)
+    try:
+
+        async def consumers() -> int:  # a reader is a consumer from its first XREADGROUP on
+            return len(await client.xinfo_consumers("liftoff:q:primary", "primary"))
+
+        assert await consumers() == 2
+        assert await forget_dead_consumers(client, "primary", idle_ms=0) == 1
+        left = {c["name"].decode() for c in await client.xinfo_consumers("liftoff:q:primary", "primary")}
+        assert left == {stays.register_frame().info.consumer_name}
+    finally:
+        await client.aclose()

@@ -40,7 +40,7 @@ from liftoff.broker.redis_common import (
     reply_key,
     stream_entries,
 )
-from liftoff.broker.redis_reclaim import reclaim_dead
+from liftoff.broker.redis_reclaim import forget_dead_consumers, reclaim_dead
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import (
     AbortFrame,
@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 _ABORT_MEMORY_S = 300.0
 _CLAIM_DELAY_S = 0.005
+_TIDY_S = 60.0  # how often a reader deletes the consumers dead readers left in its groups
 
 
 @dataclass(slots=True)
@@ -321,11 +322,16 @@ class RedisReaderLink(ReaderLink):
 
     async def _keep_forever(self) -> None:
         period = self._timing.heartbeat_interval_ms / 1000.0
+        tidied = monotonic()
         while self._closed is None:
             await asyncio.sleep(period)
-            cutoff = monotonic() - _ABORT_MEMORY_S
-            self._aborted = {rid: at for rid, at in self._aborted.items() if at > cutoff}
+            now = monotonic()
+            self._aborted = {rid: at for rid, at in self._aborted.items() if at > now - _ABORT_MEMORY_S}
             await self._abort_orphans()
+            if now - tidied > _TIDY_S:
+                tidied = now
+                for group in self._groups:
+                    await forget_dead_consumers(self.client, group)
             free = self._free_slots()
             for group in self._groups:
                 if free <= 0:

@@ -60,3 +60,22 @@ async def reclaim_dead(client: aioredis.Redis, group: str, consumer: str, limit:
         if len(ids) >= pending:
             await client.xgroup_delconsumer(key, group, name)
     return taken
+
+
+async def forget_dead_consumers(client: aioredis.Redis, group: str, idle_ms: int = 60_000) -> int:
+    """Delete the consumers of ``group`` that belong to no living reader, hold nothing, and have been idle for
+    ``idle_ms`` (readers come and go, under Kubernetes with every new pod); how many were deleted."""
+    key = queue_key(group)
+    consumers = await client.xinfo_consumers(key, group)
+    idle = [c for c in consumers if not int(c["pending"]) and int(c["idle"]) >= idle_ms]
+    if not idle:
+        return 0
+    living = await living_consumers(client)
+    gone = [_text(c["name"]) for c in idle if _text(c["name"]) not in living]
+    for name in gone:
+        await client.xgroup_delconsumer(key, group, name)
+    return len(gone)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
