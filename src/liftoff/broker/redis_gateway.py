@@ -348,6 +348,9 @@ class RedisBroker(GatewayBroker):
         delay = BACKOFF_START_S
         while not self._up and not self._closing:
             try:
+                # Connections from before the outage are dead (a restarted Redis closed them): start afresh, or the
+                # first command on one of them would count as a new loss and fail the requests of the new session.
+                await self.client.connection_pool.disconnect()
                 await self._announce()
             except LOST:
                 await asyncio.sleep(delay)

@@ -51,13 +51,14 @@ async def reclaim_dead(client: aioredis.Redis, group: str, consumer: str, limit:
     for name, pending in holders.items():
         if name == consumer or name in living or len(taken) >= limit:
             continue
-        rows = await client.xpending_range(key, group, "-", "+", limit - len(taken), consumername=name)
+        rows = await client.xpending_range(key, group, "-", "+", limit - len(taken), consumername=name,
+                                           idle=MIN_IDLE_MS)  # fmt: skip
         ids: list[Any] = [row["message_id"] for row in rows]
-        if ids:
-            claimed = cast(list[Entry], await client.xclaim(key, group, consumer, MIN_IDLE_MS, ids))
+        claimed = cast(list[Entry], await client.xclaim(key, group, consumer, MIN_IDLE_MS, ids)) if ids else []
+        if claimed:
             taken.extend(entry for entry in claimed if entry and entry[1])
             logger.warning("took over %d requests of the dead reader %s in group %s", len(claimed), name, group)
-        if len(ids) >= pending:
+        if len(claimed) >= pending:  # nothing left in its pending list (deleting it would drop what is)
             await client.xgroup_delconsumer(key, group, name)
     return taken
 
