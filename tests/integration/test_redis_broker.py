@@ -14,6 +14,7 @@ from liftoff.core.frames import (
     FinalFrame,
     HeartbeatFrame,
     RequestFrame,
+    StopFrame,
     TokenFrame,
     encode_frames,
 )
@@ -188,3 +189,19 @@ async def test_consumers_of_dead_readers_are_deleted_once_they_hold_nothing(
         assert left == {stays.register_frame().info.consumer_name}
     finally:
         await client.aclose()
+
+
+async def test_a_stop_left_for_an_earlier_process_of_a_reader_id_is_ignored(
+    gateway: Harness, redis_server: RedisServer
+) -> None:
+    with redis_server.client() as client:  # the reader "again" was deleted while its process was already gone
+        stop = encode_frames([StopFrame(reason="the reader was deleted")])
+        client.xadd("liftoff:ctl:again", {"f": stop, "to": "again@elsewhere:1"})
+    reader = await gateway.reader("again")  # created anew with the same id
+    request_id = gateway.submit("hello")
+    await reader.frames(1)
+    assert not any(isinstance(frame, StopFrame) for frame in reader.received)
+    gateway.broker.stop_reader("again", "deleted for real")
+    frames = await reader.frames(2)
+    assert frames[-1] == StopFrame(reason="deleted for real")
+    assert request_id

@@ -209,11 +209,12 @@ class RedisBroker(GatewayBroker):
 
     def stop_reader(self, reader_id: str, reason: str) -> None:
         self._book.reader_gone(reader_id, reason)
-        self._mirror.seen.pop(reader_id, None)
-        stop = encode_frames([StopFrame(reason=reason)])
+        seen = self._mirror.seen.pop(reader_id, None)
+        # Addressed to this process of the reader: a reader created later with the same id must not obey it.
+        stop: Fields = {b"f": encode_frames([StopFrame(reason=reason)]), b"to": seen.consumer_name if seen else ""}
 
         def ops(pipe: Pipeline) -> None:
-            pipe.xadd(control_key(reader_id), {b"f": stop})
+            pipe.xadd(control_key(reader_id), stop)
             pipe.srem(READERS, reader_id)
             pipe.delete(reader_key(reader_id))
 

@@ -304,6 +304,9 @@ class RedisReaderLink(ReaderLink):
     async def _on_control(self, control: str, entries: list[Entry]) -> None:
         frames: list[GatewayFrame] = []
         for entry_id, fields in entries:
+            to = fields.get(b"to", b"").decode()
+            if to and to != self._consumer:
+                continue  # for an earlier process with this reader id
             try:
                 decoded = decode_gateway_frames(fields[b"f"])
                 gateway = fields.get(b"gw", b"").decode()
