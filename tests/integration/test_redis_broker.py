@@ -205,3 +205,18 @@ async def test_a_stop_left_for_an_earlier_process_of_a_reader_id_is_ignored(
     frames = await reader.frames(2)
     assert frames[-1] == StopFrame(reason="deleted for real")
     assert request_id
+
+
+def test_an_entry_is_acknowledged_only_by_the_consumer_that_holds_it(redis_server: RedisServer) -> None:
+    from liftoff.broker.redis_common import ACK_IF_MINE
+
+    with redis_server.client() as client:
+        client.xgroup_create("liftoff:q:g", "g", id="0", mkstream=True)
+        entry = client.xadd("liftoff:q:g", {"f": b"x"})
+        client.xreadgroup("g", "old", {"liftoff:q:g": ">"})
+        client.xclaim("liftoff:q:g", "g", "new", 0, [entry])  # re-claimed: "new" holds it now
+        assert client.eval(ACK_IF_MINE, 1, "liftoff:q:g", "g", entry, "old") == 0
+        assert client.xpending("liftoff:q:g", "g")["pending"] == 1
+        assert client.eval(ACK_IF_MINE, 1, "liftoff:q:g", "g", entry, "new") == 1
+        assert client.xpending("liftoff:q:g", "g")["pending"] == 0
+        assert client.xlen("liftoff:q:g") == 0

@@ -101,6 +101,16 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return state
 """
 
+# Acknowledge and delete a stream entry only if the given consumer still holds it: a reader declared dead that
+# finishes a request another reader re-claimed must not take the entry out of the new owner's pending list.
+ACK_IF_MINE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if pending[1] == nil or pending[1][2] ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
 
 async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel tasks and wait until they have ended. redis-py runs commands under ``asyncio.wait_for``, which on
@@ -187,6 +197,7 @@ class Timing:
 
 __all__ = [
     "ABORTS",
+    "ACK_IF_MINE",
     "LOST",
     "READERS",
     "RESERVED",

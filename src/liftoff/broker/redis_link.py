@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.broker.redis_common import (
     ABORTS,
+    ACK_IF_MINE,
     LOST,
     READERS,
     SETTINGS,
@@ -426,10 +427,8 @@ class RedisReaderLink(ReaderLink):
         if isinstance(frame, TokenFrame | ClaimedFrame):
             return
         del self._claims[frame.request_id]
-        if claim.group:
-            key = queue_key(claim.group)
-            pipe.xack(key, claim.group, claim.entry)
-            pipe.xdel(key, claim.entry)
+        if claim.group:  # acknowledged only while still ours (not re-claimed after this reader was declared dead)
+            pipe.eval(ACK_IF_MINE, 1, queue_key(claim.group), claim.group, claim.entry, self._consumer)
 
     def _check_heartbeat(self, state: Any) -> None:
         """A gateway declared this reader dead (it was silent too long): its requests went to other readers or
