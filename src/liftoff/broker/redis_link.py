@@ -34,14 +34,13 @@ from liftoff.broker.redis_common import (
     connect,
     control_key,
     describe,
-    gateway_key,
     pack,
     queue_key,
     reader_key,
     reply_key,
     stream_entries,
 )
-from liftoff.broker.redis_reclaim import forget_dead_consumers, reclaim_dead
+from liftoff.broker.redis_reclaim import forget_dead_consumers, gone_gateways, reclaim_dead
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import (
     AbortFrame,
@@ -347,18 +346,7 @@ class RedisReaderLink(ReaderLink):
 
     async def _abort_orphans(self) -> None:
         """Abort the requests of gateways that are gone (their clients are gone with them)."""
-        gateways = sorted({claim.gateway for claim in self._claims.values()})
-        if not gateways:
-            return
-        alive = await self.client.exists(*(gateway_key(g) for g in gateways)) if len(gateways) == 1 else None
-        if alive is None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for gateway in gateways:
-                    pipe.exists(gateway_key(gateway))
-                flags = await pipe.execute()
-        else:
-            flags = [alive]
-        gone = {gateway for gateway, flag in zip(gateways, flags, strict=True) if not flag}
+        gone = await gone_gateways(self.client, {claim.gateway for claim in self._claims.values()})
         frames: list[GatewayFrame] = [AbortFrame(request_id=r) for r, c in self._claims.items() if c.gateway in gone]
         if frames:
             logger.warning("aborting %d requests of gateways that are gone: %s", len(frames), ", ".join(sorted(gone)))

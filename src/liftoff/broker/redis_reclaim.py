@@ -1,4 +1,5 @@
-"""Re-claiming the pending entries of dead readers (Redis broker, reader side).
+"""Keeping up with dead readers and gateways (Redis broker, reader side): re-claiming the pending entries of dead
+readers, deleting their consumers, finding the gateways that are gone.
 
 An entry a reader claimed stays in its consumer's pending list until the reader acknowledges it. When the reader
 dies first, another reader of the group takes the entry over with ``XCLAIM``. A consumer counts as dead when no
@@ -14,7 +15,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from liftoff.broker.redis_common import Entry, ReaderEntry, queue_key, reader_ids, reader_key
+from liftoff.broker.redis_common import Entry, ReaderEntry, gateway_key, queue_key, reader_ids, reader_key
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,18 @@ async def forget_dead_consumers(client: aioredis.Redis, group: str, idle_ms: int
     for name in gone:
         await client.xgroup_delconsumer(key, group, name)
     return len(gone)
+
+
+async def gone_gateways(client: aioredis.Redis, gateways: set[str]) -> set[str]:
+    """Those of ``gateways`` whose liveness key has expired (one round trip)."""
+    if not gateways:
+        return set()
+    names = sorted(gateways)
+    async with client.pipeline(transaction=False) as pipe:
+        for gateway in names:
+            pipe.exists(gateway_key(gateway))
+        flags = await pipe.execute()
+    return {gateway for gateway, flag in zip(names, flags, strict=True) if not flag}
 
 
 def _text(value: bytes | str) -> str:
