@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
@@ -110,6 +111,20 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
+
+
+def update_reader(target: aioredis.Redis | Pipeline, reader_id: str, fields: dict[str, Any]) -> Any:
+    """Set fields of a reader's registry hash while it is registered (``UPDATE_IF_REGISTERED``): on a client, an
+    awaitable whose result is the state before; on a pipeline, one more queued command."""
+    args = [item for pair in fields.items() for item in pair]
+    return target.eval(UPDATE_IF_REGISTERED, 1, reader_key(reader_id), *args)
+
+
+def drop_entry(pipe: Pipeline, group: str, entry: str) -> None:
+    """Queue the removal of a stream entry: out of its group's pending list (read) and out of the stream (unread)."""
+    key = queue_key(group)
+    pipe.xack(key, group, entry)
+    pipe.xdel(key, entry)
 
 
 async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
@@ -209,6 +224,8 @@ __all__ = [
     "Timing",
     "cancel_all",
     "connect",
+    "drop_entry",
     "reader_ids",
     "stream_entries",
+    "update_reader",
 ]

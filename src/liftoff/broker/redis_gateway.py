@@ -30,18 +30,19 @@ from liftoff.broker.redis_common import (
     READERS,
     RESERVED,
     SETTINGS,
-    UPDATE_IF_REGISTERED,
     Fields,
     RedisError,
     cancel_all,
     connect,
     control_key,
     describe,
+    drop_entry,
     gateway_key,
     queue_key,
     reader_key,
     reply_key,
     stream_entries,
+    update_reader,
 )
 from liftoff.broker.redis_jobs import JobBook, RedisJob
 from liftoff.broker.redis_registry import RegistryMirror, snapshot
@@ -196,16 +197,14 @@ class RedisBroker(GatewayBroker):
             self.publish_abort(request_id)
 
     def evict_reader(self, reader_id: str, reason: str) -> None:
-        if reader_id not in self._mirror.seen:
-            self._book.reader_gone(reader_id, reason)
-            return
-        self._mirror.seen[reader_id].entry = msgspec.structs.replace(
-            self._mirror.seen[reader_id].entry, state="dead", error=reason
-        )
+        seen = self._mirror.seen.get(reader_id)
+        if seen is not None:  # dead before its requests are settled: its group may have no live reader left
+            seen.entry = msgspec.structs.replace(seen.entry, state="dead", error=reason)
         self._book.reader_gone(reader_id, reason)
-        key = reader_key(reader_id)  # not if it was deleted meanwhile: no half-made entry
-        self._op(lambda p: p.eval(UPDATE_IF_REGISTERED, 1, key, "state", "dead", "error", reason, "why", "lost"))
-        self.events.on_reader_lost(reader_id, reason)
+        if seen is not None:  # in Redis too, unless it was deleted meanwhile (no half-made entry)
+            fields = {"state": "dead", "error": reason, "why": "lost"}
+            self._op(lambda pipe: update_reader(pipe, reader_id, fields))
+            self.events.on_reader_lost(reader_id, reason)
 
     def stop_reader(self, reader_id: str, reason: str) -> None:
         self._book.reader_gone(reader_id, reason)
@@ -240,16 +239,9 @@ class RedisBroker(GatewayBroker):
 
     def forget_entry(self, job: RedisJob) -> None:
         """Take the job's entry out of its stream (unread) and out of any pending list (read)."""
-        if not job.entry or job.frame.reader_id:
-            return
-        group = job.frame.consumer_group
-        key, entry = queue_key(group), job.entry
-
-        def ops(pipe: Pipeline) -> None:
-            pipe.xack(key, group, entry)
-            pipe.xdel(key, entry)
-
-        self._op(ops)
+        if job.entry and not job.frame.reader_id:
+            group, entry = job.frame.consumer_group, job.entry
+            self._op(lambda pipe: drop_entry(pipe, group, entry))
 
     def publish_abort(self, request_id: str) -> None:
         rid = request_id.encode()
@@ -335,11 +327,10 @@ class RedisBroker(GatewayBroker):
         self._up = False
         logger.error("lost Redis at %s (%s): failing %d requests in flight, reconnecting", self.url,
                      describe(exc), len(self._book.jobs))  # fmt: skip
-        self._ops.clear()
         error = BrokerUnavailableError(f"the connection to the broker (Redis) was lost: {describe(exc)}")
         for job in list(self._book.jobs.values()):
             self._book.fail(job, error)
-        self._ops.clear()
+        self._ops.clear()  # nothing queued for Redis can be sent: what it held is gone or will be
         for reader_id in list(self._mirror.seen):
             self.events.on_reader_lost(reader_id, "the broker (Redis) was lost")
             self.events.on_reader_removed(reader_id)

@@ -26,7 +26,6 @@ from liftoff.broker.redis_common import (
     LOST,
     READERS,
     SETTINGS,
-    UPDATE_IF_REGISTERED,
     Entry,
     RedisError,
     Timing,
@@ -34,11 +33,13 @@ from liftoff.broker.redis_common import (
     connect,
     control_key,
     describe,
+    drop_entry,
     pack,
     queue_key,
     reader_key,
     reply_key,
     stream_entries,
+    update_reader,
 )
 from liftoff.broker.redis_reclaim import forget_dead_consumers, gone_gateways, reclaim_dead
 from liftoff.core.clock import monotonic
@@ -175,7 +176,8 @@ class RedisReaderLink(ReaderLink):
             if self._outbox:
                 await self._flush(client)
             if self._register is not None:
-                await self._update(client, {"state": "dead", "error": "the reader disconnected", "why": "lost"})
+                fields = {"state": "dead", "error": "the reader disconnected", "why": "lost"}
+                await update_reader(client, self._register.reader_id, fields)
         await client.aclose()
 
     # ---- internals ----------------------------------------------------------------------------------------------
@@ -208,11 +210,6 @@ class RedisReaderLink(ReaderLink):
             return 0
         return self._capacity + max(1, self._capacity // 4) - len(self._claims)
 
-    async def _update(self, client: aioredis.Redis | Pipeline, fields: dict[str, Any]) -> Any:
-        assert self._register is not None
-        args = [item for pair in fields.items() for item in pair]
-        return await client.eval(UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
-
     # ---- claiming -----------------------------------------------------------------------------------------------
 
     async def _claim_forever(self, group: str) -> None:
@@ -233,16 +230,14 @@ class RedisReaderLink(ReaderLink):
                 await self.client.xgroup_create(key, group, id="0", mkstream=True)
                 continue
             backlog = start == "0"
-            for _, entries in stream_entries(streams):
-                if backlog and len(entries) < count:
-                    start = ">"
-                for entry_id, fields in entries:
-                    if fields:  # an entry deleted meanwhile comes back without fields
-                        self.take(group, entry_id, fields, reclaimed=backlog)
-                    else:
-                        self._acknowledge(group, entry_id.decode())
-            if backlog and not stream_entries(streams):
-                start = ">"
+            entries = [entry for _, batch in stream_entries(streams) for entry in batch]
+            if backlog and len(entries) < count:
+                start = ">"  # the backlog is done
+            for entry_id, fields in entries:
+                if fields:  # an entry deleted meanwhile comes back without fields
+                    self.take(group, entry_id, fields, reclaimed=backlog)
+                else:
+                    self._acknowledge(group, entry_id.decode())
 
     def take(self, group: str, entry_id: bytes, fields: dict[bytes, bytes], *, reclaimed: bool) -> None:
         """Start serving one stream entry (claimed, or re-claimed from a dead reader)."""
@@ -266,13 +261,7 @@ class RedisReaderLink(ReaderLink):
         self._inbox.put_nowait([frame])
 
     def _acknowledge(self, group: str, entry: str) -> None:
-        key = queue_key(group)
-
-        def ops(pipe: Pipeline) -> None:
-            pipe.xack(key, group, entry)
-            pipe.xdel(key, entry)
-
-        self.send([ops])
+        self.send([lambda pipe: drop_entry(pipe, group, entry)])
 
     # ---- control stream and aborts ------------------------------------------------------------------------------
 
@@ -404,8 +393,7 @@ class RedisReaderLink(ReaderLink):
 
     def _pipe_update(self, pipe: Pipeline, fields: dict[str, Any]) -> None:
         assert self._register is not None
-        args = [item for pair in fields.items() for item in pair]
-        pipe.eval(UPDATE_IF_REGISTERED, 1, reader_key(self._register.reader_id), *args)
+        update_reader(pipe, self._register.reader_id, fields)
 
     def _route(self, pipe: Pipeline, frame: Any, replies: dict[str, list[Any]]) -> None:
         claim = self._claims.get(frame.request_id)
