@@ -300,3 +300,15 @@ async def test_stopping_a_reader_sends_it_a_stop_frame(harness: Harness) -> None
     harness.broker.stop_reader(reader.reader_id, "the reader was deleted")
     frames = await reader.frames(1)
     assert frames[-1] == StopFrame(reason="the reader was deleted")
+
+
+async def test_stopping_the_last_reader_fails_its_groups_waiting_requests_at_once(harness: Harness) -> None:
+    only = await harness.reader("only", capacity=1)
+    harness.submit("running")
+    harness.submit("prefetched")
+    queued = harness.submit("queued")
+    await only.frames(2)
+    harness.broker.stop_reader("only", "the reader was deleted")
+    error = await harness.final(queued, within_s=5)
+    assert isinstance(error, ErrorFrame)
+    assert error.error_type == "unavailable"

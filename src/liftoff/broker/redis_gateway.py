@@ -207,8 +207,8 @@ class RedisBroker(GatewayBroker):
             self.events.on_reader_lost(reader_id, reason)
 
     def stop_reader(self, reader_id: str, reason: str) -> None:
+        seen = self._mirror.seen.pop(reader_id, None)  # first: its group may have no live reader left
         self._book.reader_gone(reader_id, reason)
-        seen = self._mirror.seen.pop(reader_id, None)
         # Addressed to this process of the reader: a reader created later with the same id must not obey it.
         stop: Fields = {b"f": encode_frames([StopFrame(reason=reason)]), b"to": seen.consumer_name if seen else ""}
 
