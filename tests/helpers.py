@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,18 @@ def echo_reader(group: str = "primary", *, delay_ms: float = 0, batch: int = 8, 
     backend_options.update({key: options.pop(key) for key in _ECHO_OPTIONS if key in options})
     return {"model_name": "echo", "device": "cpu", "consumer_group": group, "max_batch_size": batch,
             "backend_options": backend_options, **options}  # fmt: skip
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(event, data)`` for every ``data:`` line of a server-sent event stream (``message`` unless named)."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, line[6:]
+        elif line == "":
+            event = "message"
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> T:

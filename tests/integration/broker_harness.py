@@ -225,6 +225,15 @@ class Harness:
         assert frame is not None
         return frame
 
+    async def round_trip(self, reader: TestReader, text: str = "hi") -> None:
+        """Submit a request, check that ``reader`` gets it, answer it, and check that the answer comes back."""
+        request_id = self.submit(text)
+        await self.wait(
+            lambda: any(f.request_id == request_id for f in reader.requests()), f"{reader.reader_id} to get it"
+        )
+        reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
+        assert isinstance(await self.final(request_id), FinalFrame)
+
     async def close(self) -> None:
         for reader in self.readers:
             with contextlib.suppress(Exception):

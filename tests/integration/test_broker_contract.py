@@ -24,7 +24,7 @@ from liftoff.core.frames import (
     StopFrame,
     TokenFrame,
 )
-from tests.integration.broker_harness import Harness
+from tests.integration.broker_harness import Harness, TestReader
 
 BROKERS = ["embedded", "redis"]
 
@@ -225,20 +225,31 @@ async def test_heartbeats_and_load_failures_reach_the_gateway(harness: Harness) 
     assert "no such model" in harness.events.load_failed[reader.reader_id]
 
 
-async def test_a_dead_readers_started_requests_fail_and_the_others_run_elsewhere(harness: Harness) -> None:
-    doomed = await harness.reader("doomed", capacity=2)
+async def one_started_one_waiting(harness: Harness, name: str) -> tuple[TestReader, str, str, TestReader]:
+    """A reader holding two requests, the first of which has started answering, and a second reader of its group."""
+    holder = await harness.reader(name, capacity=2)
     started, waiting = harness.submit("started"), harness.submit("waiting")
-    await doomed.frames(2)
-    doomed.send(tokens(started, 1))
+    await holder.frames(2)
+    holder.send(tokens(started, 1))
     await harness.wait(lambda: started in harness.events.outputs, "the first token")
     survivor = await harness.reader("survivor", capacity=2)
-    await doomed.close()  # the reader goes away without finishing
+    return holder, started, waiting, survivor
+
+
+async def started_failed_and_waiting_moved(harness: Harness, started: str, waiting: str, survivor: TestReader) -> None:
+    """The started request ended with ``reader_died``; the waiting one went to ``survivor``."""
     error = await harness.final(started)
     assert isinstance(error, ErrorFrame)
     assert error.error_type == "reader_died"
     (frame,) = await survivor.frames(1)
     assert isinstance(frame, RequestFrame)
     assert frame.request_id == waiting
+
+
+async def test_a_dead_readers_started_requests_fail_and_the_others_run_elsewhere(harness: Harness) -> None:
+    doomed, started, waiting, survivor = await one_started_one_waiting(harness, "doomed")
+    await doomed.close()  # the reader goes away without finishing
+    await started_failed_and_waiting_moved(harness, started, waiting, survivor)
     survivor.send([*tokens(waiting, 1), FinalFrame(request_id=waiting, seq=1, finish_reason="stop")])
     assert isinstance(await harness.final(waiting), FinalFrame)
     assert [f.seq for f in harness.events.outputs[waiting]] == [0, 1]
@@ -246,19 +257,9 @@ async def test_a_dead_readers_started_requests_fail_and_the_others_run_elsewhere
 
 
 async def test_an_evicted_reader_is_treated_as_dead(harness: Harness) -> None:
-    silent = await harness.reader("silent", capacity=2)
-    started, waiting = harness.submit("started"), harness.submit("waiting")
-    await silent.frames(2)
-    silent.send(tokens(started, 1))
-    await harness.wait(lambda: started in harness.events.outputs, "the first token")
-    survivor = await harness.reader("survivor", capacity=2)
+    silent, started, waiting, survivor = await one_started_one_waiting(harness, "silent")
     harness.broker.evict_reader("silent", "silent for too long")
-    error = await harness.final(started)
-    assert isinstance(error, ErrorFrame)
-    assert error.error_type == "reader_died"
-    (frame,) = await survivor.frames(1)
-    assert isinstance(frame, RequestFrame)
-    assert frame.request_id == waiting
+    await started_failed_and_waiting_moved(harness, started, waiting, survivor)
     silent.send(tokens(started, 2, start=1))  # too late: dropped
     survivor.send([FinalFrame(request_id=waiting, seq=0, finish_reason="stop")])
     assert isinstance(await harness.final(waiting), FinalFrame)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import echo_reader, process_alive, wait_until
+from tests.helpers import echo_reader, process_alive, sse_events, wait_until
 
 TOKENS = 20
 LONG = {"min_new_tokens": TOKENS, "max_new_tokens": TOKENS, "return_metadata": True}
@@ -25,19 +25,13 @@ def _stream(server: Any, started: threading.Semaphore, **fields: Any) -> dict[st
     body = {"text": "alpha beta", **fields}
     with httpx.stream("POST", server.base + "/generate_stream", json=body, timeout=60) as response:
         out["status"] = response.status_code
-        event = "message"
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                if event == "message":
-                    if not out["tokens"]:
-                        started.release()
-                    out["tokens"].append(line[6:])
-                else:
-                    out[event] = json.loads(line[6:])
-            elif line == "":
-                event = "message"
+        for event, data in sse_events(response.iter_lines()):
+            if event == "message":
+                if not out["tokens"]:
+                    started.release()
+                out["tokens"].append(data)
+            else:
+                out[event] = json.loads(data)
     return out
 
 

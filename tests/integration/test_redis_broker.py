@@ -52,12 +52,7 @@ async def test_a_lost_redis_fails_requests_at_once_and_everything_reconnects(
     assert "lost Redis" in await reader.link_closed()
     redis_server.start()  # empty, as after a restart without persistence
     await gateway.wait(lambda: gateway.broker._up, "the gateway to reconnect", within_s=15)  # type: ignore[attr-defined]
-    again = await gateway.reader("r1-again")
-    request_id = gateway.submit("after")
-    (frame,) = await again.frames(1)
-    assert isinstance(frame, RequestFrame)
-    again.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
-    assert isinstance(await gateway.final(request_id), FinalFrame)
+    await gateway.round_trip(await gateway.reader("r1-again"), "after")
 
 
 async def test_a_gateway_started_before_redis_serves_once_redis_is_up(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -68,11 +63,7 @@ async def test_a_gateway_started_before_redis_serves_once_redis_is_up(tmp_path_f
             harness.submit("too early")
         server.start()
         await harness.wait(lambda: harness.broker._up, "the gateway to connect", within_s=15)  # type: ignore[attr-defined]
-        reader = await harness.reader()
-        request_id = harness.submit("now")
-        await reader.frames(1)
-        reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
-        assert isinstance(await harness.final(request_id), FinalFrame)
+        await harness.round_trip(await harness.reader(), "now")
     finally:
         await harness.close()
         server.stop()
@@ -157,12 +148,7 @@ async def test_entries_that_are_not_liftoffs_are_dropped_and_everything_goes_on(
         client.xadd(f"liftoff:r:{gateway.settings.gateway_id}", {"f": b"\xc1", "rd": "nobody"})
         client.sadd("liftoff:readers", "junk")
         client.hset("liftoff:reader:junk", mapping={"register": b"\x00\x01", "state": "live"})
-    reader = await gateway.reader("after-junk")
-    request_id = gateway.submit("still works")
-    (frame,) = await reader.frames(1)
-    assert isinstance(frame, RequestFrame)
-    reader.send([FinalFrame(request_id=request_id, seq=0, finish_reason="stop")])
-    assert isinstance(await gateway.final(request_id), FinalFrame)
+    await gateway.round_trip(await gateway.reader("after-junk"), "still works")
     assert "junk" not in gateway.events.registered
     with redis_server.client() as client:
         await gateway.wait(lambda: client.xlen("liftoff:q:primary") == 0, "the junk entries to be dropped")
@@ -198,13 +184,11 @@ async def test_a_stop_left_for_an_earlier_process_of_a_reader_id_is_ignored(
         stop = encode_frames([StopFrame(reason="the reader was deleted")])
         client.xadd("liftoff:ctl:again", {"f": stop, "to": "again@elsewhere:1"})
     reader = await gateway.reader("again")  # created anew with the same id
-    request_id = gateway.submit("hello")
-    await reader.frames(1)
+    await gateway.round_trip(reader, "hello")  # it serves: the old stop was not for it
     assert not any(isinstance(frame, StopFrame) for frame in reader.received)
     gateway.broker.stop_reader("again", "deleted for real")
     frames = await reader.frames(2)
     assert frames[-1] == StopFrame(reason="deleted for real")
-    assert request_id
 
 
 def test_an_entry_is_acknowledged_only_by_the_consumer_that_holds_it(redis_server: RedisServer) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import LiftoffServer, echo_reader, process_alive, wait_until
+from tests.helpers import LiftoffServer, echo_reader, process_alive, sse_events, wait_until
 from tests.redis_server import RedisServer
 
 GROUP = "primary"
@@ -64,19 +64,13 @@ def stream(base: str, text: str, first: threading.Event | None = None, **fields:
             if response.status_code != 200:
                 out["body"] = json.loads(response.read())
             else:
-                event = "message"
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        if event == "message":
-                            out["tokens"].append(line[6:])
-                            if first is not None:
-                                first.set()
-                        else:
-                            out["events"].append((event, json.loads(line[6:])))
-                    elif line == "":
-                        event = "message"
+                for event, data in sse_events(response.iter_lines()):
+                    if event == "message":
+                        out["tokens"].append(data)
+                        if first is not None:
+                            first.set()
+                    else:
+                        out["events"].append((event, json.loads(data)))
     except httpx.HTTPError as exc:
         out["exc"] = exc
     out["ended"] = time.monotonic()

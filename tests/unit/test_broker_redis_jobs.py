@@ -104,22 +104,13 @@ def test_a_reclaim_past_max_retries_fails_and_aborts() -> None:
     assert hooks.aborted == ["q1"]
 
 
-def test_a_started_request_reclaimed_elsewhere_fails_rather_than_repeat() -> None:
+@pytest.mark.parametrize("claimant", ["r2", "r1"], ids=["another reader", "its own reader after a reconnect"])
+def test_a_started_request_claimed_again_fails_rather_than_repeat(claimant: str) -> None:
     jobs, hooks = book()
     job = queued(jobs)
     jobs.on_claimed(claim("q1", "r1"))
     job.started = True
-    jobs.on_claimed(claim("q1", "r2", reclaimed=True))
-    assert isinstance(hooks.emitted[-1], ErrorFrame)
-    assert hooks.aborted == ["q1"]
-
-
-def test_a_started_request_claimed_again_by_its_own_reader_after_a_reconnect_fails() -> None:
-    jobs, hooks = book()
-    job = queued(jobs)
-    jobs.on_claimed(claim("q1", "r1"))
-    job.started = True
-    jobs.on_claimed(claim("q1", "r1", reclaimed=True))
+    jobs.on_claimed(claim("q1", claimant, reclaimed=True))
     assert isinstance(hooks.emitted[-1], ErrorFrame)
     assert hooks.aborted == ["q1"]
 
