@@ -697,6 +697,17 @@ def summarize(phase: Phase, tally: Tally, duration_s: float, cpu: dict[str, floa
 # ---- the report --------------------------------------------------------------------------------------------------
 
 
+def run_lines(meta: dict[str, Any]) -> list[str]:
+    """The command, date and machine of a run (``meta`` with ``machine_info()`` as ``machine``), as report lines."""
+    machine = meta["machine"]
+    return [
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}",
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, Linux "
+        f"{machine['kernel']}; load average before {machine['loadavg']}, after {meta['loadavg_after']}",
+    ]
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -788,7 +799,6 @@ def paced_rows(results: dict[str, dict[str, Any]], delay_ms: float) -> list[str]
 def report(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> tuple[list[str], float]:
     peer = results["minimal_generate"]["requests_per_s"]
     ratio = results["liftoff_generate"]["requests_per_s"] / peer if peer else 0.0
-    machine = meta["machine"]
     delay = meta["paced_token_delay_ms"]
     paced = f", and a reader with token_delay_ms {delay:g} (group '{PACED_GROUP}')" if delay > 0 else ""
     lines = [
@@ -799,10 +809,7 @@ def report(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> tuple[li
         "",
         *cpu_table(results),
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Date: {meta['date']}",
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, Linux "
-        f"{machine['kernel']}; load average before {machine['loadavg']}, after {meta['loadavg_after']}",
+        *run_lines(meta),
         f"- Liftoff: {meta['readers']} echo reader(s), max_batch_size {meta['batch_size']}, token_delay_ms 0"
         f"{paced}; "
         f"stopped with exit code {meta['liftoff_exit']} in {meta['liftoff_stop_s']:.1f} s; "

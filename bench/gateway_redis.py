@@ -40,6 +40,7 @@ from gateway import (
     log,
     machine_info,
     run_async,
+    run_lines,
     run_phase,
     wait_for,
 )
@@ -302,7 +303,6 @@ def report_redis(outcome: dict[str, Any]) -> list[str]:
                      f"| {_mark(summary['pass'][name])} |")  # fmt: skip
     good = errors == 0 and len(results) == len(ROWS)
     lines.append(f"| errors, all phases | — | — | {errors} | 0, every phase run | {_mark(good)} |")
-    machine = meta["machine"]
     stops = ", ".join(f"{p['name']} {p['exit_code']} in {p['stop_s']:.1f} s" for p in meta["processes"])
     problems = ", ".join(f"{p['name']} {len(p['log_problems'])}" for p in meta["processes"])
     lines += [
@@ -311,10 +311,7 @@ def report_redis(outcome: dict[str, Any]) -> list[str]:
         "",
         *cpu_table(results, CPU_COLUMNS),
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Date: {meta['date']}",
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, Linux "
-        f"{machine['kernel']}; load average before {machine['loadavg']}, after {meta['loadavg_after']}",
+        *run_lines(meta),
         f"- Liftoff: {meta['readers']} echo reader(s), max_batch_size {meta['batch_size']}, token_delay_ms 0 (in the "
         f"config of the embedded gateway and of Redis gateway 1; gateway 2 has none and uses them through Redis); "
         f"redis-server {meta['redis']['version']} without persistence; reader_message_timeout_ms "

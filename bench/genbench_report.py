@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import run_lines
+
 ROW_ORDER = ["liftoff-llamacpp", "liftoff-transformers", "liftoff-echo", "llama-server", "transformers-serve",
              "raw-llamacpp", "raw-torch", "engine-llamacpp", "engine-transformers"]  # fmt: skip
 RAW_OF_BACKEND = {"liftoff-llamacpp": "raw-llamacpp", "liftoff-transformers": "raw-torch"}
@@ -167,7 +169,6 @@ def _phase_notes(label: str, concurrency: str, figures: dict[str, Any]) -> list[
 
 
 def report(results: dict[str, Any], meta: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    machine = meta["machine"]
     checks = [evaluate(check, results) for check in CHECKS]
     prompt = meta["prompt_tokens"]
     lines = [
@@ -180,10 +181,7 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> tuple[list[str], li
         "",
         *checks_table(checks),
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Date: {meta['date']}",
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, Linux "
-        f"{machine['kernel']}; load average before {machine['loadavg']}, after {meta['loadavg_after']}",
+        *run_lines(meta),
         f"- Load: {meta['mode']} after a warm-up of at least {meta['warmup_s']:g} s; prompts "
         f"{prompt['min']}-{prompt['max']} tokens after the chat template (mean {prompt['mean']:.1f}); "
         f"{meta['new_tokens']} output tokens each",
