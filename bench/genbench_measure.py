@@ -124,6 +124,8 @@ def raw_batch(engine: str, model: Path, prompts_file: Path, batch: int, args: ar
     command = [sys.executable, str(script), engine, "--model", str(model), "--prompts", str(prompts_file),
                "--new-tokens", str(args.new_tokens), "--rounds", str(args.raw_rounds), "--repository",
                str(args.repository), "--batch", str(batch)]  # fmt: skip
+    if engine == "liftoff-transformers":
+        command += [f"--option={entry}" for entry in args.transformers_option]
     log(f"{RAW_LABELS[engine]} batch {batch}: {shlex.join(command)}")
     wall, busy, child, own = time.monotonic(), machine_busy_s(), _children_cpu_s(), _self_cpu_s()
     try:

@@ -175,7 +175,7 @@ def torch_loop(model_path: Path, prompts: list[str], new_tokens: int) -> dict[st
 # ---- Liftoff's own backend loop ----------------------------------------------------------------------------------
 
 
-def backend_loop(backend_name: str, repository: Path) -> RunBatch:
+def backend_loop(backend_name: str, repository: Path, options: dict[str, str] | None = None) -> RunBatch:
     """Liftoff's backend, created and driven as the reader does (a new backend per batch size is not needed:
     the backend is cached per capacity)."""
     cache: dict[int, Any] = {}
@@ -183,7 +183,7 @@ def backend_loop(backend_name: str, repository: Path) -> RunBatch:
     def run(model_path: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         from liftoff.core.types import GenerationParams
 
-        backend = cache.get(len(prompts)) or _load_backend(backend_name, repository, len(prompts), cache)
+        backend = cache.get(len(prompts)) or _load_backend(backend_name, repository, len(prompts), cache, options)
         params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_chat_template=True)
         started = time.perf_counter()
         for index, prompt in enumerate(prompts):
@@ -209,7 +209,9 @@ def backend_loop(backend_name: str, repository: Path) -> RunBatch:
     return run
 
 
-def _load_backend(backend_name: str, repository: Path, capacity: int, cache: dict[int, Any]) -> Any:
+def _load_backend(
+    backend_name: str, repository: Path, capacity: int, cache: dict[int, Any], options: dict[str, str] | None = None
+) -> Any:
     from liftoff.backends.base import BackendContext
     from liftoff.backends.registry import create_backend
     from liftoff.config.models import ReaderConfig
@@ -218,7 +220,7 @@ def _load_backend(backend_name: str, repository: Path, capacity: int, cache: dic
         old.close()
     cache.clear()
     config = ReaderConfig(model_name="smollm2-135m-instruct", device="cpu", max_batch_size=capacity,
-                          backend=backend_name)  # fmt: skip
+                          backend=backend_name, backend_options=dict(options or {}))  # fmt: skip
     backend = create_backend(config, BackendContext(repository_path=repository))
     backend.load(lambda _: None)
     cache[capacity] = backend
@@ -228,13 +230,14 @@ def _load_backend(backend_name: str, repository: Path, capacity: int, cache: dic
 # ---- measuring ---------------------------------------------------------------------------------------------------
 
 
-def pick(engine: str, repository: Path) -> tuple[RunBatch, str]:
+def pick(engine: str, repository: Path, options: dict[str, str] | None = None) -> tuple[RunBatch, str]:
     """The loop for ``engine`` and where it comes from."""
     if engine == "torch":
         return torch_loop, "genbench_raw.torch_loop (bf16, KV cache, greedy)"
     if engine.startswith("liftoff-"):
         name = engine.removeprefix("liftoff-")
-        return backend_loop(name, repository), f"liftoff.backends {name} admit/step loop, in-process"
+        shown = "".join(f", {key}: {value}" for key, value in (options or {}).items())
+        return backend_loop(name, repository, options), f"liftoff.backends {name} admit/step loop, in-process{shown}"
     try:
         module = importlib.import_module("llamacpp_engine")
         return llamacpp_theirs(module), "bench/llamacpp_engine.py run_raw (ITL: mean decode step)"
@@ -272,11 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend_options entry.")
     parser.add_argument("--repository", type=Path, default=Path("~/.cache/liftoff/bench-repository").expanduser())
     args = parser.parse_args(argv)
     prompts = json.loads(args.prompts.read_text())
     texts = prompts["user"] if args.engine.startswith("liftoff-") else prompts["rendered"]
-    run, source = pick(args.engine, args.repository)
+    options = dict(str(entry).partition("=")[::2] for entry in args.option)
+    run, source = pick(args.engine, args.repository, options)
     results = {}
     for batch in args.batch:
         results[str(batch)] = measure(run, args.model, texts, batch, args.new_tokens, args.rounds)

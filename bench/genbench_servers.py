@@ -33,9 +33,13 @@ def _fixed_length(new_tokens: int) -> dict[str, Any]:
             "return_metadata": True}  # fmt: skip
 
 
-def liftoff_config(ports: dict[str, int], backend: str, repository: Path, batch: int) -> dict[str, Any]:
+def liftoff_config(
+    ports: dict[str, int], backend: str, repository: Path, batch: int, options: dict[str, str] | None = None
+) -> dict[str, Any]:
     """One reader: the bundled SmolLM2 on the given backend (or the echo double, for plumbing)."""
     reader: dict[str, Any] = {"model_name": MODEL_ALIAS, "device": "cpu", "max_batch_size": batch, "backend": backend}
+    if options:
+        reader["backend_options"] = dict(options)
     if backend == "echo":
         reader = {"model_name": "echo", "device": "cpu", "max_batch_size": batch}
     server = {**ports, "host": HOST, "repository_path": str(repository), "shutdown_timeout_s": 10}
@@ -51,14 +55,20 @@ def _reader_error(mgmt: int) -> str:
 
 
 def start_liftoff(
-    backend: str, workdir: Path, repository: Path, batch: int, new_tokens: int, stack: contextlib.ExitStack
+    backend: str,
+    workdir: Path,
+    repository: Path,
+    batch: int,
+    new_tokens: int,
+    stack: contextlib.ExitStack,
+    options: dict[str, str] | None = None,
 ) -> Running:
     """``python -m liftoff serve --config cfg.yaml`` with one reader; live, or an error naming the reader's."""
     ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
     folder = workdir / f"liftoff-{backend}"
     folder.mkdir(parents=True, exist_ok=True)
     repository.mkdir(parents=True, exist_ok=True)
-    config = liftoff_config(ports, backend, repository, batch)
+    config = liftoff_config(ports, backend, repository, batch, options)
     (folder / "cfg.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
     command = [sys.executable, "-m", "liftoff", "serve", "--config", str(folder / "cfg.yaml")]
     server = Managed(f"liftoff-{backend}", command, folder, folder / "liftoff.log")
@@ -75,7 +85,10 @@ def start_liftoff(
     server.track_children()
     api = Api("liftoff", ports["port"], "/generate_stream", lambda text: {"text": text, **_fixed_length(new_tokens)})
     notes = f"reader model_name {config['takeoff']['readers_config']['r1']['model_name']}, max_batch_size {batch}"
-    return Running(f"liftoff-{backend}", f"Liftoff {backend}", server, api, notes)
+    if options:
+        notes += ", backend_options " + ", ".join(f"{key}: {value}" for key, value in options.items())
+    shown = " (" + ", ".join(f"{key}: {value}" for key, value in options.items()) + ")" if options else ""
+    return Running(f"liftoff-{backend}", f"Liftoff {backend}{shown}", server, api, notes)
 
 
 def start_llama_server(

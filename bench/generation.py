@@ -118,7 +118,8 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
         for backend in args.liftoff_backend:
 
             def liftoff(stack: contextlib.ExitStack, b: str = backend) -> Running:
-                return start_liftoff(b, workdir, args.repository, args.batch_size, args.new_tokens, stack)
+                options = backend_options(args) if b == "transformers" else {}
+                return start_liftoff(b, workdir, args.repository, args.batch_size, args.new_tokens, stack, options)
 
             plan[f"liftoff-{backend}"] = liftoff
     if "llama-server" in args.servers:
@@ -131,6 +132,17 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
             cli, checkpoint, workdir, args.new_tokens, tf_serve_flags(args), stack
         )
     return plan
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, str]:
+    """``--transformers-option KEY=VALUE`` entries as a ``backend_options`` mapping."""
+    options = {}
+    for entry in args.transformers_option:
+        key, sep, value = str(entry).partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--transformers-option takes KEY=VALUE, not {entry!r}")
+        options[key] = value
+    return options
 
 
 def tf_serve_flags(args: argparse.Namespace) -> list[str]:
@@ -199,6 +211,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["llamacpp", "transformers", "echo"],
         default=["llamacpp", "transformers"],
         help="Liftoff reader backends, one server each.",
+    )
+    parser.add_argument(
+        "--transformers-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A backend_options entry for Liftoff's transformers backend (server and in-process loop), e.g. "
+        "quantize=int8; repeatable.",
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="Clients (1 8 32).")
     mode = parser.add_mutually_exclusive_group()

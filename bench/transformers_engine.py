@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled alias, checkpoint dir or GGUF")
     parser.add_argument("--repository-path", type=Path, default=Path.home() / ".cache" / "liftoff" / "bench-repo")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantize", default="auto", help="backend_options quantize: auto, int8 or none")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every CPU)")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=100)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    options: dict[str, Any] = {"dtype": args.dtype}
+    options: dict[str, Any] = {"dtype": args.dtype, "quantize": args.quantize}
     if args.threads:
         options["n_threads"] = args.threads
     config = ReaderConfig(model_name=args.model, device="cpu", max_batch_size=max(sizes), backend_options=options)

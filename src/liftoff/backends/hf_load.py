@@ -49,15 +49,18 @@ class LoadedModel:
     masks: MaskPolicy
 
 
-def resolve_dtype(value: object, device: torch.device) -> torch.dtype:
+def resolve_dtype(value: object, device: torch.device, auto: torch.dtype | None = None) -> torch.dtype:
     """``backend_options["dtype"]``: ``auto`` (the default), bfloat16, float32 or float16.
 
-    ``auto`` is bfloat16 on CUDA and on CPUs with AMX tiles, float32 on other CPUs: without AMX, torch's bf16
-    matrix products on CPU run at about half the fp32 speed (measured on AVX512-BF16 Xeons: 167 against
-    329 GFLOP/s for a 3200 x 576 x 1536 product), so bf16 only saves memory there.
+    ``auto`` is the ``auto`` argument when given (int8 products need float32). Otherwise it is bfloat16 on CUDA
+    and on CPUs with AMX tiles, float32 on other CPUs: without AMX, torch's bf16 matrix products on CPU run at
+    about half the fp32 speed (measured on AVX512-BF16 Xeons: 167 against 329 GFLOP/s for a 3200 x 576 x 1536
+    product), so bf16 only saves memory there.
     """
     name = "auto" if value is None else str(value).lower().removeprefix("torch.")
     if name == "auto":
+        if auto is not None:
+            return auto
         return torch.bfloat16 if device.type == "cuda" or cpu_has_amx() else torch.float32
     dtype = DTYPES.get(name)
     if dtype is None:

@@ -3,8 +3,9 @@
 Loading: a Hugging Face checkpoint directory is loaded as it is; a GGUF file is first dequantized once into
 ``<repository_path>/dequantized/`` (:mod:`liftoff.backends.hf_convert`). ``backend_options``: ``dtype``
 (``auto`` by default: bfloat16 on CUDA and AMX CPUs, float32 on other CPUs, where it is faster; or ``bfloat16``,
-``float32``, ``float16``) and ``n_threads`` (torch
-threads, default: every CPU this process may use). The reader's ``device`` is ``cpu`` or ``cuda``.
+``float32``, ``float16``), ``n_threads`` (torch threads, default: every CPU this process may use) and ``quantize``
+(``none`` by default; ``int8``: int8 matrix products on CPU, 1.4-1.7x the throughput at batch 8-32 for some
+precision, :mod:`liftoff.backends.hf_quant`). The reader's ``device`` is ``cpu`` or ``cuda``.
 
 Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.hf_cache`). A step
 prefills newly admitted prompts in one right-padded batched forward (at most ``prefill_chunk_size`` padded tokens
@@ -49,6 +50,7 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
+from liftoff.backends.hf_quant import calibration_ids, check_int8, quantize_linears, wants_int8
 from liftoff.backends.hf_sequence import HFSequence, account, finish
 from liftoff.backends.hf_tokens import HFTokenizer
 from liftoff.backends.prefix import RowPrefixes, flag
@@ -63,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_BUDGET = 1024
 DEFAULT_PREFILL_PER_STEP = 512
-BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step"})
+BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step", "quantize"})
 
 
 class TransformersBackend(Backend):
@@ -106,7 +108,10 @@ class TransformersBackend(Backend):
     def load(self, progress: ProgressCallback) -> None:
         progress(0.0)
         device = resolve_device(self.config.device)
-        dtype = resolve_dtype(self.options.get("dtype"), device)
+        int8 = wants_int8(self.options.get("quantize"))
+        dtype = resolve_dtype(self.options.get("dtype"), device, auto=torch.float32 if int8 else None)
+        if int8:
+            check_int8(device, dtype)
         if device.type == "cpu":
             set_torch_threads(self.options.get("n_threads"))
         model = self.context.model or resolve_model(
@@ -117,6 +122,8 @@ class TransformersBackend(Backend):
             path = ensure_dequantized(path, self.context.repository_path, dtype, lambda f: progress(0.85 * f))
         progress(0.85)
         loaded = load_causal_lm(path, dtype=dtype, device=device)
+        if int8:
+            quantize_linears(loaded.model, calibration_ids(loaded))
         progress(0.95)
         context = self._context_for(loaded)
         self._loaded = loaded
