@@ -13,7 +13,9 @@ its :data:`OUTLIER_CHANNELS` largest input channels stay in float32.
 Rounding activations costs some precision, which is why this is opt-in. On SmolLM2-135M (its Q4_1 GGUF
 dequantized), the next-token distributions move from float32's by a mean KL divergence of 0.006 (top-1 agreement
 0.95), against 0.003 (0.96) for llama.cpp's own Q4_1 x Q8_1 products and 0.04 (0.89) for int8 without the float
-channels (``bench/quant_quality.py``). Requests still give the same tokens batched as alone.
+channels (``bench/quant_quality.py``). Greedy output is deterministic for a given batch, but unlike float32 it is
+not batch-invariant: rounding each row magnifies the ~1e-5 float noise of attention over another span into other
+tokens (docs/models.md).
 """
 
 from __future__ import annotations
@@ -102,17 +104,16 @@ def _same_input(
     children: list[tuple[str, torch.nn.Linear]], input_max: dict[str, torch.Tensor], parent: str
 ) -> list[list[tuple[str, torch.nn.Linear]]]:
     """``children`` in groups whose calibration inputs were identical (uncalibrated layers stay alone)."""
-    groups: list[list[tuple[str, torch.nn.Linear]]] = []
+    groups: list[tuple[torch.Tensor | None, list[tuple[str, torch.nn.Linear]]]] = []
     for name, child in children:
         stats = input_max.get(_full(parent, name))
-        for group in groups:
-            first = input_max.get(_full(parent, group[0][0]))
-            if stats is not None and first is not None and first.shape == stats.shape and torch.equal(first, stats):
-                group.append((name, child))
-                break
+        same = (g for first, g in groups if stats is not None and first is not None and torch.equal(first, stats))
+        group = next(same, None)
+        if group is None:
+            groups.append((stats, [(name, child)]))
         else:
-            groups.append([(name, child)])
-    return groups
+            group.append((name, child))
+    return [group for _, group in groups]
 
 
 def calibration_ids(loaded: LoadedModel) -> list[int]:
