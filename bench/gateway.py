@@ -708,6 +708,16 @@ def run_lines(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def run_meta(**fields: Any) -> dict[str, Any]:
+    """The command, date and machine of a run (what :func:`run_lines` shows), and the bench's own ``fields``."""
+    return {
+        "command": shlex.join(sys.orig_argv),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        **fields,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -878,14 +888,7 @@ def terminate_on_sigterm() -> Iterator[None]:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Start the servers, run the phases, stop the servers; return results and metadata."""
-    meta: dict[str, Any] = {
-        "command": shlex.join(sys.orig_argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "readers": args.readers,
-        "batch_size": args.batch_size,
-        "paced_token_delay_ms": args.paced_token_delay_ms,
-    }
+    meta = run_meta(readers=args.readers, batch_size=args.batch_size, paced_token_delay_ms=args.paced_token_delay_ms)
     settings = Settings(args.warmup, args.duration, args.request_timeout)
     with tempfile.TemporaryDirectory(prefix="liftoff-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)

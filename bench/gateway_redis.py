@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import shlex
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -38,9 +35,9 @@ from gateway import (
     launch_liftoff,
     liftoff_config,
     log,
-    machine_info,
     run_async,
     run_lines,
+    run_meta,
     run_phase,
     wait_for,
 )
@@ -211,16 +208,13 @@ class Stage:
 def benchmark_redis(args: argparse.Namespace) -> dict[str, Any]:
     """Start redis-server; embedded gateway, phases, stop; Redis gateway, phases; a second Redis gateway, phase;
     stop everything. Returns the results, the metadata and the p50 differences."""
-    meta: dict[str, Any] = {
-        "command": shlex.join(sys.orig_argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "readers": args.readers,
-        "batch_size": args.batch_size,
-        "reader_message_timeout_ms": args.reader_message_timeout_ms,
-        "clients": {"generate": args.concurrency, "latency": args.latency_concurrency},
-        "failures": [],
-    }
+    meta = run_meta(
+        readers=args.readers,
+        batch_size=args.batch_size,
+        reader_message_timeout_ms=args.reader_message_timeout_ms,
+        clients={"generate": args.concurrency, "latency": args.latency_concurrency},
+        failures=[],
+    )
     settings = Settings(args.warmup, args.duration, args.request_timeout)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="liftoff-bench-") as tmp, contextlib.ExitStack() as stack:

@@ -230,6 +230,17 @@ def _load_backend(
 # ---- measuring ---------------------------------------------------------------------------------------------------
 
 
+def key_values(entries: list[str], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` command-line entries as a mapping; anything else stops the run, naming ``flag``."""
+    options = {}
+    for entry in entries:
+        key, sep, value = str(entry).partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} takes KEY=VALUE, not {entry!r}")
+        options[key] = value
+    return options
+
+
 def pick(engine: str, repository: Path, options: dict[str, str] | None = None) -> tuple[RunBatch, str]:
     """The loop for ``engine`` and where it comes from."""
     if engine == "torch":
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = json.loads(args.prompts.read_text())
     texts = prompts["user"] if args.engine.startswith("liftoff-") else prompts["rendered"]
-    options = dict(str(entry).partition("=")[::2] for entry in args.option)
+    options = key_values(args.option, "--option")
     run, source = pick(args.engine, args.repository, options)
     results = {}
     for batch in args.batch:

@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -66,9 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 import genbench_peers as peers
-from gateway import Managed, log, machine_info, terminate_on_sigterm
+from gateway import Managed, log, run_meta, terminate_on_sigterm
 from genbench_load import chat_render, make_prompts, token_counter
 from genbench_measure import measure_server, run_raw
+from genbench_raw import key_values
 from genbench_report import report
 from genbench_servers import MODEL_ALIAS, Running, start_liftoff, start_llama_server, start_transformers_serve
 
@@ -136,13 +135,7 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
 
 def backend_options(args: argparse.Namespace) -> dict[str, str]:
     """``--transformers-option KEY=VALUE`` entries as a ``backend_options`` mapping."""
-    options = {}
-    for entry in args.transformers_option:
-        key, sep, value = str(entry).partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--transformers-option takes KEY=VALUE, not {entry!r}")
-        options[key] = value
-    return options
+    return key_values(args.transformers_option, "--transformers-option")
 
 
 def tf_serve_flags(args: argparse.Namespace) -> list[str]:
@@ -158,22 +151,19 @@ def tf_checkpoint(args: argparse.Namespace, gguf: Path) -> Path:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["HF_HUB_OFFLINE"] = "1"  # every model is local; the servers inherit this
-    meta: dict[str, Any] = {
-        "command": shlex.join(sys.orig_argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "new_tokens": args.new_tokens,
-        "concurrency": args.concurrency,
-        "mode": f"{args.duration:g} s window"
-        if args.duration
-        else (
-            f"{args.requests_per_client} measured requests per client"
-            if args.requests_per_client
-            else "max(3, ceil(40 / c)) measured requests per client"
-        ),
-        "warmup_s": args.warmup,
-        "max_other_cpu": args.max_other_cpu,
-    }
+    if args.duration:
+        mode = f"{args.duration:g} s window"
+    elif args.requests_per_client:
+        mode = f"{args.requests_per_client} measured requests per client"
+    else:
+        mode = "max(3, ceil(40 / c)) measured requests per client"
+    meta = run_meta(
+        new_tokens=args.new_tokens,
+        concurrency=args.concurrency,
+        mode=mode,
+        warmup_s=args.warmup,
+        max_other_cpu=args.max_other_cpu,
+    )
     gguf = resolve_gguf()
     made = make_prompts(args.prompts, args.prompt_tokens, token_counter(gguf))
     counts = [count for _, count in made]
