@@ -284,12 +284,18 @@ async def test_without_retries_a_dead_readers_waiting_requests_fail(request: pyt
         await harness.close()
 
 
-async def test_the_last_readers_death_fails_its_groups_waiting_requests_at_once(harness: Harness) -> None:
+async def _only_reader_with_a_queued_request(harness: Harness) -> tuple[TestReader, str]:
+    """A group's only reader, busy (one running, one prefetched), and the id of a request waiting behind them."""
     only = await harness.reader("only", capacity=1)
     harness.submit("running")
     harness.submit("prefetched")
     queued = harness.submit("queued")
     await only.frames(2)
+    return only, queued
+
+
+async def test_the_last_readers_death_fails_its_groups_waiting_requests_at_once(harness: Harness) -> None:
+    only, queued = await _only_reader_with_a_queued_request(harness)
     await only.close()
     error = await harness.final(queued, within_s=5)
     assert isinstance(error, ErrorFrame)
@@ -304,11 +310,7 @@ async def test_stopping_a_reader_sends_it_a_stop_frame(harness: Harness) -> None
 
 
 async def test_stopping_the_last_reader_fails_its_groups_waiting_requests_at_once(harness: Harness) -> None:
-    only = await harness.reader("only", capacity=1)
-    harness.submit("running")
-    harness.submit("prefetched")
-    queued = harness.submit("queued")
-    await only.frames(2)
+    _, queued = await _only_reader_with_a_queued_request(harness)
     harness.broker.stop_reader("only", "the reader was deleted")
     error = await harness.final(queued, within_s=5)
     assert isinstance(error, ErrorFrame)
