@@ -46,10 +46,40 @@ REQUEST_LOGGER = "liftoff.requests"
 FLUSH_EVERY_S = 0.2
 
 
+# Control characters (a newline above all) in a logged value would let a client forge log lines: escaped.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+MAX_FIELD_CHARS = 200  # a logged request field (a consumer group name, say) is cut to this
+
+
+def escape(text: str) -> str:
+    """``text`` with its control characters escaped, so it stays on its line."""
+    return text.translate(_CONTROL)
+
+
+def field_text(value: object) -> str:
+    """A request-log value as ``key=value`` text: cut to ``MAX_FIELD_CHARS``, quoted (JSON) when it holds spaces,
+    quotes or control characters, so a client's value can neither forge a line nor a field."""
+    if not isinstance(value, str):
+        return str(value)
+    if len(value) > MAX_FIELD_CHARS:
+        value = value[:MAX_FIELD_CHARS] + "..."
+    if value and value.isprintable() and not any(char in value for char in ' "='):
+        return value
+    return msgspec.json.encode(value).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """Liftoff's text lines; the message's control characters are escaped (the traceback after it is not)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
 def _formatter(fmt: str, role: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter(role)
-    return logging.Formatter(f"%(asctime)s %(levelname)-7s [{role}] %(name)s: %(message)s")
+    return TextFormatter(f"%(asctime)s %(levelname)-7s [{role}] %(name)s: %(message)s")
 
 
 def _buffered_stderr() -> IO[str]:
@@ -104,7 +134,9 @@ class RequestLog:
         else:
             if second != self._second:
                 self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            line = f"{self._stamp},{millis:03d}{self._head}" + " ".join(f"{k}={v}" for k, v in fields.items())
+            line = f"{self._stamp},{millis:03d}{self._head}" + " ".join(
+                f"{k}={field_text(v)}" for k, v in fields.items()
+            )
         return line + "\n"
 
     def flush(self) -> None:

@@ -68,4 +68,8 @@ def test_errors_surface_as_takeoff_exceptions(liftoff: Any) -> None:
     assert info.value.status_code == 404
     with pytest.raises(TakeoffException) as info:
         list(client.generate_stream("x", max_new_tokens=0))
+    assert info.value.status_code == 400
+    assert "max_new_tokens is 0; allowed: from 1 to 1048576" in str(info.value)
+    with pytest.raises(TakeoffException) as info:
+        client.generate("x", sampling_temperature="hot")  # type: ignore[arg-type]
     assert info.value.status_code == 422

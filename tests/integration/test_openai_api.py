@@ -246,7 +246,10 @@ def test_malformed_bodies_are_400s(server: Any) -> None:
     url = server.url("openai_port") + "/v1/chat/completions"
     error(server.http.post(url, content=b"{nope"), 400, None, "invalid_request", "not valid JSON")
     error(server.http.post(url, json={"model": "primary"}), 400, "messages", "validation_error", "Field required")
-    error(chat(server, max_tokens=0), 400, "max_tokens", "validation_error", "greater than or equal to 1")
+    error(chat(server, max_tokens=0), 400, "max_tokens", "invalid_request", "max_tokens is 0", "from 1 to 1048576")
+    error(chat(server, seed=1 << 64), 400, "seed", "invalid_request", "seed is", "to 18446744073709551615")
+    error(chat(server, n=1000), 400, "n", "invalid_request", "from 1 to 128")
+    error(chat(server, stop=["x" * 1025]), 400, "stop.0", "invalid_request", "at most 1024 characters")
     error(chat(server, max_tokens=2, min_tokens=3), 400, "min_tokens", "invalid_request", "more than max_tokens")
     error(chat(server, n=9), 400, "n", "invalid_request", "max_user_batch_size")
     big = server.http.post(url, content=b"x" * 5000)

@@ -28,7 +28,10 @@ def test_tokenizer_services_errors(liftoff: Any) -> None:
     missing = post(server.base + "/tokenize/nobody", json={"text": "x"})
     assert missing.status_code == 404
     assert "nobody" in missing.json()["detail"]
-    assert post(server.base + "/tokenize/r1", json={"txt": "x"}).status_code == 422
+    assert post(server.base + "/tokenize/r1", json={}).status_code == 422
+    unknown = post(server.base + "/tokenize/r1", json={"txt": "x"})
+    assert unknown.status_code == 400
+    assert "txt is not a field" in unknown.json()["detail"]
     assert post(server.base + "/chat_template/r1", json={"inputs": []}).status_code == 422
     ids = post(server.base + "/detokenize/r1", json={"tokens": [1, 2]})
     assert ids.status_code == 400

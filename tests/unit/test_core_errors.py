@@ -21,6 +21,7 @@ from liftoff.core.errors import (
     RequestCancelledError,
     RequestTimeoutError,
     ShuttingDownError,
+    SlowClientError,
     ValidationFailedError,
     error_from_type,
 )
@@ -33,6 +34,7 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     ForbiddenError: ("forbidden", 403),
     NotFoundError: ("not_found", 404),
     PayloadTooLargeError: ("payload_too_large", 413),
+    SlowClientError: ("request_timeout", 408),
     OverloadedError: ("overloaded", 429),
     NotSupportedError: ("not_supported", 400),
     NoReadersAvailableError: ("unavailable", 503),

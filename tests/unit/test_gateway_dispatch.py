@@ -22,6 +22,7 @@ from liftoff.core.errors import (
 from liftoff.core.frames import ErrorFrame, FinalFrame, LoadedFrame, RequestFrame, TokenFrame
 from liftoff.core.types import ReaderState, RequestKind
 from liftoff.gateway.dispatch import Collector, Dispatcher, Item, is_final, raise_if_error
+from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
 
 
@@ -257,9 +258,22 @@ async def test_reserved_group_buffers_for_a_shorter_time(parts: tuple[Dispatcher
 async def test_unknown_group_is_not_found(parts: tuple[Dispatcher, FakeBroker, ReaderRegistry]) -> None:
     dispatcher, broker, registry = parts
     add_reader(registry, "r1", "gen", live=True)
-    with pytest.raises(NotFoundError, match=r"consumer group 'ghost' does not exist \(known groups: gen\)"):
+    with pytest.raises(NotFoundError, match=r"consumer group 'ghost' does not exist") as caught:
         dispatcher.submit(frames_for("ghost", "x"))
+    assert "gen" not in caught.value.message  # other users' group names are not told to a stranger
     assert broker.submitted == []
+
+
+async def test_unknown_groups_share_one_metric_label(parts: tuple[Dispatcher, FakeBroker, ReaderRegistry]) -> None:
+    dispatcher, _, registry = parts
+    metrics = GatewayMetrics(registry, FakeBroker())
+    dispatcher.metrics = metrics
+    add_reader(registry, "r1", "gen", live=True)
+    for name in ("ghost", "x" * 100_000, "evil\nforged"):
+        with pytest.raises(NotFoundError) as caught:
+            dispatcher.submit(frames_for(name, "x"))
+        assert len(caught.value.message) < 300
+    assert dict(metrics.rejections) == {("unknown", "not_found"): 3}
 
 
 async def test_group_without_live_reader_fails_fast(parts: tuple[Dispatcher, FakeBroker, ReaderRegistry]) -> None:

@@ -66,6 +66,19 @@ class StepOutput:
     error: LiftoffError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Preparation:
+    """Slow work a request needs before it can join the batch (compiling its grammar).
+
+    The engine runs ``run`` on a thread of its own, so the running sequences keep stepping, and admits the request
+    when it is done; a request still waiting after ``timeout_s`` fails with a 400 that says it took too long.
+    """
+
+    run: Callable[[], object]
+    timeout_s: float
+    what: str  # in words, for that error: "compiling its json_schema"
+
+
 @dataclass(slots=True)
 class Encoding:
     """One input of an encoder, tokenized: the tokenizer's features and what the response reports about it."""
@@ -145,6 +158,11 @@ class ModelBackend(abc.ABC):
 
 class Backend(ModelBackend):
     """A generative model that serves sequences with continuous batching."""
+
+    def preparation(self, params: GenerationParams) -> Preparation | None:
+        """Work a request needs before :meth:`admit` that may take long (None: nothing); raise a
+        :class:`LiftoffError` to refuse the request. The default needs nothing."""
+        return None
 
     @abc.abstractmethod
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:

@@ -2,10 +2,14 @@
 
 A request asks for structure with ``regex_string`` or ``json_schema`` (the regex wins when both are set) and may
 name the engine with ``constrained_decoding_backend``: xgrammar is the one engine, and the default. Each
-generation backend owns one :class:`Grammars` for its model. It compiles a request's grammar at admission, on the
-engine thread, which holds every running sequence meanwhile (from under a millisecond for a short regex to
-seconds for a schema with long bounded strings: see docs/benchmarks.md), and keeps the last ``CACHE_SIZE``
-compiled grammars, keyed by kind and text. A constrained sequence gets a :class:`TokenConstraint` (an xgrammar
+generation backend owns one :class:`Grammars` for its model, which keeps the last ``CACHE_SIZE`` compiled
+grammars, keyed by kind and text. A grammar is first checked against the reader's limits
+(:mod:`liftoff.backends.grammar_limits`), then compiled *before* admission by :meth:`Grammars.preparation`, which
+the engine runs on a thread of its own: compiling takes from under a millisecond for a short regex to seconds for
+a schema with long bounded strings (docs/benchmarks.md), and the running streams keep stepping meanwhile.
+xgrammar releases the GIL while it compiles, on one core, so the engine keeps the other.
+
+A constrained sequence gets a :class:`TokenConstraint` (an xgrammar
 matcher and its token bitmask); the shared sampler (:mod:`liftoff.backends.sampling`) has it mask the sequence's
 logits row before picking a token and tells it each token picked. When the grammar allows nothing but an
 end-of-sequence token the constraint is ``complete`` and the backend finishes the sequence (``stop``).
@@ -27,8 +31,8 @@ never loads it; the vocabulary table and the compiler are built then too.
 from __future__ import annotations
 
 import logging
-import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -38,6 +42,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from liftoff.backends.base import Preparation
+from liftoff.backends.grammar_limits import GrammarLimits
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import GenerationParams
 
@@ -151,8 +157,9 @@ class TokenConstraint:
 class Grammars:
     """The compiled grammars of one model's vocabulary: compiler built on first use, an LRU of compiled grammars.
 
-    Engine thread only (admission). ``hits`` and ``misses`` count cache lookups; ``compile_seconds`` is the time
-    of the last compilation.
+    Used by the engine thread (admission) and the engine's preparation thread (compiling), under one lock that is
+    never held while compiling. ``hits`` and ``misses`` count cache lookups; ``compile_seconds`` is the time of
+    the last compilation.
     """
 
     def __init__(
@@ -161,7 +168,10 @@ class Grammars:
         stop_ids: Sequence[int],
         vocab_size: int,
         capacity: int = CACHE_SIZE,
+        limits: GrammarLimits | None = None,
     ) -> None:
+        self.limits = limits or GrammarLimits()
+        self._lock = threading.Lock()
         self._vocabulary = vocabulary
         self._stop_ids = sorted({int(token) for token in stop_ids})
         self._vocab_size = vocab_size
@@ -177,12 +187,26 @@ class Grammars:
     def __len__(self) -> int:
         return len(self._compiled)
 
+    def preparation(self, params: GenerationParams) -> Preparation | None:
+        """The compilation a request needs before admission (None: it asks for no grammar, or it is compiled); a 400
+        when the grammar is over the reader's limits."""
+        wanted = requested_grammar(params)
+        if wanted is None:
+            return None
+        kind, text = wanted
+        self.limits.check(kind, text)
+        with self._lock:
+            if (kind, text) in self._compiled:
+                return None
+        return Preparation(lambda: self.compiled(kind, text), self.limits.compile_timeout_s, f"compiling its {kind}")
+
     def constraint(self, params: GenerationParams) -> TokenConstraint | None:
         """The constraint of a new sequence, or None when its request asks for none; a 400 when it cannot be had."""
         wanted = requested_grammar(params)
         if wanted is None:
             return None
         kind, text = wanted
+        self.limits.check(kind, text)
         compiled = self.compiled(kind, text)
         matcher = _xgrammar().GrammarMatcher(compiled)
         narrow = self._json_tokens if kind == "json_schema" else None
@@ -191,13 +215,14 @@ class Grammars:
     def compiled(self, kind: GrammarKind, text: str) -> Any:
         """The compiled grammar of a regex or a JSON schema (text), from the cache when it was compiled lately."""
         key = (kind, text)
-        found = self._compiled.get(key)
-        if found is not None:
-            self.hits += 1
-            self._compiled.move_to_end(key)
-            return found
-        self.misses += 1
-        compiler = self._ensure_compiler()
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self.hits += 1
+                self._compiled.move_to_end(key)
+                return found
+            self.misses += 1
+            compiler = self._ensure_compiler()
         started = time.perf_counter()
         try:
             if kind == "regex_string":
@@ -212,9 +237,10 @@ class Grammars:
         self.compile_seconds = time.perf_counter() - started
         level = logging.INFO if self.compile_seconds >= SLOW_COMPILE_S else logging.DEBUG
         logger.log(level, "compiled a %s grammar of %d characters in %.3f s", kind, len(text), self.compile_seconds)
-        self._compiled[key] = compiled
-        if len(self._compiled) > self._capacity:
-            self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled[key] = compiled
+            if len(self._compiled) > self._capacity:
+                self._compiled.popitem(last=False)
         return compiled
 
     def _ensure_compiler(self) -> Any:
@@ -231,9 +257,8 @@ class Grammars:
             )
             self._nonstop = _token_bits(self._vocab_size, exclude=self._stop_ids)
             self._json_tokens = _token_bits(self._vocab_size, exclude=_holding(vocabulary.pieces, _CONTROL_CHARACTERS))
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            # Every CPU: admission holds the engine thread, so nothing else runs meanwhile. The LRU here caches.
-            self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+            # One thread: compiling runs beside the engine, which keeps the other cores. The LRU here caches.
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from liftoff.backends.base import StepOutput
 from liftoff.backends.hf_detok import Detokenizer, TextStream
-from liftoff.backends.sampling import SamplerState, finish_reason
+from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sequence_failure
+from liftoff.core.errors import BackendError
 from liftoff.core.types import FinishReason
 
 
@@ -32,7 +33,27 @@ class HFSequence:
 
 
 def account(seq: HFSequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]) -> None:
-    """Take ``seq``'s new ``token`` (already in its sampler): add what it produced, or how it ended, to ``out``."""
+    """Take ``seq``'s new ``token`` (already in its sampler): add what it produced, or how it ended, to ``out``.
+
+    A token that could not be chosen (:data:`FAILED`) or text that cannot be decoded ends this sequence alone, with
+    an error: the others of the batch go on.
+    """
+    if token == FAILED:
+        fail(seq, out, sequence_failure(seq.sampler))
+        return
+    try:
+        _account(seq, token, detok, eos, out)
+    except Exception as exc:
+        fail(seq, out, BackendError(f"decoding the output failed ({type(exc).__name__}: {exc}); this request ended"))
+
+
+def fail(seq: HFSequence, out: list[StepOutput], error: BackendError) -> None:
+    """End ``seq`` with ``error``."""
+    seq.done = True
+    out.append(StepOutput(seq.request_id, error=error))
+
+
+def _account(seq: HFSequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]) -> None:
     seq.last = token
     seq.unreported += 1
     if token in eos:

@@ -38,8 +38,16 @@ from collections import deque
 import numpy as np
 import torch
 
-from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.base import (
+    COMMON_OPTIONS,
+    Backend,
+    BackendContext,
+    Preparation,
+    ProgressCallback,
+    StepOutput,
+)
 from liftoff.backends.grammar import Grammars, Vocabulary, huggingface_vocabulary
+from liftoff.backends.grammar_limits import GRAMMAR_OPTIONS, GrammarLimits
 from liftoff.backends.hf_cache import SlotCache
 from liftoff.backends.hf_convert import ensure_dequantized
 from liftoff.backends.hf_detok import Detokenizer, TextStream
@@ -73,7 +81,7 @@ class TransformersBackend(Backend):
     """Causal LMs through ``transformers`` + ``torch``, continuously batched."""
 
     name = "transformers"
-    honoured_options = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+    honoured_options = COMMON_OPTIONS | GRAMMAR_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
     backend_options = BACKEND_OPTIONS
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
@@ -135,7 +143,7 @@ class TransformersBackend(Backend):
         self._eos = np.array(loaded.eos_ids, dtype=np.int64)
         self._eos_set = frozenset(loaded.eos_ids)
         vocab_size = int(getattr(loaded.model.config.get_text_config(), "vocab_size", 0) or len(loaded.tokenizer))
-        self.grammars = Grammars(self._vocabulary, loaded.eos_ids, vocab_size)
+        self.grammars = Grammars(self._vocabulary, loaded.eos_ids, vocab_size, limits=GrammarLimits.of(self.config))
         with torch.inference_mode():  # allocate the cache and warm the kernels up
             self._forward_prefill([[loaded.pad_id]], 0, 0)
         logger.info(
@@ -176,6 +184,10 @@ class TransformersBackend(Backend):
         return self._loaded
 
     # ---- admission ----------------------------------------------------------------------------------------------
+
+    def preparation(self, params: GenerationParams) -> Preparation | None:
+        """Compiling the request's grammar, when it has one that is not compiled yet."""
+        return self.grammars.preparation(params) if self.grammars is not None else None
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         loaded = self._model()

@@ -40,11 +40,19 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.base import (
+    COMMON_OPTIONS,
+    Backend,
+    BackendContext,
+    Preparation,
+    ProgressCallback,
+    StepOutput,
+)
 from liftoff.backends.grammar import Grammars, Vocabulary
+from liftoff.backends.grammar_limits import GRAMMAR_OPTIONS, GrammarLimits
 from liftoff.backends.llamacpp_native import NativeContext, NativeModel
 from liftoff.backends.prefix import flag, shared_prefix
-from liftoff.backends.sampling import SamplerState, finish_reason, sample
+from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sample, sequence_failure
 from liftoff.backends.text import Utf8Stream, conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
@@ -79,7 +87,14 @@ class LlamaCppBackend(Backend):
     """GGUF models through llama-cpp-python's low-level API, continuously batched."""
 
     name = "llamacpp"
-    honoured_options: ClassVar[frozenset[str]] = COMMON_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+    honoured_options: ClassVar[frozenset[str]] = (
+        COMMON_OPTIONS
+        | GRAMMAR_OPTIONS
+        | {
+            "max_sequence_length",
+            "prefill_chunk_size",
+        }
+    )
     backend_options: ClassVar[frozenset[str] | None] = KNOWN_OPTIONS
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
@@ -135,7 +150,9 @@ class LlamaCppBackend(Backend):
         self._model = model
         self._eog = np.array(model.eog, dtype=np.int64)
         self._eog_set = frozenset(model.eog)
-        self.grammars = Grammars(lambda: Vocabulary(model.pieces), model.eog, model.n_vocab)
+        self.grammars = Grammars(
+            lambda: Vocabulary(model.pieces), model.eog, model.n_vocab, limits=GrammarLimits.of(self.config)
+        )
         progress(1.0)
 
     def close(self) -> None:
@@ -155,6 +172,10 @@ class LlamaCppBackend(Backend):
         return self._model, self._ctx
 
     # ---- requests -------------------------------------------------------------------------------------------------
+
+    def preparation(self, params: GenerationParams) -> Preparation | None:
+        """Compiling the request's grammar, when it has one that is not compiled yet."""
+        return self.grammars.preparation(params) if self.grammars is not None else None
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         model, _ = self._loaded()
@@ -297,7 +318,9 @@ class LlamaCppBackend(Backend):
         assert model is not None
         pieces, eog = model.pieces, self._eog_set
         for seq, token in zip(seqs, tokens, strict=True):
-            if token in eog:
+            if token == FAILED:
+                outputs.append(self._fail(seq))
+            elif token in eog:
                 seq.sampler.generated.pop()  # the end-of-generation token is not part of the output
                 outputs.append(self._finish(seq, FinishReason.STOP, ""))
             elif (reason := finish_reason(seq.sampler, seq.budget)) is not None:
@@ -305,6 +328,11 @@ class LlamaCppBackend(Backend):
             else:
                 seq.pending = token
                 outputs.append(StepOutput(seq.request_id, seq.stream.feed(pieces[token]), 1))
+
+    def _fail(self, seq: _Sequence) -> StepOutput:
+        """End a sequence whose token could not be chosen (its neighbours go on)."""
+        self._release(seq)
+        return StepOutput(seq.request_id, error=sequence_failure(seq.sampler))
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str, n_tokens: int = 0) -> StepOutput:
         self._release(seq)

@@ -6,6 +6,15 @@ then greedy (``top_k == 1`` or ``temperature == 0``) or temperature, top-k, top-
 random generator (seeded by ``seed`` when given). Greedy rows without penalties are picked together with one
 ``argmax``.
 
+Numerically safe for any value a request may carry: a temperature below :data:`MIN_TEMPERATURE` is greedy (dividing
+by ``1e-40`` overflows to infinities and NaN), probabilities are computed in float64 from finite logits only, and a
+row left with no finite logit falls back to its most likely token. A failure while choosing one row's token (a
+grammar that refuses, a bug) fails that row alone: :func:`sample` returns :data:`FAILED` for it and keeps the
+exception in its state, and the backend ends that sequence with an error while the others go on.
+
+No-repeat n-grams are looked up in an index of the sequence's n-grams kept up to date token by token
+(:class:`NgramIndex`), so a step costs the same however long the sequence is.
+
 A sequence of a structured-generation request carries a :class:`Constraint` (its grammar, see
 :mod:`liftoff.backends.grammar`): it masks the row before anything else, outranks the no-repeat ban (which is
 lifted when it would leave no token the grammar allows) and the end-of-sequence hold (lifted when the grammar
@@ -20,9 +29,14 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from liftoff.core.errors import BackendError
 from liftoff.core.types import FinishReason, GenerationParams
 
 Logits = npt.NDArray[np.float32]
+Wide = npt.NDArray[np.float64]  # probabilities are computed in float64
+
+MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (as vLLM does): the division would overflow
+FAILED = -1  # the token :func:`sample` gives a row whose choice failed (its state keeps the exception)
 
 
 class Constraint(Protocol):
@@ -48,14 +62,23 @@ class SamplerState:
     generated: list[int] = field(default_factory=list)
     constraint: Constraint | None = None
     rng: np.random.Generator = field(init=False)
+    failure: Exception | None = None  # why the last choice failed (the row got FAILED)
+    ngrams: NgramIndex | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.params.seed)
+        seed = self.params.seed
+        self.rng = np.random.default_rng(None if seed is None else seed % (1 << 64))  # negative seeds too
 
     @property
     def greedy(self) -> bool:
         """Whether this sequence decodes greedily."""
-        return self.params.top_k == 1 or self.params.temperature == 0
+        return self.params.top_k == 1 or self.params.temperature < MIN_TEMPERATURE
+
+    def banned_ngrams(self) -> list[int]:
+        """The tokens that would repeat an n-gram of ``no_repeat_ngram_size`` (the index is built on first use)."""
+        if self.ngrams is None:
+            self.ngrams = NgramIndex(self.params.no_repeat_ngram_size, self.prompt)
+        return self.ngrams.banned(self.generated)
 
     @property
     def plain(self) -> bool:
@@ -75,6 +98,39 @@ class SamplerState:
         return self.params.ignore_eos or len(self.generated) < self.params.min_new_tokens
 
 
+class NgramIndex:
+    """Every n-gram of a sequence, as (its first n-1 tokens) → {the tokens that completed it}, kept up to date.
+
+    It holds its own copy of the tokens and catches up with the sequence's output when asked, so asking costs the
+    new tokens only, not the sequence's length (the plain scan cost a whole pass per token).
+    """
+
+    __slots__ = ("_follow", "_indexed", "_prompt", "size", "tokens")
+
+    def __init__(self, size: int, prompt: list[int]) -> None:
+        self.size = size
+        self.tokens: list[int] = list(prompt)
+        self._prompt = len(prompt)
+        self._follow: dict[tuple[int, ...], set[int]] = {}
+        self._indexed = 0  # tokens whose n-gram (the one ending there) is in the index
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        n, tokens = self.size, self.tokens
+        for end in range(max(self._indexed, n - 1), len(tokens)):
+            self._follow.setdefault(tuple(tokens[end - n + 1 : end]), set()).add(tokens[end])
+        self._indexed = len(tokens)
+
+    def banned(self, generated: list[int]) -> list[int]:
+        """The tokens that would complete an n-gram already seen, after the sequence's output so far."""
+        self.tokens.extend(generated[len(self.tokens) - self._prompt :])
+        self._catch_up()
+        if self.size <= 0 or len(self.tokens) < self.size:
+            return []
+        key = tuple(self.tokens[len(self.tokens) - self.size + 1 :]) if self.size > 1 else ()
+        return sorted(self._follow.get(key, ()))
+
+
 def _repetition_penalty(row: Logits, state: SamplerState) -> None:
     penalty = state.params.repetition_penalty
     seen = np.unique(np.fromiter((*state.prompt, *state.generated), dtype=np.int64))
@@ -85,7 +141,7 @@ def _repetition_penalty(row: Logits, state: SamplerState) -> None:
 
 
 def _ban_ngrams(row: Logits, state: SamplerState) -> None:
-    banned = banned_ngram_tokens([*state.prompt, *state.generated], state.params.no_repeat_ngram_size)
+    banned = state.banned_ngrams()
     if not banned:
         return
     kept = row[banned]
@@ -95,7 +151,8 @@ def _ban_ngrams(row: Logits, state: SamplerState) -> None:
 
 
 def banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
-    """Tokens that would repeat an n-gram of ``size`` already in ``tokens`` (HF ``no_repeat_ngram_size``)."""
+    """Tokens that would repeat an n-gram of ``size`` already in ``tokens`` (HF ``no_repeat_ngram_size``): the plain
+    scan that :class:`NgramIndex` answers incrementally (kept as its reference)."""
     if size <= 0 or len(tokens) < size:
         return []
     prefix = tuple(tokens[len(tokens) - size + 1 :]) if size > 1 else ()
@@ -106,24 +163,37 @@ def banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
     return banned
 
 
-def _top_k_top_p(row: Logits, top_k: int, top_p: float) -> Logits:
+def _top_k_top_p(row: Wide, top_k: int, top_p: float) -> Wide:
     if 0 < top_k < row.size:
         kth = np.partition(row, -top_k)[-top_k]
-        row = np.where(row < kth, -np.inf, row).astype(np.float32)
+        row = np.where(row < kth, -np.inf, row).astype(row.dtype)
     if top_p < 1.0:
         order = np.argsort(row)[::-1]
         probs = _softmax(row[order])
         keep = np.cumsum(probs) - probs < top_p  # always keeps the most likely token
-        cut = np.full(row.shape, -np.inf, dtype=np.float32)
+        cut = np.full(row.shape, -np.inf, dtype=row.dtype)
         cut[order[keep]] = row[order[keep]]
         row = cut
     return row
 
 
-def _softmax(row: Logits) -> Logits:
+def _softmax(row: Wide) -> Wide:
     shifted = np.exp(row - np.max(row))
-    result: Logits = shifted / shifted.sum()
+    result: Wide = shifted / shifted.sum()
     return result
+
+
+def _draw(row: Logits, state: SamplerState) -> int:
+    """A token drawn from ``row`` (temperature, top-k and top-p applied), in float64 and from finite logits only;
+    the most likely token when nothing finite is left."""
+    params = state.params
+    scaled = np.nan_to_num(row.astype(np.float64) / params.temperature, nan=-np.inf, posinf=np.finfo(np.float64).max)
+    kept = _top_k_top_p(scaled, params.top_k, params.top_p)
+    if not np.isfinite(kept).any():
+        return int(np.argmax(np.nan_to_num(row, nan=-np.inf)))
+    shifted = np.exp(kept - kept.max())
+    probs = shifted / shifted.sum()
+    return int(state.rng.choice(row.size, p=probs))
 
 
 def _select(row: Logits, state: SamplerState, eos_ids: npt.NDArray[np.int64]) -> int:
@@ -137,15 +207,13 @@ def _select(row: Logits, state: SamplerState, eos_ids: npt.NDArray[np.int64]) ->
     if state.holds_eos and eos_ids.size and not state.grammar_complete:
         row[eos_ids] = -np.inf
     if state.greedy:
-        return int(np.argmax(row))
-    row = _top_k_top_p(row / np.float32(params.temperature), params.top_k, params.top_p)
-    probs = _softmax(row)
-    return int(state.rng.choice(row.size, p=probs))
+        return int(np.argmax(np.nan_to_num(row, nan=-np.inf)))
+    return _draw(row, state)
 
 
 def sample(logits: Logits, states: list[SamplerState], eos_ids: npt.NDArray[np.int64]) -> list[int]:
     """One token per row of ``logits`` (row ``i`` belongs to ``states[i]``); each is appended to its state (and
-    its grammar moved on by it)."""
+    its grammar moved on by it). A row whose choice failed gets :data:`FAILED` and keeps the reason in its state."""
     chosen = [0] * len(states)
     plain = [i for i, state in enumerate(states) if state.plain]
     if plain:
@@ -154,12 +222,41 @@ def sample(logits: Logits, states: list[SamplerState], eos_ids: npt.NDArray[np.i
             chosen[i] = token
     for i, state in enumerate(states):
         if not state.plain:
-            chosen[i] = _select(np.array(logits[i], dtype=np.float32), state, eos_ids)
-    for state, token in zip(states, chosen, strict=True):
-        state.generated.append(token)
-        if state.constraint is not None:
-            state.constraint.accept(token)
+            chosen[i] = _choose(logits[i], state, eos_ids)
+    for i, (state, token) in enumerate(zip(states, chosen, strict=True)):
+        if token != FAILED and not _take(state, token):
+            chosen[i] = FAILED
     return chosen
+
+
+def _choose(row: Logits, state: SamplerState, eos_ids: npt.NDArray[np.int64]) -> int:
+    """One row's token, or :data:`FAILED` with the exception kept in ``state``: one row's failure stays its own."""
+    try:
+        return _select(np.array(row, dtype=np.float32), state, eos_ids)
+    except Exception as exc:
+        state.failure = exc
+        return FAILED
+
+
+def _take(state: SamplerState, token: int) -> bool:
+    """Append ``token`` and move the grammar on by it; False (and nothing appended) when the grammar fails."""
+    state.generated.append(token)
+    if state.constraint is None:
+        return True
+    try:
+        state.constraint.accept(token)
+    except Exception as exc:
+        state.failure = exc
+        state.generated.pop()
+        return False
+    return True
+
+
+def sequence_failure(state: SamplerState) -> BackendError:
+    """The error that ends a sequence whose token could not be chosen (see :data:`FAILED`)."""
+    reason = state.failure
+    what = f"{type(reason).__name__}: {reason}" if reason is not None else "unknown reason"
+    return BackendError(f"choosing the next token failed ({what}); this request ended, others were not affected")
 
 
 def finish_reason(state: SamplerState, budget: int) -> FinishReason | None:

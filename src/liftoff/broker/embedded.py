@@ -250,11 +250,16 @@ class EmbeddedBroker(GatewayBroker):
         slot.close(close_code, reason)
 
     async def _sweep_forever(self) -> None:
+        last = monotonic()
         while True:
             await asyncio.sleep(_SWEEP_S)
             now = monotonic()
             self._expire(now)
-            self._check_silence(now)
+            if now - last < self.settings.reader_message_timeout_ms / 2000.0:
+                self._check_silence(now)
+            # else this loop itself was held up (a long task on the gateway's event loop): the readers' messages
+            # may be waiting unread, so silence is judged on the next tick, after they have been read.
+            last = now
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

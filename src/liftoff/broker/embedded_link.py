@@ -64,13 +64,21 @@ class EmbeddedReaderLink(ReaderLink):
         self._wake.set()
 
     async def _write_forever(self, conn: ClientConnection) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        """Send what is queued; if writing fails for any reason but a closed connection, close the connection, so
+        the reader sees the link gone (and reconnects or exits) instead of staying live with a dead writer."""
+        try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._outbox:
                     batch, self._outbox = self._outbox, []
                     await conn.send(encode_frames(batch))
+        except ConnectionClosed:
+            return
+        except Exception:
+            logger.exception("the link's writer failed; closing the connection to the gateway")
+            with contextlib.suppress(Exception):
+                await conn.close(1011, "the reader could not write to the gateway")
 
     async def receive(self) -> list[GatewayFrame]:
         if self._early:

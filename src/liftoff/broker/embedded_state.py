@@ -117,6 +117,8 @@ class ReaderSlot:
                     return
         except Exception as exc:  # the socket went away under us; the receive side reports the loss
             logger.debug("writer of reader %s stopped: %s", self.reader_id, exc)
+            with contextlib.suppress(Exception):  # and if it did not, closing it makes the receive side see a loss
+                await self._websocket.close(1011, "the gateway could not write to this reader")
         finally:
             self.closed = True
             with contextlib.suppress(Exception):

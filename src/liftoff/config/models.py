@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
+MAX_READER_BATCH = 1024  # max_batch_size of one reader
+MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
 
 # The keys of ``config`` in the management ``GET /status`` (takeoff-spec §2.2.1), in Takeoff's order.
 STATUS_CONFIG_KEYS: tuple[str, ...] = (
@@ -80,8 +82,21 @@ class AppConfig(BaseModel):
 
     # ---- Liftoff extensions ----------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="[Liftoff] Address every port binds to.")
-    max_queued_requests: int = Field(
-        1_000_000, ge=1, description="[Liftoff] Requests waiting across all groups before new ones get 429."
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="[Liftoff] Requests waiting across all groups before new ones get 429 (with Retry-After); "
+        "default: 64 per CPU core, at least 256 (Takeoff's default, a million, lets a burst take all memory).",
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="[Liftoff] Open connections per port; one more gets a 503 and is closed."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="[Liftoff] Time a request's headers may take to arrive; then a 408."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="[Liftoff] Time a request's body may take to arrive; then a 408."
     )
     request_timeout_s: float = Field(600.0, gt=0, description="[Liftoff] Deadline of every request, in seconds.")
     reserved_buffer_timeout_s: float = Field(
@@ -163,6 +178,12 @@ class AppConfig(BaseModel):
         return ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "sagemaker_port",
                 "internal_port")  # fmt: skip
 
+    def queue_limit(self) -> int:
+        """``max_queued_requests``, or its default for this machine: 64 per CPU core, at least 256."""
+        if self.max_queued_requests is not None:
+            return self.max_queued_requests
+        return max(256, 64 * (os.cpu_count() or 1))
+
     def reserved_groups(self) -> list[str]:
         """``reserved_consumers`` parsed into a list (as ``status.reserved_consumers`` shows it)."""
         return [group.strip() for group in self.reserved_consumers.split(",") if group.strip()]
@@ -213,28 +234,33 @@ class ReaderConfig(BaseModel):
     log_level: str | None = Field(None, description="Reader log level (default: the gateway's).")
     backend: str | None = Field(None, description="Backend override (echo, llamacpp, transformers, ...).")
     cuda_visible_devices: str | None = Field(None, description="GPUs visible to this reader, e.g. '0,1'.")
-    max_batch_size: int | None = Field(None, ge=1, description="Concurrent sequences (continuous) or batch size.")
-    batch_duration_millis: int | None = Field(None, ge=0, description="Dynamic batching wait (embed/classify).")
-    tensor_parallel: int | None = Field(None, ge=1, description="GPUs to shard the model over.")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=MAX_READER_BATCH, description="Concurrent sequences (continuous) or batch size."
+    )
+    batch_duration_millis: int | None = Field(
+        None, ge=0, le=60_000, description="Dynamic batching wait (embed/classify)."
+    )
+    tensor_parallel: int | None = Field(None, ge=1, le=64, description="GPUs to shard the model over.")
     quant_type: str | None = Field(None, description="Quantization: 'auto' or 'awq'.")
     max_sequence_length: int | None = Field(
         None,
         ge=1,
+        le=MAX_SEQUENCE,
         validation_alias=AliasChoices("max_sequence_length", "max_seq_length"),
         description="Cap on prompt plus generated tokens.",
     )
     nvlink_unavailable: int | None = Field(None, ge=0, le=1, description="GPUs lack NVLink (0/1).")
     disable_static: int | None = Field(None, ge=0, le=1, description="Disable static-shape optimisations (0/1).")
     disable_cuda_graph: int | None = Field(None, ge=0, le=1, description="Disable CUDA graphs (0/1).")
-    cuda_graph_cache_capacity: int | None = Field(None, ge=0, description="CUDA graphs to keep.")
+    cuda_graph_cache_capacity: int | None = Field(None, ge=0, le=1024, description="CUDA graphs to keep.")
     disable_paged_attention: int | None = Field(None, ge=0, le=1, description="Disable the paged KV cache (0/1).")
     page_cache_size: str | None = Field(None, description="KV page cache size, e.g. '5GB' or '90%'.")
     buffer_requests: bool | None = Field(None, description="Buffer requests of this reader's groups (Helm).")
-    prefill_chunk_size: int | None = Field(None, ge=1, description="Largest prefill chunk, in tokens.")
-    quantize_cache_bits: int | None = Field(None, ge=1, description="Quantise the KV cache to this width.")
-    ssd_cache_size: int | None = Field(None, ge=0, description="SSD-backed KV cache size, bytes.")
+    prefill_chunk_size: int | None = Field(None, ge=1, le=MAX_SEQUENCE, description="Largest prefill chunk, in tokens.")
+    quantize_cache_bits: int | None = Field(None, ge=1, le=16, description="Quantise the KV cache to this width.")
+    ssd_cache_size: int | None = Field(None, ge=0, le=1 << 50, description="SSD-backed KV cache size, bytes.")
     constrained_decoding_backend: str | None = Field(None, description="Structured generation engine.")
-    lmfe_max_consecutive_whitespaces: int | None = Field(None, ge=0, description="lm-format-enforcer setting.")
+    lmfe_max_consecutive_whitespaces: int | None = Field(None, ge=0, le=1024, description="lm-format-enforcer setting.")
     reader_log_as_json: bool | None = Field(None, description="JSON log lines from this reader.")
     loras: str | None = Field(None, description="LoRA adapters to load (comma-separated).")
     enable_document_processing: bool | None = Field(None, description="Serve /partition_document.")
@@ -246,6 +272,28 @@ class ReaderConfig(BaseModel):
     )
     backend_options: dict[str, Any] | None = Field(
         None, description="[Liftoff] Backend-specific options, e.g. {'token_delay_ms': 5} for echo."
+    )
+    max_grammar_bytes: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 24,
+        description="[Liftoff] Largest regex_string or json_schema (as JSON text), in bytes (default 65536); "
+        "larger is a 400.",
+    )
+    max_grammar_repetition: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 20,
+        description="[Liftoff] Largest bound a grammar may repeat something by (a JSON schema's maxLength, minLength, "
+        "maxItems, minItems, maxProperties, minProperties; a regex's {m,n}) (default 1000): compiling costs time in "
+        "proportion; larger is a 400.",
+    )
+    grammar_compile_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="[Liftoff] Longest a request's grammar may take to compile (default 10 s); compiling runs off "
+        "the engine thread, so other streams go on meanwhile; past it the request gets a 400.",
     )
 
     @field_validator("consumer_group", mode="before")

@@ -21,6 +21,10 @@ class LiftoffError(Exception):
         self.message = message
         self.param = param
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's response (none by default)."""
+        return {}
+
 
 class InvalidRequestError(LiftoffError):
     """The request is well-formed JSON but asks for something invalid (limits, values)."""
@@ -67,11 +71,23 @@ class PayloadTooLargeError(LiftoffError):
     status = 413
 
 
+class SlowClientError(LiftoffError):
+    """The client did not send its request's headers or body in time (``header_timeout_s``, ``body_timeout_s``)."""
+
+    error_type = "request_timeout"
+    status = 408
+
+
 class OverloadedError(LiftoffError):
-    """Too many requests are queued (``TAKEOFF_MAX_QUEUED_REQUESTS``)."""
+    """Too many requests are queued (``max_queued_requests``) or connections open (``max_connections``)."""
 
     error_type = "overloaded"
     status = 429
+    retry_after_s: ClassVar[int] = 1  # queues on one machine move within seconds: a client may retry soon
+
+    def headers(self) -> dict[str, str]:
+        """``Retry-After``, as HTTP's 429 asks."""
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NotSupportedError(LiftoffError):

@@ -7,6 +7,7 @@ Delivery is at least once; output frames carry ``(request_id, seq)`` so a gatewa
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -15,6 +16,8 @@ from liftoff.core.errors import LiftoffError
 from liftoff.core.types import GenerationParams, ReaderInfo, RequestKind
 
 PROTOCOL_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class _Frame(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True, gc=False):
@@ -181,10 +184,36 @@ _encoder = msgspec.msgpack.Encoder()
 _reader_decoder = msgspec.msgpack.Decoder(list[ReaderFrame])
 _gateway_decoder = msgspec.msgpack.Decoder(list[GatewayFrame])
 
+# What msgspec raises for a value msgpack cannot hold: an integer beyond 64 bits, a string with lone surrogates.
+ENCODE_ERRORS = (OverflowError, ValueError, TypeError, msgspec.EncodeError)
+
 
 def encode_frames(frames: list[Any]) -> bytes:
-    """Encode a batch of frames as one transport message."""
-    return _encoder.encode(frames)
+    """Encode a batch of frames (or frames already encoded, as :class:`msgspec.Raw`) as one transport message.
+
+    One frame that cannot be encoded never costs the others: the batch is then encoded frame by frame, an output
+    frame that fails becomes the error frame of its request, and any other is dropped (and logged).
+    """
+    try:
+        return _encoder.encode(frames)
+    except ENCODE_ERRORS:
+        return _encoder.encode([raw for frame in frames if (raw := _encode_alone(frame)) is not None])
+
+
+def encode_frame(frame: Any) -> msgspec.Raw:
+    """One frame encoded now (raises one of :data:`ENCODE_ERRORS`), to be sent later by :func:`encode_frames`."""
+    return msgspec.Raw(_encoder.encode(frame))
+
+
+def _encode_alone(frame: Any) -> msgspec.Raw | None:
+    try:
+        return encode_frame(frame)
+    except ENCODE_ERRORS as exc:
+        logger.error("a %s frame could not be encoded: %s", type(frame).__name__, exc)
+        if not isinstance(frame, TokenFrame | FinalFrame | ResultFrame | ErrorFrame):
+            return None
+        error = LiftoffError(f"the answer could not be encoded ({type(exc).__name__}: {exc})")
+        return encode_frame(error_frame(frame.request_id, error, frame.seq))
 
 
 def decode_reader_frames(data: bytes) -> list[ReaderFrame]:

@@ -72,7 +72,7 @@ def build_app(port_key: str, state: GatewayState) -> ASGIApp:
     hot = HOT_ROUTES.get(port_key)
     if hot:
         asgi = FastRoutes(app, hot, render)
-    asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)
+    asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render, state.config.body_timeout_s)
     limited = CrossOriginMiddleware(asgi, state.ports(), render)  # outside the limit: its 413s get CORS headers
     return ObserveMiddleware(limited, port=getattr(state.config, port_key), paths=PathNames(app.routes),
                              metrics=state.metrics, request_log=state.request_log)  # fmt: skip

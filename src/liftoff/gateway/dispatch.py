@@ -26,11 +26,28 @@ from liftoff.core.errors import (
     ShuttingDownError,
     error_from_type,
 )
-from liftoff.core.frames import ErrorFrame, FinalFrame, OutputFrame, RequestFrame, ResultFrame, TokenFrame
+from liftoff.core.frames import (
+    ENCODE_ERRORS,
+    ErrorFrame,
+    FinalFrame,
+    OutputFrame,
+    RequestFrame,
+    ResultFrame,
+    TokenFrame,
+    encode_frame,
+)
 from liftoff.core.types import NEEDS, SERVES, ReaderState, RequestKind
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.gateway.observe import current_request
 from liftoff.management.registry import ReaderRegistry
+
+UNKNOWN_GROUP = "unknown"  # the metric label of every consumer group no reader serves
+MAX_GROUP_SHOWN = 100  # characters of a consumer group name that error messages and request logs show
+
+
+def shown(group: str) -> str:
+    """A client's group name, quoted and cut, for an error message."""
+    return repr(group if len(group) <= MAX_GROUP_SHOWN else group[:MAX_GROUP_SHOWN] + "...")
 
 
 @dataclass(slots=True)
@@ -196,6 +213,10 @@ class Dispatcher:
                 f"{NEEDS[kind]}, and consumer group '{group}' serves {served} models", param="consumer_group"
             )
 
+    def _label(self, group: str) -> str:
+        """``group`` as a metric label: a name a client made up never becomes a series of its own."""
+        return group if group in self.reserved or self.registry.knows(group) else UNKNOWN_GROUP
+
     def _queue_deadline(self, group: str, deadline: float) -> float:
         if self.registry.has_live(group):
             return deadline
@@ -205,8 +226,11 @@ class Dispatcher:
             raise NoReadersAvailableError(
                 f"no live reader in consumer group '{group}'; its readers are loading or dead"
             )
-        known = ", ".join(self.registry.groups()) or "none"
-        raise NotFoundError(f"consumer group '{group}' does not exist (known groups: {known})", param="consumer_group")
+        raise NotFoundError(
+            f"consumer group {shown(group)} does not exist; check the name (GET /v1/models on the OpenAI port lists "
+            "the groups with a live reader)",
+            param="consumer_group",
+        )
 
     def submit(self, frames: list[RequestFrame]) -> Collector:
         """Queue every frame (all of one consumer group) and return their collector."""
@@ -216,7 +240,7 @@ class Dispatcher:
         group = frames[0].consumer_group
         record = current_request.get()
         if record is not None:
-            record.consumer_group = group
+            record.consumer_group = group[:MAX_GROUP_SHOWN]
             record.prompts += len(frames)
         try:
             queue_deadline = self._queue_deadline(group, deadline)
@@ -224,7 +248,7 @@ class Dispatcher:
             collector = self._enqueue(frames, deadline, queue_deadline, group)
         except LiftoffError as exc:
             if self.metrics is not None:
-                self.metrics.rejections[(group, exc.error_type)] += 1
+                self.metrics.rejections[(self._label(group), exc.error_type)] += 1
             raise
         if self.metrics is not None:
             self.metrics.user_batch.observe((group,), len(frames))
@@ -252,6 +276,8 @@ class Dispatcher:
     ) -> Collector:
         """Route every frame to one new collector and hand it to the broker; on a refusal, abort them all."""
         metrics = self.metrics if group else None
+        for frame in frames:
+            _check_encodable(frame)
         collector = Collector([frame.request_id for frame in frames], deadline, group, metrics)
         for index, frame in enumerate(frames):
             self._routes[frame.request_id] = (collector, index)
@@ -281,6 +307,14 @@ class Dispatcher:
                 observe(collector, frame)
             if collector.push(index, frame):
                 del routes[frame.request_id]
+
+
+def _check_encodable(frame: RequestFrame) -> None:
+    """A 400 now for a request a broker could not carry (rather than a lost frame later)."""
+    try:
+        encode_frame(frame)
+    except ENCODE_ERRORS as exc:
+        raise InvalidRequestError(f"the request holds a value that cannot be sent to a reader: {exc}") from None
 
 
 def observe(collector: Collector, frame: OutputFrame) -> None:

@@ -9,17 +9,19 @@ HTTP errors (404, 405) and any other exception (a 500 whose details go to the lo
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from liftoff.core.errors import InvalidRequestError, LiftoffError, ValidationFailedError
+from liftoff.protocol.limits import describe_range
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ def render_native(exc: LiftoffError) -> Response:
     body: dict[str, Any] = {"detail": exc.message, "error_type": exc.error_type}
     if isinstance(exc, ValidationFailedError) and exc.errors:
         body["errors"] = exc.errors
-    return json_response(body, exc.status)
+    return json_response(body, exc.status, exc.headers() or None)
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                 429: "rate_limit_error", 499: "request_cancelled", 503: "service_unavailable_error",
-                 504: "timeout_error"}  # fmt: skip
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "timeout_error",
+                 413: "invalid_request_error", 429: "rate_limit_error", 499: "request_cancelled",
+                 503: "service_unavailable_error", 504: "timeout_error"}  # fmt: skip
 
 
 def openai_error(exc: LiftoffError) -> tuple[int, dict[str, Any]]:
@@ -71,19 +73,73 @@ def openai_error(exc: LiftoffError) -> tuple[int, dict[str, Any]]:
 def render_openai(exc: LiftoffError) -> Response:
     """An error response in OpenAI's shape (see :func:`openai_error`)."""
     status, body = openai_error(exc)
-    return json_response(body, status)
+    return json_response(body, status, exc.headers() or None)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
+def _is_branch(part: object) -> bool:
+    """Whether a location part names a member of a union type (``list[str]``, ``constrained-str``), not a field."""
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or "[" in part or part.startswith(("constrained-", "function-"))
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if part != "body") or "body"
+    return ".".join(str(part) for part in loc if part != "body" and not _is_branch(part)) or "body"
 
 
-def from_validation_error(exc: ValidationError | RequestValidationError) -> LiftoffError:
-    """Turn a pydantic or FastAPI validation error into a Liftoff error that names every bad field."""
+# Errors that are about a value's size, not the body's shape: a 400 ("limits exceeded"), like Liftoff's own limits.
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                           "too_long", "string_too_long"})  # fmt: skip
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _range_message(error: Any, model: type[BaseModel] | None) -> str:
+    """``max_new_tokens is 18446744073709551621; allowed: from 1 to 1048576``."""
+    loc = tuple(part for part in error["loc"] if not _is_branch(part))
+    where = _location(loc)
+    if error["type"] in ("too_long", "string_too_long"):
+        return f"{where}: {error['msg'].lower()}"
+    field = model.model_fields.get(str(loc[-1])) if model is not None and len(loc) == 1 else None
+    allowed = describe_range(field.metadata) if field is not None else None
+    if error["type"] == "finite_number" or (
+        isinstance(error.get("input"), float) and not math.isfinite(error["input"])
+    ):
+        return f"{where} must be a finite number" + (f" ({allowed})" if allowed else "")
+    return f"{where} is {_shown(error.get('input'))}; allowed: {allowed or error['msg'].lower()}"
+
+
+def _unknown_field(loc: tuple[Any, ...], model: type[BaseModel] | None) -> InvalidRequestError:
+    where = _location(loc)
+    known = f" (this body takes: {', '.join(model.model_fields)})" if model is not None and len(loc) == 1 else ""
+    return InvalidRequestError(f"{where} is not a field this endpoint knows; leave it out{known}", param=where)
+
+
+def from_validation_error(
+    exc: ValidationError | RequestValidationError, model: type[BaseModel] | None = None
+) -> LiftoffError:
+    """Turn a pydantic or FastAPI validation error into a Liftoff error that names every bad field.
+
+    Malformed JSON, unknown fields and values out of their range are 400s (what to fix is plain: a range is named
+    from ``model``'s constraints when given); wrong types and missing fields are 422s listing each field.
+    """
     errors = exc.errors() if isinstance(exc, RequestValidationError) else exc.errors(include_url=False)
     for error in errors:
         if error["type"] == "json_invalid":
             return InvalidRequestError(f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+        if error["type"] == "extra_forbidden":
+            return _unknown_field(tuple(error["loc"]), model)
+    ranged = [error for error in errors if error["type"] in _RANGE_ERRORS]
+    if ranged and all(error in ranged or error["type"].endswith("_type") for error in errors):
+        # Out of range (other members of a union type may have refused the value's type: the range is the news).
+        message = "; ".join(_range_message(error, model) for error in ranged)
+        return InvalidRequestError(message, param=_location(tuple(ranged[0]["loc"])))
     listed = [{"loc": _location(tuple(error["loc"])), "msg": error["msg"], "type": error["type"]} for error in errors]
     message = "; ".join(f"{item['loc']}: {item['msg']}" for item in listed)
     return ValidationFailedError(f"invalid request body: {message}", errors=listed)

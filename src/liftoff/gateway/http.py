@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from liftoff.core.errors import LiftoffError, PayloadTooLargeError
+from liftoff.core.errors import LiftoffError, PayloadTooLargeError, SlowClientError
 from liftoff.gateway.asgi import header
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import Renderer, from_validation_error
@@ -36,12 +36,13 @@ def json_body(model: type[BaseModel]) -> dict[str, object]:
 
 
 async def read_model(request: Request, model: type[M]) -> M:
-    """Parse and validate the JSON body; invalid JSON is a 400, a wrong shape a 422 naming each field."""
+    """Parse and validate the JSON body; invalid JSON, an unknown field or a value out of range is a 400, a wrong
+    shape a 422 naming each field."""
     body = await request.body()
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise from_validation_error(exc) from None
+        raise from_validation_error(exc, model) from None
 
 
 def sse_event(data: str, event: str | None = None) -> str:
@@ -106,12 +107,14 @@ class EventStreamResponse(Response):
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over ``limit`` bytes with a 413, by header or while reading (pure ASGI)."""
+    """Refuse bodies over ``limit`` bytes with a 413, by header or while reading, and bodies that do not arrive
+    within ``timeout_s`` with a 408 (a client trickling its body would hold the request forever); pure ASGI."""
 
-    def __init__(self, app: ASGIApp, limit: int, render: Renderer) -> None:
+    def __init__(self, app: ASGIApp, limit: int, render: Renderer, timeout_s: float = 60.0) -> None:
         self.app = app
         self.limit = limit
         self.render = render
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,12 +125,24 @@ class BodyLimitMiddleware:
             await self.render(self._error(int(length)))(scope, receive, send)
             return
         received = 0
+        deadline: float | None = None
+        complete = False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:  # the body is in: what is left to receive is the disconnect, with no deadline
+                return await receive()
+            deadline = deadline or asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):  # a timer, no task: this is every request's path
+                    message = await receive()
+            except TimeoutError:
+                raise SlowClientError(
+                    f"the body did not arrive within {self.timeout_s:g} s (body_timeout_s); send it faster"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise self._error(received)
             return message

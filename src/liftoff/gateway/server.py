@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
 from liftoff.core.ids import new_gateway_id
 from liftoff.core.runtime import tune_gc
-from liftoff.gateway.apps import PORT_SURFACES, build_app
+from liftoff.gateway.apps import PORT_SURFACES, RENDERERS, build_app
+from liftoff.gateway.connections import guarded_protocol
 from liftoff.gateway.dispatch import Dispatcher
+from liftoff.gateway.errors import render_native
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.gateway.state import BrokerEventRouter, GatewayState
 from liftoff.logs import RequestLog
@@ -76,6 +79,17 @@ def bind(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
+def raise_open_files_limit(wanted: int) -> None:
+    """Let the process hold ``wanted`` file descriptors if the hard limit allows (every connection is one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-files limit to %d: %s", target, exc)
+
+
 class Gateway:
     """A running gateway: its ports, broker, registry, readers."""
 
@@ -107,7 +121,7 @@ class Gateway:
         settings = BrokerSettings(
             gateway_id=new_gateway_id(),
             reserved_groups=frozenset(config.reserved_groups()),
-            max_queued_requests=config.max_queued_requests,
+            max_queued_requests=config.queue_limit(),
             max_retries=config.max_retries,
             reader_message_timeout_ms=config.reader_message_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
@@ -138,8 +152,11 @@ class Gateway:
         return GatewayState(config, registry, broker, dispatcher, manager, metrics, request_log)
 
     def _serve(self, key: str, sock: socket.socket, state: GatewayState) -> None:
+        limits = self.config
+        http = guarded_protocol(limits.max_connections, limits.header_timeout_s, RENDERERS.get(key, render_native))
         config = uvicorn.Config(
             build_app(key, state),
+            http=http,
             lifespan="off",
             log_config=None,
             access_log=False,
@@ -167,6 +184,7 @@ class Gateway:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
+        raise_open_files_limit(7 * self.config.max_connections + 1024)
         sockets = self._bind_all()
         state = self.state = self._build_state()
         loop = asyncio.get_running_loop()

@@ -1,37 +1,63 @@
 """Wire schemas of the native inference API (port 3000): ``/generate`` and ``/generate_stream``.
 
 Every optional field accepts an explicit ``null`` (the official client sends them all), meaning "use the
-default". Types are strict: a string where a number belongs is an error, not a coercion.
+default". Types are strict: a string where a number belongs is an error, not a coercion. Every number has a range
+(``liftoff.protocol.limits``) and a field the endpoint does not know is refused with a 400 naming it, never ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from liftoff.protocol.limits import (
+    MAX_CONVERSATIONS,
+    MAX_DETOKENIZE_TOKENS,
+    MAX_NO_REPEAT_NGRAM,
+    MAX_REPETITION_PENALTY,
+    MAX_RESULTS,
+    MAX_TEMPERATURE,
+    MAX_TOKEN_ID,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    STRICT,
+)
 
 
 class GenerateRequest(BaseModel):
     """``GenerateRequest`` (takeoff-spec §2.1.1)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     text: str | list[str] = Field(..., description="A prompt, or a list of prompts (a user batch).")
     consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 128).")
-    min_new_tokens: int | None = Field(None, ge=0, description="Fewest tokens before end-of-sequence is allowed.")
-    sampling_temperature: float | None = Field(None, ge=0, description="Temperature (default 1.0).")
-    sampling_topk: int | None = Field(None, ge=0, description="Top-k; 1 (the default) is greedy.")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Most tokens to generate (default 128).")
+    min_new_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOKENS, description="Fewest tokens before end-of-sequence is allowed."
+    )
+    sampling_temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description="Temperature (default 1.0); below 1e-5 is greedy."
+    )
+    sampling_topk: int | None = Field(None, ge=0, le=MAX_TOP_K, description="Top-k; 1 (the default) is greedy.")
     sampling_topp: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1.0).")
-    repetition_penalty: float | None = Field(None, gt=0, description="Above 1 penalises repeated tokens.")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Forbid repeating n-grams of this size.")
-    prompt_max_tokens: int | None = Field(None, ge=1, description="Keep only the last N tokens of the prompt.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=MAX_REPETITION_PENALTY, description="Above 1 penalises repeated tokens."
+    )
+    no_repeat_ngram_size: int | None = Field(
+        None, ge=0, le=MAX_NO_REPEAT_NGRAM, description="Forbid repeating n-grams of this size."
+    )
+    prompt_max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Keep only the last N tokens of the prompt."
+    )
     regex_string: str | None = Field(None, description="Constrain the output to this regex.")
     json_schema: dict[str, Any] | bool | str | None = Field(None, description="Constrain the output to this schema.")
     constrained_decoding_backend: str | None = Field(None, description="Structured generation engine.")
     lora_id: str | None = Field(None, description="LoRA adapter to apply.")
     use_chat_template: bool | None = Field(None, description="Wrap the text as a user turn of the chat template.")
-    image_paths: list[str] | None = Field(None, description="Images for multimodal readers.")
+    image_paths: list[str] | None = Field(
+        None, description="Images for multimodal readers (refused with a 400: this server has no image input yet)."
+    )
     return_metadata: bool | None = Field(None, description="Also return token counts.")
 
 
@@ -58,7 +84,7 @@ _METADATA = "Also return token counts and the size of the batch each input ran i
 class EmbedRequest(BaseModel):
     """``POST /embed``."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     text: str | list[str] = Field(..., description="A text, or a list of texts.")
     consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
@@ -85,7 +111,7 @@ class EmbedResponse(BaseModel):
 class ClassifyRequest(BaseModel):
     """``POST /classify``: texts, or lists of texts joined as sentence pairs by the tokenizer."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     text: str | list[str] | list[list[str]] = Field(..., description="A text, a list, or a list of text pairs.")
     consumer_group: str | None = Field(None, description="Target consumer group; default 'primary'.")
@@ -104,7 +130,7 @@ class ClassifyResponse(BaseModel):
 class RerankDocument(BaseModel):
     """A document given as an object (Cohere's older clients)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     text: str
 
@@ -112,15 +138,18 @@ class RerankDocument(BaseModel):
 class RerankRequest(BaseModel):
     """``POST /rerank`` (and ``/v1/rerank``, ``/v2/rerank`` on the OpenAI port): the Cohere and Jina shape."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     query: str = Field(..., description="The query every document is scored against.")
     documents: list[str | RerankDocument] = Field(..., min_length=1, description="The documents to rank.")
-    top_n: int | None = Field(None, ge=1, description="Return only the best N (default: all).")
+    top_n: int | None = Field(None, ge=1, le=MAX_RESULTS, description="Return only the best N (default: all).")
     return_documents: bool | None = Field(None, description="Include each document's text (default true).")
     model: str | None = Field(None, description="Consumer group (as on the OpenAI port).")
     consumer_group: str | None = Field(None, description="Consumer group; default 'primary'.")
     truncate: bool | None = Field(None, description=_TRUNCATE)
+    rank_fields: list[str] | None = Field(None, description="[Cohere] Not supported: send documents as text.")
+    max_chunks_per_doc: int | None = Field(None, description="[Cohere] Not supported: documents are not chunked.")
+    max_tokens_per_doc: int | None = Field(None, description="[Cohere] Not supported: see `truncate`.")
 
 
 class RerankResult(BaseModel):
@@ -143,7 +172,7 @@ class RerankResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     """``POST /tokenize/{reader_id}``."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     text: str = Field(..., description="The text to tokenize (no batching).")
     use_chat_template: bool | None = Field(None, description="Wrap the text as a user turn of the chat template.")
@@ -160,9 +189,11 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     """``POST /detokenize/{reader_id}``."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
-    tokens: list[int] | list[str] = Field(..., description="Token ids, or tokens as vocabulary strings.")
+    tokens: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | list[str] = Field(
+        ..., max_length=MAX_DETOKENIZE_TOKENS, description="Token ids, or tokens as vocabulary strings."
+    )
     skip_special_tokens: bool | None = Field(None, description="Leave special tokens out of the text (default).")
 
 
@@ -175,7 +206,7 @@ class DetokenizeResponse(BaseModel):
 class ChatMessage(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
     role: str
     content: str
@@ -184,9 +215,11 @@ class ChatMessage(BaseModel):
 class ChatTemplateRequest(BaseModel):
     """``POST /chat_template/{reader_id}``: a batch of conversations."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
-    inputs: list[list[ChatMessage]] = Field(..., min_length=1, description="Conversations to render.")
+    inputs: list[list[ChatMessage]] = Field(
+        ..., min_length=1, max_length=MAX_CONVERSATIONS, description="Conversations to render."
+    )
     add_generation_prompt: bool | None = Field(None, description="End with the assistant's turn prompt.")
 
 

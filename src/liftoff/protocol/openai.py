@@ -8,13 +8,28 @@ which benchmark tools (GuideLLM, ``vllm bench serve``) send to fix output length
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from liftoff.protocol.limits import (
+    MAX_CHOICES,
+    MAX_LOGPROBS,
+    MAX_OPENAI_TEMPERATURE,
+    MAX_REPETITION_PENALTY,
+    MAX_RESULTS,
+    MAX_STOP_CHARS,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    SEED_MAX,
+    SEED_MIN,
+)
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -59,32 +74,42 @@ class _Sampling(_Body):
     """Fields shared by chat completions and completions."""
 
     model: str = Field(..., description="The consumer group to serve the request.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature (default 1).")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Most tokens to generate.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_OPENAI_TEMPERATURE, description="Temperature (default 1); below 1e-5 is greedy."
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
-    n: int | None = Field(None, ge=1, description="Completions per prompt.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; they are not returned.")
-    seed: int | None = Field(None, description="Seed of the sampler.")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
+    stop: StopString | list[StopString] | None = Field(None, description="Up to 4 stop strings; they are not returned.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Seed of the sampler.")
     stream: bool | None = Field(None, description="Stream server-sent events.")
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(None, description="Not supported unless 0.")
-    presence_penalty: float | None = Field(None, description="Not supported unless 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported unless empty.")
-    logprobs: bool | int | None = Field(None, description="Not supported.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Not supported unless 0.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Not supported unless 0.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Not supported unless empty."
+    )
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(None, description="Not supported.")
     user: str | None = Field(None, description="End-user id; accepted and not used.")
     ignore_eos: bool | None = Field(None, description="[vLLM] Generate max_tokens even past end-of-sequence.")
-    min_tokens: int | None = Field(None, ge=0, description="[vLLM] Fewest tokens before end-of-sequence.")
-    top_k: int | None = Field(None, ge=-1, description="[vLLM] Top-k; 0 or -1 is off (the default).")
-    repetition_penalty: float | None = Field(None, gt=0, description="[vLLM] Above 1 penalises repeated tokens.")
+    min_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOKENS, description="[vLLM] Fewest tokens before end-of-sequence."
+    )
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description="[vLLM] Top-k; 0 or -1 is off (the default).")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=MAX_REPETITION_PENALTY, description="[vLLM] Above 1 penalises repeated tokens."
+    )
 
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (newer name).")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Most tokens to generate (newer name)."
+    )
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = Field(None, description="Not supported.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Not supported.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Not supported.")
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
@@ -97,7 +122,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(..., description="A prompt, or a list of prompts.")
     echo: bool | None = Field(None, description="Not supported.")
     suffix: str | None = Field(None, description="Not supported.")
-    best_of: int | None = Field(None, description="Not supported unless 1.")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Not supported unless 1.")
 
 
 class EmbeddingRequest(_Body):
@@ -108,7 +133,7 @@ class EmbeddingRequest(_Body):
         ..., description="A text or a list of texts (token-id arrays are refused with a 400: send text)."
     )
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, ge=1, le=MAX_RESULTS, description="Must equal the model's own size.")
     user: str | None = None
 
 

@@ -130,6 +130,7 @@ class ReaderProcess:
         self._progress = 0.0
         self._loaded = False
         self._exit_code: int | None = None
+        self._failed = False  # a worker thread crashed or the link broke: exit without draining
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -236,12 +237,24 @@ class ReaderProcess:
         for note in notes:
             logger.warning("reader %s: %s", self.options.reader_id, note)
         self._engine = make_worker(backend, self._emit_threadsafe, self.options.reader_id)
+        self._engine.on_crash = self._worker_crashed
         self._engine.start()
         self._loaded = True
         tune_gc()
         logger.info("reader %s: live (capacity %d)", self.options.reader_id, backend.capacity)
         if self._link is not None:
             self._link.send([LoadedFrame(model_type=backend.model_type.value, capacity=backend.capacity, notes=notes)])
+
+    def _worker_crashed(self, exc: BaseException) -> None:
+        """The engine or batcher thread died (a bug): exit with an error, so a supervisor restarts the reader."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail, f"the {type(self._engine).__name__} thread crashed: {exc!r}")
+
+    def _fail(self, reason: str) -> None:
+        """Stop at once (no drain: nothing in flight would finish) with exit code 1."""
+        self._exit_code = 1
+        self._failed = True
+        self.request_stop(reason)
 
     def _emit_threadsafe(self, frames: list[Any]) -> None:
         if self._loop is not None:
@@ -323,7 +336,7 @@ class ReaderProcess:
         keepalive = min(period, welcome.reader_message_timeout_ms / 3000.0)
         last = 0.0
         while True:
-            busy = self._engine is not None and self._engine.in_flight > 0
+            busy = bool(self._tasks) or (self._engine is not None and self._engine.in_flight > 0)  # services too
             now = monotonic()
             if busy or now - last >= period:
                 last = now
@@ -335,7 +348,7 @@ class ReaderProcess:
 
     async def _drain(self, link: ReaderLink) -> None:
         link.send([DrainFrame(reason=self._stop_reason)])
-        if self._engine is not None and self._engine.in_flight:
+        if self._engine is not None and self._engine.in_flight and not self._failed:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.options.shutdown_timeout_s)

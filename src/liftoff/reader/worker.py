@@ -8,10 +8,14 @@ thread between steps or batches (:meth:`InboxWorker._apply`), so the backend is 
 from __future__ import annotations
 
 import abc
+import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from liftoff.core.frames import RequestFrame
+
+logger = logging.getLogger(__name__)
 
 STOP = object()  # inbox command: leave the thread's loop
 ABORT_ALL = object()  # inbox command: cancel every request
@@ -22,8 +26,9 @@ class InboxWorker(abc.ABC):
 
     def __init__(self, name: str) -> None:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._running = False
+        self.on_crash: Callable[[BaseException], None] | None = None  # told when the thread dies of an exception
 
     @property
     @abc.abstractmethod
@@ -78,6 +83,16 @@ class InboxWorker(abc.ABC):
         elif command is ABORT_ALL:
             self._cancel_all()
         return True
+
+    def _main(self) -> None:
+        """Run the loop; if a bug kills it, say so instead of leaving a reader that looks live but serves nothing
+        (the reader process then exits, and the gateway's supervisor restarts it)."""
+        try:
+            self._run()
+        except BaseException as exc:
+            logger.exception("the %s thread crashed", self._thread.name)
+            if self.on_crash is not None:
+                self.on_crash(exc)
 
     @abc.abstractmethod
     def _run(self) -> None:

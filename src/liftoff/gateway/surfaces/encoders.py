@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from liftoff.core.errors import NotSupportedError
 from liftoff.core.frames import RequestFrame
 from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
@@ -78,6 +79,9 @@ async def rerank(request: Request) -> Response:
     """Documents ordered by a cross-encoder's relevance to the query (Cohere's and Jina's response shape)."""
     state = get_state(request)
     body = await read_model(request, RerankRequest)
+    for name in ("rank_fields", "max_chunks_per_doc", "max_tokens_per_doc"):
+        if getattr(body, name) is not None:
+            raise NotSupportedError(f"{name} is not supported by this server; leave it out", param=name)
     texts = [_document(document) for document in body.documents]
     group = body.consumer_group or body.model
     pairs = [[body.query, text] for text in texts]

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from liftoff.core.errors import NotFoundError, NotSupportedError
 from liftoff.core.frames import FinalFrame
 from liftoff.core.types import RequestKind
+from liftoff.gateway.dispatch import shown
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
@@ -144,5 +145,5 @@ async def model(request: Request, model: str) -> Response:
     """One consumer group with a live reader; 404 otherwise."""
     registry = get_state(request).registry
     if not registry.has_live(model):
-        raise NotFoundError(f"no consumer group '{model}' with a live reader", param="model")
+        raise NotFoundError(f"no consumer group {shown(model)} with a live reader", param="model")
     return json_response(_model(model))

@@ -22,12 +22,14 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from liftoff.core.errors import LiftoffError
+from liftoff.config.models import AppConfig
+from liftoff.core.errors import InvalidRequestError, LiftoffError, RequestCancelledError
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import from_validation_error, json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
 from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.gateway.translate.native import prompt_count
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
 
 router = APIRouter(tags=["snowflake"])
@@ -36,12 +38,14 @@ BATCH_HEADER = "sf-external-function-query-batch-id"
 REMEMBERED_BATCHES = 256
 
 Row = tuple[int, Any]
+Parsed = GenerateRequest | LiftoffError
+Started = tuple[GenerateRequest, Collector] | LiftoffError
 
 
 class SnowflakeRequest(BaseModel):
     """A batch of rows: ``[row_number, argument]`` each."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     data: list[tuple[int, dict[str, Any] | str]] = Field(..., description="Rows: [row number, GenerateRequest].")
 
@@ -75,33 +79,54 @@ def _error_cell(exc: LiftoffError) -> dict[str, str]:
     return {"error": exc.message, "error_type": exc.error_type}
 
 
-def _row_request(argument: dict[str, Any] | str) -> GenerateRequest:
+def _row_request(argument: dict[str, Any] | str) -> GenerateRequest | LiftoffError:
     fields = {"text": argument} if isinstance(argument, str) else argument
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        raise from_validation_error(exc) from None
+        return from_validation_error(exc, GenerateRequest)
 
 
-def _start(state: GatewayState, argument: dict[str, Any] | str) -> tuple[GenerateRequest, Collector] | LiftoffError:
+def _parse(rows: list[tuple[int, dict[str, Any] | str]], config: AppConfig) -> list[tuple[int, Parsed]]:
+    """Every row's request (or its error), after ``max_user_batch_size`` was checked on the rows and on their
+    prompts together: nothing is started for a batch that is too large."""
+    if len(rows) > config.max_user_batch_size:
+        raise InvalidRequestError(
+            f"data has {len(rows)} rows, more than max_user_batch_size ({config.max_user_batch_size})", param="data"
+        )
+    parsed = [(number, _row_request(argument)) for number, argument in rows]
+    count = sum(prompt_count(run.text) for _, run in parsed if isinstance(run, GenerateRequest))
+    if count > config.max_user_batch_size:
+        raise InvalidRequestError(
+            f"the rows hold {count} prompts, more than max_user_batch_size ({config.max_user_batch_size})",
+            param="data",
+        )
+    return parsed
+
+
+def _start(state: GatewayState, run: Parsed) -> Started:
+    if isinstance(run, LiftoffError):
+        return run
     try:
-        body = _row_request(argument)
-        return body, start_generate(state, body)
+        return run, start_generate(state, run)
     except LiftoffError as exc:
         return exc
 
 
 async def _finish(request: Request, state: GatewayState, started: tuple[GenerateRequest, Collector]) -> Any:
+    """A row's cell: its text (or answer), or its error. A client that has gone cancels the whole batch."""
     body, collector = started
     try:
         result = await finish_generate(request, state, body, collector)
+    except RequestCancelledError:
+        raise
     except LiftoffError as exc:
         return _error_cell(exc)
     return result if body.return_metadata else result["text"]
 
 
 async def _rows(request: Request, state: GatewayState, rows: list[tuple[int, dict[str, Any] | str]]) -> list[Row]:
-    started = [(number, _start(state, argument)) for number, argument in rows]
+    started = [(number, _start(state, run)) for number, run in _parse(rows, state.config)]
     answers: list[Row] = []
     try:
         for number, run in started:

@@ -1,6 +1,8 @@
 """Per-reader tokenizer services on the inference port: ``/tokenize``, ``/detokenize``, ``/chat_template``.
 
 They are addressed by reader id, not consumer group, because tokenizers belong to models (takeoff-spec §2.1.7-9).
+Their inputs have the limits of prompts (``max_prompt_string_bytes`` per text or conversation, ``max_user_batch_size``
+conversations), so one of them is never a long task for the reader.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
 from liftoff.gateway.surfaces.native import collect_result
+from liftoff.gateway.translate.native import check_batch, prompts_of, utf8_size
 from liftoff.protocol.native import (
     ERROR_RESPONSES,
     ChatTemplateRequest,
@@ -49,6 +52,7 @@ def _payload(body: BaseModel) -> dict[str, Any]:
 async def tokenize(request: Request, reader_id: str) -> Response:
     """The tokens of a text, as the reader's model splits it."""
     body = await read_model(request, TokenizeRequest)
+    prompts_of(body.text, get_state(request).config)  # max_prompt_string_bytes, as for a prompt
     return await _ask(request, reader_id, RequestKind.TOKENIZE, _payload(body))
 
 
@@ -65,4 +69,7 @@ async def detokenize(request: Request, reader_id: str) -> Response:
 async def chat_template(request: Request, reader_id: str) -> Response:
     """Conversations rendered with the reader's chat template."""
     body = await read_model(request, ChatTemplateRequest)
+    config = get_state(request).config
+    sizes = [sum(utf8_size(message.content) + utf8_size(message.role) for message in chat) for chat in body.inputs]
+    check_batch(sizes, config, single=len(sizes) == 1, what="conversation", param="inputs")
     return await _ask(request, reader_id, RequestKind.CHAT_TEMPLATE, _payload(body))

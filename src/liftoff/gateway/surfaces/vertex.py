@@ -20,7 +20,8 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from liftoff.core.errors import LiftoffError, ValidationFailedError
+from liftoff.config.models import AppConfig
+from liftoff.core.errors import InvalidRequestError, LiftoffError, ValidationFailedError
 from liftoff.core.types import ModelType, RequestKind
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import from_validation_error, json_response
@@ -30,7 +31,7 @@ from liftoff.gateway.surfaces import health
 from liftoff.gateway.surfaces.encoders import run_encoder
 from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
 from liftoff.gateway.translate.encode import encode_frame, floats
-from liftoff.gateway.translate.native import DEFAULT_GROUP
+from liftoff.gateway.translate.native import DEFAULT_GROUP, prompt_count, prompts_of, utf8_size
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["vertex"])
@@ -39,7 +40,7 @@ router = APIRouter(tags=["vertex"])
 class VertexRequest(BaseModel):
     """A Vertex AI prediction request."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     instances: list[dict[str, Any]] = Field(..., min_length=1, description="One GenerateRequest per prediction.")
     parameters: dict[str, Any] | None = Field(None, description="Defaults of every instance's fields.")
@@ -63,12 +64,40 @@ def _instances(body: VertexRequest) -> list[GenerateRequest]:
         try:
             requests.append(GenerateRequest.model_validate(_fields(body, instance)))
         except ValidationError as exc:
-            error = from_validation_error(exc)
+            error = from_validation_error(exc, GenerateRequest)
             if not isinstance(error, ValidationFailedError):
-                raise error from None
+                where = f"instances.{index}" + (f".{error.param}" if error.param else "")
+                raise InvalidRequestError(f"instances.{index}: {error.message}", param=where) from None
             errors = [{**item, "loc": f"instances.{index}.{item['loc']}"} for item in error.errors]
             raise ValidationFailedError(f"instances.{index}: {error.message}", errors=errors) from None
     return requests
+
+
+def _check_instances(body: VertexRequest, config: AppConfig) -> None:
+    """``max_user_batch_size`` counts instances before any is expanded (each may take the shared parameters)."""
+    if len(body.instances) > config.max_user_batch_size:
+        raise InvalidRequestError(
+            f"instances has {len(body.instances)} items, more than max_user_batch_size ({config.max_user_batch_size})",
+            param="instances",
+        )
+
+
+def _check_prompts(requests: list[GenerateRequest], config: AppConfig) -> None:
+    """All instances' prompts together against ``max_user_batch_size``, and their bytes against the body limit
+    (shared ``parameters`` may repeat one text in every instance: what the readers get stays what a body holds)."""
+    count = sum(prompt_count(request.text) for request in requests)
+    if count > config.max_user_batch_size:
+        raise InvalidRequestError(
+            f"the instances hold {count} prompts, more than max_user_batch_size ({config.max_user_batch_size})",
+            param="instances",
+        )
+    size = sum(utf8_size(text) for request in requests for text in prompts_of(request.text, config))
+    if size > config.body_size_limit_bytes:
+        raise InvalidRequestError(
+            f"the instances hold {size} bytes of prompts, more than body_size_limit_bytes "
+            f"({config.body_size_limit_bytes}); send fewer or shorter prompts",
+            param="instances",
+        )
 
 
 def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Collector]:
@@ -115,10 +144,12 @@ async def predict(request: Request) -> Response:
     """Run every instance; answer their predictions in order, or the first error."""
     state = get_state(request)
     body = await read_model(request, VertexRequest)
+    _check_instances(body, state.config)
     group = _group(body)
     if ModelType.EMBEDDING in state.registry.live_model_types(group):
         return await _predict_embeddings(request, state, body, group)
     requests = _instances(body)
+    _check_prompts(requests, state.config)
     collectors = _start_all(state, requests)
     predictions = []
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from liftoff.config.models import AppConfig
-from liftoff.core.errors import InvalidRequestError
+from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import GenerationParams
@@ -19,28 +19,36 @@ def utf8_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def check_batch(sizes: list[int], config: AppConfig, *, single: bool, what: str = "prompt") -> None:
-    """A request's items (of these byte sizes) against ``max_user_batch_size`` and ``max_prompt_string_bytes``."""
+def check_batch(
+    sizes: list[int], config: AppConfig, *, single: bool, what: str = "prompt", param: str = "text"
+) -> None:
+    """A request's items (of these byte sizes) against ``max_user_batch_size`` and ``max_prompt_string_bytes``;
+    errors name the field ``param``."""
     if not sizes:
-        raise InvalidRequestError(f"text is an empty list; send at least one {what}", param="text")
+        raise InvalidRequestError(f"{param} is an empty list; send at least one {what}", param=param)
     if len(sizes) > config.max_user_batch_size:
         raise InvalidRequestError(
-            f"text has {len(sizes)} {what}s, more than max_user_batch_size ({config.max_user_batch_size})",
-            param="text",
+            f"{param} has {len(sizes)} {what}s, more than max_user_batch_size ({config.max_user_batch_size})",
+            param=param,
         )
     limit = config.max_prompt_string_bytes
     for index, size in enumerate(sizes):
         if size > limit:
             where = f"the {what}" if single else f"{what} {index}"
             raise InvalidRequestError(
-                f"{where} is {size} bytes, more than max_prompt_string_bytes ({limit})", param="text"
+                f"{where} is {size} bytes, more than max_prompt_string_bytes ({limit})", param=param
             )
 
 
-def prompts_of(text: str | list[str], config: AppConfig) -> list[str]:
+def prompt_count(text: str | list[str]) -> int:
+    """How many prompts a ``text`` field holds."""
+    return 1 if isinstance(text, str) else len(text)
+
+
+def prompts_of(text: str | list[str], config: AppConfig, param: str = "text") -> list[str]:
     """The prompts of a request, checked against ``max_user_batch_size`` and ``max_prompt_string_bytes``."""
     prompts = [text] if isinstance(text, str) else text
-    check_batch([utf8_size(prompt) for prompt in prompts], config, single=isinstance(text, str))
+    check_batch([utf8_size(prompt) for prompt in prompts], config, single=isinstance(text, str), param=param)
     return prompts
 
 
@@ -79,6 +87,11 @@ def generation_params(body: GenerateRequest) -> GenerationParams:
 
 def generate_frames(body: GenerateRequest, config: AppConfig) -> list[RequestFrame]:
     """One request frame per prompt, all for the same consumer group."""
+    if body.image_paths:
+        raise NotSupportedError(
+            "image_paths: this server has no image input yet (no reader takes images); send text only",
+            param="image_paths",
+        )
     prompts = prompts_of(body.text, config)
     params = generation_params(body)
     if params.min_new_tokens > params.max_new_tokens:

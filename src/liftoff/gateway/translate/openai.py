@@ -21,13 +21,13 @@ from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import GenerationParams
 from liftoff.gateway.translate.native import prompts_of
+from liftoff.protocol.limits import MAX_STOPS, SEED_MAX
 from liftoff.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
 
 # Without max_tokens a chat completion runs until the model stops or its context is full (as OpenAI's does);
 # a completion generates 16 tokens (OpenAI's default).
 CHAT_MAX_TOKENS = 1 << 20
 COMPLETION_MAX_TOKENS = 16
-MAX_STOPS = 4
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
 
 
@@ -98,17 +98,19 @@ def _frames(prompts: list[str], params: GenerationParams, group: str, n: int, co
     frames = []
     for prompt in prompts:
         for choice in range(n):
-            seeded = params if params.seed is None or choice == 0 else _reseed(params, params.seed + choice)
+            seeded = params if params.seed is None or choice == 0 else _reseed(params, _wrap(params.seed + choice))
             frames.append(RequestFrame(request_id=new_request_id(), consumer_group=group, text=prompt, params=seeded))
     return Plan(frames, n)
 
 
 def _prompts(text: str | list[str], config: AppConfig, param: str) -> list[str]:
     """The native limits (``max_user_batch_size``, ``max_prompt_string_bytes``), naming the OpenAI field."""
-    try:
-        return prompts_of(text, config)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(exc.message.replace("text ", f"{param} ", 1), param=param) from None
+    return prompts_of(text, config, param)
+
+
+def _wrap(seed: int) -> int:
+    """A seed kept in the range a frame can carry (the largest seeds wrap around, as in unsigned arithmetic)."""
+    return seed - (1 << 64) if seed > SEED_MAX else seed
 
 
 def _reseed(params: GenerationParams, seed: int) -> GenerationParams:
