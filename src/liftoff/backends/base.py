@@ -77,6 +77,7 @@ class Preparation:
     run: Callable[[], object]
     timeout_s: float
     what: str  # in words, for that error: "compiling its json_schema"
+    quiet_s: float = 0.0  # how long ``run`` may hold the whole process at once (a first import): announced first
 
 
 @dataclass(slots=True)

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("xgrammar",)
 CACHE_SIZE = 64
+FIRST_USE_S = 10.0  # the silence the first compilation announces (importing xgrammar holds the GIL at times)
 SLOW_COMPILE_S = 0.1  # a compilation this long is logged at INFO: the reader's running streams waited for it
 _CONTROL_CHARACTERS = bytes(range(0x20))  # never in compact JSON output
 _SOURCE_PREFIX = re.compile(r"^\s*\[[\d:]+\] \S+:\d+: ")  # "[13:31:58] /project/cpp/regex_converter.cc:83: "
@@ -198,7 +199,9 @@ class Grammars:
         with self._lock:
             if (kind, text) in self._compiled:
                 return None
-        return Preparation(lambda: self.compiled(kind, text), self.limits.compile_timeout_s, f"compiling its {kind}")
+            first = self._compiler is None  # imports xgrammar (and torch): that holds the GIL for up to a second
+        what = f"compiling its {kind}"
+        return Preparation(lambda: self.compiled(kind, text), self.limits.compile_timeout_s, what, FIRST_USE_S * first)
 
     def constraint(self, params: GenerationParams) -> TokenConstraint | None:
         """The constraint of a new sequence, or None when its request asks for none; a 400 when it cannot be had."""

@@ -22,7 +22,7 @@ from liftoff.core.errors import InvalidRequestError
 GRAMMAR_OPTIONS = frozenset({"max_grammar_bytes", "max_grammar_repetition", "grammar_compile_timeout_s"})
 DEFAULT_MAX_BYTES = 65_536
 DEFAULT_MAX_REPETITION = 1000
-DEFAULT_COMPILE_TIMEOUT_S = 10.0
+DEFAULT_COMPILE_TIMEOUT_S = 30.0
 
 # JSON-schema keywords whose value a compiled grammar repeats a rule by.
 _REPEATING = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties")

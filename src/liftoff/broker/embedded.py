@@ -27,6 +27,7 @@ from liftoff.core.errors import (
     RequestTimeoutError,
 )
 from liftoff.core.frames import (
+    MAX_QUIET_MS,
     DrainFrame,
     ErrorFrame,
     FinalFrame,
@@ -336,6 +337,8 @@ class EmbeddedBroker(GatewayBroker):
             if isinstance(frame, TokenFrame | FinalFrame | ResultFrame | ErrorFrame):
                 self._on_output(slot, frame, outputs)
             elif isinstance(frame, HeartbeatFrame):
+                if frame.quiet_ms > 0:  # a long task announced: its silence is not death
+                    slot.quiet_until = slot.last_recv + min(frame.quiet_ms, MAX_QUIET_MS) / 1000.0
                 self.events.on_reader_heartbeat(slot.reader_id, frame)
             elif isinstance(frame, LoadedFrame):
                 self._on_loaded(slot, frame)

@@ -51,6 +51,7 @@ class ReaderSlot:
         self.served = 0
         self.assigned: dict[str, Job] = {}
         self.last_recv = monotonic()
+        self.quiet_until = 0.0  # the end of a silence the reader announced (HeartbeatFrame.quiet_ms)
         self._busy_since = 0.0
         self._websocket = websocket
         self._outbox: list[Any] = []
@@ -87,7 +88,7 @@ class ReaderSlot:
         """Seconds since the reader last spoke while it had work; 0 when it has none."""
         if not self.assigned:
             return 0.0
-        return now - max(self.last_recv, self._busy_since)
+        return now - max(self.last_recv, self._busy_since, self.quiet_until)
 
     def send(self, frames: list[Any]) -> None:
         """Queue frames; the writer task sends everything queued in one message."""

@@ -378,8 +378,9 @@ class RedisBroker(GatewayBroker):
         now = monotonic()
         for reader_id in self._book.owners():
             seen = self._mirror.seen.get(reader_id)
-            if seen is not None and seen.entry.state != "dead" and now - seen.heard > limit:
-                self.evict_reader(reader_id, f"silent for {(now - seen.heard) * 1000:.0f} ms with requests in flight")
+            if seen is not None and seen.entry.state != "dead" and seen.silent_for(now) > limit:
+                silent = seen.silent_for(now) * 1000
+                self.evict_reader(reader_id, f"silent for {silent:.0f} ms with requests in flight")
 
     async def _sweep_forever(self) -> None:
         while not self._closing:

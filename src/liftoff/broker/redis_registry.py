@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from liftoff.broker.base import BrokerEvents
 from liftoff.broker.redis_common import ReaderEntry, reader_ids, reader_key
 from liftoff.core.clock import monotonic
-from liftoff.core.frames import LoadedFrame
+from liftoff.core.frames import MAX_QUIET_MS, LoadedFrame
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ class Seen:
     groups: tuple[str, ...]
     consumer_name: str
     heard: float = field(default_factory=monotonic)  # when its heartbeat last changed (this gateway's clock)
+    quiet_until: float = 0.0  # the end of a silence it announced (HeartbeatFrame.quiet_ms)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since it was last heard from, not counting a silence it announced."""
+        return now - max(self.heard, self.quiet_until)
 
 
 async def snapshot(client: aioredis.Redis) -> dict[str, ReaderEntry]:
@@ -95,6 +100,8 @@ class RegistryMirror:
         if entry.heartbeat != old.heartbeat:
             before.heard = monotonic()
             heartbeat = entry.heartbeat_frame()
+            if heartbeat is not None and heartbeat.quiet_ms > 0:  # a long task announced: its silence is not death
+                before.quiet_until = before.heard + min(heartbeat.quiet_ms, MAX_QUIET_MS) / 1000.0
             if heartbeat is not None:
                 events.on_reader_heartbeat(reader_id, heartbeat)
         if entry.state != old.state:

@@ -292,7 +292,7 @@ class ReaderConfig(BaseModel):
         None,
         gt=0,
         le=3600,
-        description="[Liftoff] Longest a request's grammar may take to compile (default 10 s); compiling runs off "
+        description="[Liftoff] Longest a request's grammar may take to compile (default 30 s); compiling runs off "
         "the engine thread, so other streams go on meanwhile; past it the request gets a 400.",
     )
 

@@ -91,12 +91,21 @@ class LoadFailedFrame(_Frame, tag="load_failed"):
 
 
 class HeartbeatFrame(_Frame, tag="hb"):
-    """Periodic liveness signal; also sent as a keep-alive while requests are in flight."""
+    """Periodic liveness signal; also sent as a keep-alive while requests are in flight.
+
+    ``quiet_ms`` announces a long task that may hold the whole reader process (Python's GIL) for up to that long,
+    such as the first import of a large library: the gateway then does not take that silence for death (it caps
+    the grace at :data:`MAX_QUIET_MS`).
+    """
 
     timestamp_ms: int
     active: int = 0
     progress: float = -1.0
     stats: dict[str, float] = msgspec.field(default_factory=dict)  # the reader's running totals, for /metrics
+    quiet_ms: int = 0
+
+
+MAX_QUIET_MS = 60_000  # the longest silence a reader may announce
 
 
 class ClaimedFrame(_Frame, tag="claimed"):

@@ -121,6 +121,13 @@ def _unknown_field(loc: tuple[Any, ...], model: type[BaseModel] | None) -> Inval
     return InvalidRequestError(f"{where} is not a field this endpoint knows; leave it out{known}", param=where)
 
 
+def _other_member(error: Any, fields: set[str]) -> bool:
+    """A type mismatch with another member of a union whose value is out of range in its own member
+    (``stop: str | list[str]`` given a list holding a string too long): the range is the news, not the type."""
+    where = _location(tuple(error["loc"]))
+    return str(error["type"]).endswith("_type") and any(f == where or f.startswith(where + ".") for f in fields)
+
+
 def from_validation_error(
     exc: ValidationError | RequestValidationError, model: type[BaseModel] | None = None
 ) -> LiftoffError:
@@ -136,8 +143,8 @@ def from_validation_error(
         if error["type"] == "extra_forbidden":
             return _unknown_field(tuple(error["loc"]), model)
     ranged = [error for error in errors if error["type"] in _RANGE_ERRORS]
-    if ranged and all(error in ranged or error["type"].endswith("_type") for error in errors):
-        # Out of range (other members of a union type may have refused the value's type: the range is the news).
+    fields = {_location(tuple(error["loc"])) for error in ranged}
+    if ranged and all(error in ranged or _other_member(error, fields) for error in errors):
         message = "; ".join(_range_message(error, model) for error in ranged)
         return InvalidRequestError(message, param=_location(tuple(ranged[0]["loc"])))
     listed = [{"loc": _location(tuple(error["loc"])), "msg": error["msg"], "type": error["type"]} for error in errors]

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liftoff.backends.base import Backend, Preparation, StepOutput
-from liftoff.core.clock import monotonic
+from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
-from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame, error_frame
+from liftoff.core.frames import ErrorFrame, FinalFrame, HeartbeatFrame, RequestFrame, TokenFrame, error_frame
 from liftoff.core.types import FinishReason
 from liftoff.reader.preparer import Preparer
 from liftoff.reader.stops import StopScanner
@@ -144,6 +144,8 @@ class Engine(InboxWorker):
             self._waiting.append(frame)
             return
         self._preparing[frame.request_id] = _Preparing(frame, preparation, monotonic() + preparation.timeout_s)
+        if preparation.quiet_s:  # say so before the reader may go quiet (see HeartbeatFrame.quiet_ms)
+            self._emit([HeartbeatFrame(timestamp_ms=now_ms(), quiet_ms=round(preparation.quiet_s * 1000))])
         self._preparer.submit(frame.request_id, preparation)
 
     def _on_prepared(self, done: _Prepared) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from liftoff.backends.base import Preparation
@@ -19,6 +20,7 @@ from liftoff.backends.base import Preparation
 logger = logging.getLogger(__name__)
 
 Done = Callable[[str, BaseException | None], None]
+ANNOUNCE_S = 0.05  # what a preparation that holds the process waits, for its announcement to go out
 
 
 class Preparer:
@@ -55,6 +57,8 @@ class Preparer:
                 if request_id in self._cancelled:
                     self._cancelled.discard(request_id)
                     continue
+            if preparation.quiet_s:
+                time.sleep(ANNOUNCE_S)  # the engine announced the silence: let the reader's link send it first
             error: BaseException | None = None
             try:
                 preparation.run()
