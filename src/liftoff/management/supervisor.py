@@ -77,6 +77,8 @@ class Supervisor:
         env = dict(os.environ)
         env[READER_CONFIG_ENV] = json.dumps(config.manifest_dict())
         env["PYTHONUNBUFFERED"] = "1"
+        if config.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
         command = [
             sys.executable, "-m", "liftoff", "reader",
             "--reader-id", reader_id,
