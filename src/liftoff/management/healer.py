@@ -27,7 +27,7 @@ from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.exits import describe_exit
 from liftoff.core.types import ReaderState
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
-from liftoff.management.restarts import Phase, RestartBook, RestartLimits
+from liftoff.management.restarts import RestartBook, RestartLimits
 from liftoff.management.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Healer:
         self.supervisor = supervisor
         self.limits = limits
         self.readers: dict[str, Supervised] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._restarts: set[asyncio.Task[None]] = set()  # waiting for a restart to be due, or spawning it
+        self._reaps: set[asyncio.Task[None]] = set()  # watching lost readers' processes
         self._stopping = asyncio.Event()
 
     # ---- the readers it looks after ----------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Healer:
         pid = self.supervisor.pid(reader_id)
         if pid is not None and not self.registry.closing:
             grace = SHARED_LOST_GRACE_S if self.broker.shared else LOST_GRACE_S
-            self._spawn_task(self._stop_if_stuck(reader_id, pid, grace), f"liftoff-reap-{reader_id}")
+            self._spawn_task(self._reaps, self._stop_if_stuck(reader_id, pid, grace), f"liftoff-reap-{reader_id}")
 
     def on_process_exit(self, reader_id: str, pid: int, code: int) -> None:
         """A reader process exited: restart it later, or leave it dead with the reason."""
@@ -122,11 +123,15 @@ class Healer:
             return
         logger.warning("reader %s: %s; restarting it in %g s", reader_id, account, delay)
         self._dead(reader_id, f"{account}; restarting in {delay:g} s")
-        self._spawn_task(self._restart_later(reader_id, supervised, delay), f"liftoff-restart-{reader_id}")
+        self._spawn_task(
+            self._restarts, self._restart_later(reader_id, supervised, delay), f"liftoff-restart-{reader_id}"
+        )
 
     # ---- restarting --------------------------------------------------------------------------------------------
 
     async def _restart_later(self, reader_id: str, supervised: Supervised, delay_s: float) -> None:
+        """Start the reader's process again after ``delay_s`` (the backoff), unless the gateway stops or the reader
+        is deleted first."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay_s)
         if self._stopping.is_set() or self.readers.get(reader_id) is not supervised:
@@ -144,7 +149,7 @@ class Healer:
             return
         supervised.pid = pid
         supervised.book.restarted(monotonic())
-        if self.readers.get(reader_id) is not supervised or self.registry.get(reader_id) is None:
+        if self.readers.get(reader_id) is not supervised:
             if self.supervisor.pid(reader_id) == pid:  # deleted while it was being started
                 await self.supervisor.stop(reader_id, STUCK_STOP_GRACE_S)
             return
@@ -169,28 +174,32 @@ class Healer:
         await self.supervisor.stop(reader_id, STUCK_STOP_GRACE_S, final=False)
 
     def _dead(self, reader_id: str, reason: str) -> None:
+        """Show the reader dead with ``reason`` (the fullest account so far), and out of the broker."""
         self.registry.set_dead(reader_id, reason)
         self.broker.evict_reader(reader_id, reason)
 
     def _settle(self, config: ReaderConfig) -> None:
+        """The reader stays dead: its groups stop buffering for it (their waiting requests may fail now)."""
         for group in config.consumer_group:
             self.broker.settle(group)
 
-    def _spawn_task(self, coro: Any, name: str) -> None:
+    @staticmethod
+    def _spawn_task(tasks: set[asyncio.Task[None]], coro: Any, name: str) -> None:
+        """Run ``coro`` as a task kept in ``tasks`` until it ends (so that the shutdown can wait for it)."""
         task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def shutdown(self) -> None:
-        """No more restarts; wait for the tasks in flight (a restart already spawning finishes, to be stopped)."""
+        """No more restarts: the waiting ones end at once, one already spawning finishes (its process is then
+        stopped with the others)."""
         self._stopping.set()
-        for task in list(self._tasks):
-            if task.get_name().startswith("liftoff-restart-"):
-                await task
+        for task in list(self._restarts):
+            await task
 
     async def join(self) -> None:
-        """Wait for every task left (after the processes are stopped, they end at once)."""
-        for task in list(self._tasks):
+        """Wait for the watches of lost readers (once the processes are stopped, they end at once)."""
+        for task in list(self._reaps):
             await task
 
     # ---- questions ---------------------------------------------------------------------------------------------
@@ -214,8 +223,3 @@ class Healer:
     def restart_counts(self) -> dict[str, int]:
         """Restarts of every reader this gateway looks after (the ``liftoff_reader_restarts_total`` metric)."""
         return {reader_id: s.book.restarts for reader_id, s in self.readers.items()}
-
-    def phase(self, reader_id: str) -> Phase | None:
-        """Where a supervised reader is, restart-wise (None: not supervised)."""
-        supervised = self.readers.get(reader_id)
-        return supervised.book.phase if supervised is not None else None
