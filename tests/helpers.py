@@ -36,11 +36,11 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-_ECHO_OPTIONS = ("load_delay_ms", "fail_load")
+_ECHO_OPTIONS = ("load_delay_ms", "fail_load", "crash_after_ms")
 
 
 def echo_reader(group: str = "primary", *, delay_ms: float = 0, batch: int = 8, **options: Any) -> dict[str, Any]:
-    """An echo reader's config; ``load_delay_ms`` and ``fail_load`` go to its backend options."""
+    """An echo reader's config; ``load_delay_ms``, ``fail_load`` and ``crash_after_ms`` go to its backend options."""
     backend_options = {"token_delay_ms": delay_ms}
     backend_options.update({key: options.pop(key) for key in _ECHO_OPTIONS if key in options})
     return {"model_name": "echo", "device": "cpu", "consumer_group": group, "max_batch_size": batch,

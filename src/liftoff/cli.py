@@ -220,11 +220,34 @@ def reader_broker(flag: str | None, configured: str, redis_host: str | None) -> 
     return "embedded"
 
 
+def _reader_log_format(config: ReaderConfig, default: str) -> str:
+    """``reader_log_as_json``: true is JSON, false is text, unset is the default (a supervised reader's: its
+    gateway's ``log_format``)."""
+    if config.reader_log_as_json is None:
+        return default
+    return "json" if config.reader_log_as_json else "text"
+
+
+def apply_cuda_visible_devices(config: ReaderConfig, reader_id: str) -> None:
+    """``cuda_visible_devices`` becomes this process's ``CUDA_VISIBLE_DEVICES`` (a spawned reader has it from its
+    gateway already; a headless one gets it here), before anything can load a CUDA library: backends are imported
+    only when the model loads."""
+    if config.cuda_visible_devices is None:
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
+    logger.info("reader %s: CUDA_VISIBLE_DEVICES=%s (cuda_visible_devices)", reader_id, config.cuda_visible_devices)
+
+
 def _reader(args: argparse.Namespace) -> int:
     reader_id, config, gateway_ip, configured_broker = _reader_config(args)
-    setup_logging(config.log_level or args.log_level, args.log_format, role=f"reader {reader_id}")
+    setup_logging(config.log_level or args.log_level, _reader_log_format(config, args.log_format),
+                  role=f"reader {reader_id}")  # fmt: skip
+    apply_cuda_visible_devices(config, reader_id)
     if args.supervised:
         _die_with_parent()
+    elif "restart_policy" in config.model_fields_set:
+        logger.warning("restart_policy applies to readers a gateway starts; restart a headless reader with what "
+                       "runs it (systemd, Kubernetes...)")  # fmt: skip
     from liftoff.broker.embedded_link import EmbeddedReaderLink
     from liftoff.reader.process import ReaderOptions, ReaderProcess
 

@@ -315,3 +315,31 @@ async def test_stopping_the_last_reader_fails_its_groups_waiting_requests_at_onc
     error = await harness.final(queued, within_s=5)
     assert isinstance(error, ErrorFrame)
     assert error.error_type == "unavailable"
+
+
+async def test_a_group_the_gateway_holds_keeps_its_waiting_requests_for_a_reader_that_comes_back(
+    harness: Harness,
+) -> None:
+    harness.broker.holding = lambda group: group == "primary"  # as while the gateway restarts its reader
+    only, queued = await _only_reader_with_a_queued_request(harness)
+    await only.close()
+    await harness.wait(lambda: "only" in harness.events.lost, "the loss to be reported")
+    harness.broker.settle("primary")  # still held: nothing fails
+    back = await harness.reader("back", capacity=4)
+    await harness.wait(lambda: any(f.request_id == queued for f in back.requests()), "the reader back to get it")
+    back.send([FinalFrame(request_id=queued, seq=0, finish_reason="stop")])
+    assert isinstance(await harness.final(queued), FinalFrame)
+
+
+async def test_a_group_no_longer_held_fails_its_waiting_requests_when_it_settles(harness: Harness) -> None:
+    holding = {"primary"}
+    harness.broker.holding = lambda group: group in holding
+    only, queued = await _only_reader_with_a_queued_request(harness)
+    await only.close()
+    await harness.wait(lambda: "only" in harness.events.lost, "the loss to be reported")
+    assert harness.events.final(queued) is None
+    holding.clear()  # the restart was given up
+    harness.broker.settle("primary")
+    error = await harness.final(queued, within_s=5)
+    assert isinstance(error, ErrorFrame)
+    assert error.error_type == "unavailable"

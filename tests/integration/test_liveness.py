@@ -36,7 +36,9 @@ def _stream(server: Any, started: threading.Semaphore, **fields: Any) -> dict[st
 
 
 def test_sigkill_reader_retries_unstarted_and_fails_started(liftoff: Any) -> None:
-    readers = {"r1": echo_reader(delay_ms=50, batch=1), "r2": echo_reader(delay_ms=50, batch=1)}
+    # r1 is not restarted, so that everything after its death goes to r2 (restarts: test_restarts.py).
+    readers = {"r1": echo_reader(delay_ms=50, batch=1, restart_policy="never"),
+               "r2": echo_reader(delay_ms=50, batch=1)}  # fmt: skip
     server = liftoff(readers=readers).start()
     server.wait_live(2)
     pid = server.readers()["r1"]["pids"][0]
@@ -65,7 +67,9 @@ def test_sigkill_reader_retries_unstarted_and_fails_started(liftoff: Any) -> Non
 
 
 def test_sigkill_buffered_request_fails_with_503(liftoff: Any) -> None:
-    server = liftoff(readers={"r1": echo_reader(delay_ms=50, batch=1)}, server={"reserved_consumers": ""}).start()
+    # A group whose last reader is dead for good (here: never restarted) fails its waiting requests at once.
+    readers = {"r1": echo_reader(delay_ms=50, batch=1, restart_policy="never")}
+    server = liftoff(readers=readers, server={"reserved_consumers": ""}).start()
     pid = server.readers()["r1"]["pids"][0]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(server.generate, "a b", **LONG) for _ in range(2)]
@@ -78,6 +82,10 @@ def test_sigkill_buffered_request_fails_with_503(liftoff: Any) -> None:
     types = sorted(response.json()["error_type"] for response in responses)
     # The started request lost its reader; the other one had no reader left to go to.
     assert types == ["reader_died", "unavailable"]
+    # Once its process's exit is heard, the reason says why it stays dead.
+    dead = wait_until(lambda: (d := server.http.get(server.mgmt + "/reader/r1").json())["error"].endswith(
+        "(not restarted: restart_policy is never)") and d)  # fmt: skip
+    assert (dead["state"], dead["restarts"], dead["next_restart_ms"]) == ("dead", 0, None)
 
 
 def test_silent_reader_is_dead_and_its_request_fails(liftoff: Any) -> None:

@@ -54,16 +54,17 @@ def test_unknown_reader_is_404(liftoff: Any) -> None:
 def test_invalid_reader_config_names_the_field(liftoff: Any) -> None:
     server = liftoff().start(wait=None)
     cases = [
-        ({"model_name": "echo", "device": "gpu"}, "device"),
-        ({"device": "cpu"}, "model_name"),
-        ({"model_name": "echo", "device": "cpu", "max_batch_size": "big"}, "max_batch_size"),
-        ({"model_name": "echo", "device": "cpu", "max_batch_sise": 4}, "max_batch_sise"),
-        ({"model_name": "echo", "device": "cpu", "tensor_parallel": 2}, "tensor_parallel"),
-        ({"model_name": "echo", "device": "cuda", "cuda_visible_devices": "zero"}, "cuda_visible_devices"),
+        ({"model_name": "echo", "device": "gpu"}, "device", 422),
+        ({"device": "cpu"}, "model_name", 422),
+        ({"model_name": "echo", "device": "cpu", "max_batch_size": "big"}, "max_batch_size", 422),
+        ({"model_name": "echo", "device": "cpu", "max_batch_sise": 4}, "max_batch_sise is not a field", 400),
+        ({"model_name": "echo", "device": "cpu", "max_batch_size": 10**6}, "from 1 to 1024", 400),
+        ({"model_name": "echo", "device": "cpu", "tensor_parallel": 2}, "tensor_parallel", 422),
+        ({"model_name": "echo", "device": "cuda", "cuda_visible_devices": "zero"}, "cuda_visible_devices", 422),
     ]
-    for body, field in cases:
+    for body, field, status in cases:
         response = server.http.post(server.mgmt + "/reader", json=body)
-        assert response.status_code == 422, (body, response.text)
+        assert response.status_code == status, (body, response.text)
         assert field in response.json()["detail"], (field, response.text)
     assert server.status()["status"]["loading_readers"] == {}
 

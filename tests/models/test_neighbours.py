@@ -20,8 +20,13 @@ HUGE = 18446744073709551621
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "max_batch_size": 6, "max_sequence_length": 1024,
-              "backend_options": {"n_threads": 1}}  # fmt: skip
+    reader = {
+        "model_name": "smollm2-135m-instruct",
+        "device": "cpu",
+        "max_batch_size": 6,
+        "max_sequence_length": 1024,
+        "backend_options": {"n_threads": 1},
+    }
     strict = {**reader, "consumer_group": "strict", "grammar_compile_timeout_s": 0.05, "max_batch_size": 2}
     instance = LiftoffServer(workdir=tmp_path_factory.mktemp("neighbours"), readers={"smol": reader, "strict": strict})
     instance.start(timeout=120)
@@ -34,8 +39,13 @@ class Stream:
     """A long greedy stream on a thread: its text pieces, its end, and any error event."""
 
     def __init__(self, server: Any, tokens: int = LONG) -> None:
-        self.body = {"text": "Tell me a long story about a lighthouse keeper.", "use_chat_template": True,
-                     "max_new_tokens": tokens, "min_new_tokens": tokens, "return_metadata": True}  # fmt: skip
+        self.body = {
+            "text": "Tell me a long story about a lighthouse keeper.",
+            "use_chat_template": True,
+            "max_new_tokens": tokens,
+            "min_new_tokens": tokens,
+            "return_metadata": True,
+        }
         self.url = server.base + "/generate_stream"
         self.pieces: list[str] = []
         self.events: list[tuple[str, str]] = []
@@ -76,44 +86,79 @@ def _hostile(server: Any) -> list[tuple[str, Callable[[], httpx.Response], Calla
     chat = {"model": "primary", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
     return [
         ("huge max_new_tokens", lambda: server.generate("x", max_new_tokens=HUGE), _status(400)),
-        ("tiny temperature", lambda: server.generate("Hi", sampling_temperature=1e-40, sampling_topk=0,
-                                                      max_new_tokens=8), _status(200)),  # fmt: skip
-        ("tiny temperature, OpenAI, negative seed",
-         lambda: post(openai + "/v1/chat/completions", json={**chat, "temperature": 1e-30, "seed": -7}), _status(200)),
-        ("huge repetition penalty", lambda: server.generate("Hi", repetition_penalty=100.0, max_new_tokens=8),
-         _status(200)),
-        ("long no-repeat n-grams", lambda: server.generate("Hi", no_repeat_ngram_size=32, max_new_tokens=8),
-         _status(200)),
+        (
+            "tiny temperature",
+            lambda: server.generate("Hi", sampling_temperature=1e-40, sampling_topk=0, max_new_tokens=8),
+            _status(200),
+        ),
+        (
+            "tiny temperature, OpenAI, negative seed",
+            lambda: post(openai + "/v1/chat/completions", json={**chat, "temperature": 1e-30, "seed": -7}),
+            _status(200),
+        ),
+        (
+            "huge repetition penalty",
+            lambda: server.generate("Hi", repetition_penalty=100.0, max_new_tokens=8),
+            _status(200),
+        ),
+        (
+            "long no-repeat n-grams",
+            lambda: server.generate("Hi", no_repeat_ngram_size=32, max_new_tokens=8),
+            _status(200),
+        ),
         ("grammar bomb", lambda: server.generate("Hi", json_schema=big_schema), _status(400)),
         ("regex bomb", lambda: server.generate("Hi", regex_string="a{0,100000}"), _status(400)),
-        ("deeply nested schema", lambda: post(server.base + "/generate",
-                                              content=b'{"text": "x", "json_schema": ' + deep.encode() + b"}"),
-         _status(400)),  # fmt: skip
-        ("grammar over the compile budget", lambda: server.generate(
-            "Hi", consumer_group="strict", json_schema={"type": "string", "maxLength": 900}), _status(400)),
-        ("long stop strings", lambda: post(openai + "/v1/chat/completions",
-                                           json={**chat, "stop": ["\u2603" * 1024] * 4}), _status(200)),  # fmt: skip
-        ("megabyte stop string", lambda: post(openai + "/v1/chat/completions", json={**chat, "stop": "x" * 10**6}),
-         _status(400)),
+        (
+            "deeply nested schema",
+            lambda: post(server.base + "/generate", content=b'{"text": "x", "json_schema": ' + deep.encode() + b"}"),
+            _status(400),
+        ),
+        (
+            "grammar over the compile budget",
+            lambda: server.generate("Hi", consumer_group="strict", json_schema={"type": "string", "maxLength": 900}),
+            _status(400),
+        ),
+        (
+            "long stop strings",
+            lambda: post(openai + "/v1/chat/completions", json={**chat, "stop": ["\u2603" * 1024] * 4}),
+            _status(200),
+        ),
+        (
+            "megabyte stop string",
+            lambda: post(openai + "/v1/chat/completions", json={**chat, "stop": "x" * 10**6}),
+            _status(400),
+        ),
         ("unknown group", lambda: server.generate("x", consumer_group="g" * 100_000), _status(404)),
         ("unknown field", lambda: server.generate("x", max_new_token=3), _status(400)),
         ("image paths", lambda: server.generate("x", image_paths=["/etc/passwd"]), _status(400)),
         ("big tokenize", lambda: post(server.base + "/tokenize/smol", json={"text": "word " * 29_000}), _status(200)),
-        ("oversized tokenize", lambda: post(server.base + "/tokenize/smol", json={"text": "word " * 40_000}),
-         _status(400)),
+        (
+            "oversized tokenize",
+            lambda: post(server.base + "/tokenize/smol", json={"text": "word " * 40_000}),
+            _status(400),
+        ),
         ("huge token id", lambda: post(server.base + "/detokenize/smol", json={"tokens": [HUGE]}), _status(400)),
-        ("many Vertex instances", lambda: post(server.url("vertex_port") + "/generate_vertex",
-                                               json={"instances": [{"text": "x"}] * 1001}), _status(400)),  # fmt: skip
-        ("non-finite temperature", lambda: post(server.base + "/generate",
-                                                content=b'{"text": "x", "sampling_temperature": NaN}'), _status(400)),
+        (
+            "many Vertex instances",
+            lambda: post(server.url("vertex_port") + "/generate_vertex", json={"instances": [{"text": "x"}] * 1001}),
+            _status(400),
+        ),
+        (
+            "non-finite temperature",
+            lambda: post(server.base + "/generate", content=b'{"text": "x", "sampling_temperature": NaN}'),
+            _status(400),
+        ),
         ("client that leaves mid-stream", lambda: _leave_mid_stream(server), _status(200)),
     ]
 
 
 def _leave_mid_stream(server: Any) -> httpx.Response:
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", server.base + "/generate_stream", json={"text": "Count to a hundred.", "max_new_tokens": 200}
-    ) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", server.base + "/generate_stream", json={"text": "Count to a hundred.", "max_new_tokens": 200}
+        ) as response,
+    ):
         for _ in response.iter_lines():
             break
         return response

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from liftoff.backends.base import Backend, BackendContext, ProgressCallback, StepOutput
-from liftoff.backends.echo import EchoBackend, tokenize
+from liftoff.backends.echo import CRASH_EXIT_CODE, EchoBackend, tokenize
+from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import ContextLengthExceededError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -220,4 +224,37 @@ def test_notes_never_show_the_access_token() -> None:
     from liftoff.config.models import ReaderConfig
 
     notes = EchoBackend(ReaderConfig(model_name="echo", device="cpu", access_token="hf_SECRET123")).notes()
-    assert notes == ["access_token='***' is accepted but has no effect with the echo backend"]
+    assert notes == ["access_token='***' is accepted but has no effect: it is used only to fetch a model from the "
+                     "Hugging Face hub, and 'echo' was not fetched from it"]  # fmt: skip
+
+
+def test_access_token_is_honoured_when_the_model_came_from_the_hub() -> None:
+    config = ReaderConfig(model_name="org/model", device="cpu", access_token="hf_SECRET123")
+
+    def notes(from_hub: bool) -> list[str]:
+        model = ResolvedModel("org/model", Path("/nowhere"), "hf", from_hub=from_hub)
+        return _Minimal(config, BackendContext(model=model)).notes()
+
+    assert notes(from_hub=True) == []
+    (local,) = notes(from_hub=False)
+    assert local.startswith("access_token='***' is accepted but has no effect")
+    assert "'org/model' was not fetched from it" in local
+
+
+def test_options_the_reader_process_applies_are_honoured_by_every_backend() -> None:
+    config = ReaderConfig(model_name="m", device="cuda", cuda_visible_devices="1", reader_log_as_json=True,
+                          buffer_requests=True, restart_policy="always")  # fmt: skip
+    assert _Minimal(config).notes() == []
+
+
+def test_crash_after_ms_ends_the_process_after_loading() -> None:
+    script = (
+        "from liftoff.backends.echo import EchoBackend\n"
+        "from liftoff.config.models import ReaderConfig\n"
+        "import time\n"
+        "config = ReaderConfig(model_name='echo', device='cpu', backend_options={'crash_after_ms': 50})\n"
+        "EchoBackend(config).load(lambda _: None)\n"
+        "time.sleep(30)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=30, check=False)
+    assert done.returncode == CRASH_EXIT_CODE

@@ -17,6 +17,7 @@ class Hooks:
     aborted: list[str] = field(default_factory=list)
     emitted: list[OutputFrame] = field(default_factory=list)
     live_groups: set[str] = field(default_factory=lambda: {"primary"})
+    buffering: frozenset[str] = frozenset()
     waits: list[tuple[str, float]] = field(default_factory=list)
 
     def forget_entry(self, job: RedisJob) -> None:
@@ -31,13 +32,16 @@ class Hooks:
     def live_in(self, group: str) -> bool:
         return group in self.live_groups
 
+    def buffers(self, group: str) -> bool:
+        return group in self.buffering
+
     def observe_queue_time(self, group: str, seconds: float) -> None:
         self.waits.append((group, seconds))
 
 
 def book(max_retries: int = 1, reserved: frozenset[str] = frozenset()) -> tuple[JobBook, Hooks]:
     settings = BrokerSettings("gw", reserved, 100, max_retries, 500, 1000)
-    hooks = Hooks()
+    hooks = Hooks(buffering=reserved)  # as the broker answers: reserved groups buffer
     return JobBook(settings, hooks), hooks
 
 
@@ -149,3 +153,17 @@ def test_expired_yields_only_waiting_jobs_past_their_deadline() -> None:
     assert [job.frame.request_id for job in jobs.expired(2.0)] == ["early"]
     assert jobs.pop("early") is early
     assert jobs.queued == 1
+
+
+def test_a_group_the_gateway_holds_keeps_its_waiting_requests_until_it_no_longer_does() -> None:
+    jobs, hooks = book()
+    hooks.buffering = frozenset({"primary"})  # a reader of it is being restarted
+    queued(jobs)
+    hooks.live_groups.clear()
+    jobs.reader_gone("r1", "killed")
+    assert hooks.emitted == []
+    hooks.buffering = frozenset()
+    jobs.fail_orphans()
+    (error,) = hooks.emitted
+    assert isinstance(error, ErrorFrame)
+    assert error.error_type == "unavailable"

@@ -203,3 +203,21 @@ def test_app_config_rejects_duplicate_ports_and_unknown_keys() -> None:
         AppConfig(internal_port=3000)
     with pytest.raises(ValidationError, match="nonsense"):
         AppConfig.model_validate({"nonsense": 1})
+
+
+# ---- restarts -----------------------------------------------------------------------------------------------------
+
+
+def test_restart_policy_defaults_to_on_failure_and_is_checked() -> None:
+    assert reader().restart_policy == "on-failure"
+    assert reader(restart_policy="always").restart_policy == "always"
+    with pytest.raises(ValidationError, match="restart_policy"):
+        reader(restart_policy="sometimes")
+
+
+def test_restart_limits_have_bounds() -> None:
+    assert (AppConfig().reader_max_restarts, AppConfig().reader_restart_window_s) == (5, 600.0)
+    with pytest.raises(ValidationError, match="reader_max_restarts"):
+        AppConfig(reader_max_restarts=-1)
+    with pytest.raises(ValidationError, match="reader_restart_window_s"):
+        AppConfig(reader_restart_window_s=0)

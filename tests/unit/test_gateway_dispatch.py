@@ -179,6 +179,9 @@ class FakeBroker(GatewayBroker):
     def stop_reader(self, reader_id: str, reason: str) -> None:
         del reader_id, reason
 
+    def settle(self, group: str) -> None:
+        del group
+
     def queue_depth(self, group: str | None = None) -> int:
         return 0
 
@@ -253,6 +256,20 @@ async def test_reserved_group_buffers_for_a_shorter_time(parts: tuple[Dispatcher
     ((_, queue_deadline),) = broker.submitted
     assert 4 < queue_deadline - monotonic() <= 5
     assert collector.deadline > queue_deadline
+
+
+async def test_a_group_the_gateway_holds_buffers_like_a_reserved_one(
+    parts: tuple[Dispatcher, FakeBroker, ReaderRegistry],
+) -> None:
+    dispatcher, broker, registry = parts
+    add_reader(registry, "r1", "gen", live=False)  # its reader is being restarted
+    broker.holding = lambda group: group == "gen"
+    dispatcher.submit(frames_for("gen", "x"))
+    ((_, queue_deadline),) = broker.submitted
+    assert 4 < queue_deadline - monotonic() <= 5
+    broker.holding = lambda group: False  # the restart was given up
+    with pytest.raises(NoReadersAvailableError):
+        dispatcher.submit(frames_for("gen", "y"))
 
 
 async def test_unknown_group_is_not_found(parts: tuple[Dispatcher, FakeBroker, ReaderRegistry]) -> None:

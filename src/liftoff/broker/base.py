@@ -3,7 +3,9 @@
 
 Delivery is at least once. A request's output frames end with exactly one final frame (``FinalFrame`` or
 ``ErrorFrame``). Requests a lost reader had not started are re-queued (up to ``max_retries``); started ones end with
-a ``reader_died`` error frame.
+a ``reader_died`` error frame. A group with no live reader keeps its waiting requests (until their deadline) while
+it *buffers*: it is reserved, or the gateway says so (``holding``: a reader of it is being restarted, or has
+``buffer_requests``); otherwise they fail at once with 503.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class GatewayBroker(abc.ABC):
         self._events: BrokerEvents | None = None
         # told (consumer group, seconds) when a queued request is first given to a reader (for metrics)
         self.queue_time_observer: Callable[[str, float], None] | None = None
+        # asked whether a group without a live reader keeps its waiting requests besides the reserved groups
+        self.holding: Callable[[str], bool] = _holds_nothing
 
     def bind(self, events: BrokerEvents) -> None:
         """Set the receiver of outputs and reader events (once, before ``start``)."""
@@ -110,6 +114,15 @@ class GatewayBroker(abc.ABC):
     def stop_reader(self, reader_id: str, reason: str) -> None:
         """Ask a reader process to exit, after evicting it."""
 
+    def buffers(self, group: str) -> bool:
+        """Whether ``group`` keeps its waiting requests while no reader of it is live (reserved, or ``holding``)."""
+        return group in self.settings.reserved_groups or self.holding(group)
+
+    @abc.abstractmethod
+    def settle(self, group: str) -> None:
+        """``group`` may have stopped buffering (a restart was given up, a reader deleted): if it no longer
+        buffers and no live reader serves it, its waiting requests fail now with 503."""
+
     @abc.abstractmethod
     def queue_depth(self, group: str | None = None) -> int:
         """Requests waiting for a reader, in one group or in all."""
@@ -122,6 +135,12 @@ class GatewayBroker(abc.ABC):
         """``status.reserved_consumers``: this gateway's reserved groups (``own``), plus, on a shared broker,
         those of the other gateways."""
         return own
+
+
+def _holds_nothing(group: str) -> bool:
+    """The default ``holding``: only reserved groups buffer."""
+    del group
+    return False
 
 
 class LinkClosedError(Exception):

@@ -128,6 +128,9 @@ class EmbeddedBroker(GatewayBroker):
             slot.send([StopFrame(reason=reason)])
             self._lose(slot, reason, close_code=1000)
 
+    def settle(self, group: str) -> None:
+        self._fail_orphaned(group)
+
     def queue_depth(self, group: str | None = None) -> int:
         if group is None:
             return self._queued
@@ -236,9 +239,7 @@ class EmbeddedBroker(GatewayBroker):
         self.events.on_reader_lost(slot.reader_id, reason)
 
     def _fail_orphaned(self, group: str) -> None:
-        if group in self.settings.reserved_groups or any(
-            group in slot.groups and slot.accepting for slot in self._readers.values()
-        ):
+        if self.buffers(group) or any(group in slot.groups and slot.accepting for slot in self._readers.values()):
             return
         queue = self._queues.pop(group, deque())
         for job in queue:

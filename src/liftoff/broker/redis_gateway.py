@@ -219,6 +219,10 @@ class RedisBroker(GatewayBroker):
 
         self._op(ops)
 
+    def settle(self, group: str) -> None:
+        del group  # the book settles every group at once
+        self._book.fail_orphans()
+
     def queue_depth(self, group: str | None = None) -> int:
         if group is None:
             return self._book.queued

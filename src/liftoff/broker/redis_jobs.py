@@ -57,6 +57,9 @@ class Hooks(Protocol):
     def live_in(self, group: str) -> bool:
         """Whether a live reader serves ``group``."""
 
+    def buffers(self, group: str) -> bool:
+        """Whether ``group`` keeps its waiting requests while no reader of it is live."""
+
     def observe_queue_time(self, group: str, seconds: float) -> None:
         """A request waited ``seconds`` before a reader took it."""
 
@@ -119,13 +122,13 @@ class JobBook:
             else:
                 job.lost_reader = reader_id
                 self.queue(job)
-        self._fail_orphans()
+        self.fail_orphans()
 
-    def _fail_orphans(self) -> None:
-        """Fail at once the waiting requests of groups no live reader serves (reserved groups keep them)."""
+    def fail_orphans(self) -> None:
+        """Fail at once the waiting requests of groups no live reader serves (groups that buffer keep them)."""
         for job in [job for job in self.jobs.values() if job.queued]:
             group = job.frame.consumer_group
-            if group not in self.settings.reserved_groups and not self.hooks.live_in(group):
+            if not self.hooks.buffers(group) and not self.hooks.live_in(group):
                 self.fail(job, NoReadersAvailableError(f"no live reader is left in consumer group '{group}'"))
 
     def on_claimed(self, claim: ClaimedFrame) -> None:

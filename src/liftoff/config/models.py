@@ -111,6 +111,15 @@ class AppConfig(BaseModel):
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="[Liftoff] On SIGTERM, how long in-flight requests may take to finish."
     )
+    reader_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="[Liftoff] Restarts of a reader the gateway started within reader_restart_window_s; one more "
+        "failure is a crash loop and the reader stays dead. 0 never restarts.",
+    )
+    reader_restart_window_s: float = Field(
+        600.0, gt=0, description="[Liftoff] The window, in seconds, in which reader_max_restarts are counted."
+    )
     broker: str = Field(
         "embedded",
         description="[Liftoff] 'embedded' (readers connect to the internal port) or a Redis URL, "
@@ -233,7 +242,9 @@ class ReaderConfig(BaseModel):
     access_token: str | None = Field(None, description="Token for gated model downloads or API models.")
     log_level: str | None = Field(None, description="Reader log level (default: the gateway's).")
     backend: str | None = Field(None, description="Backend override (echo, llamacpp, transformers, ...).")
-    cuda_visible_devices: str | None = Field(None, description="GPUs visible to this reader, e.g. '0,1'.")
+    cuda_visible_devices: str | None = Field(
+        None, description="GPUs visible to this reader, e.g. '0,1': its process runs with CUDA_VISIBLE_DEVICES set so."
+    )
     max_batch_size: int | None = Field(
         None, ge=1, le=MAX_READER_BATCH, description="Concurrent sequences (continuous) or batch size."
     )
@@ -255,16 +266,28 @@ class ReaderConfig(BaseModel):
     cuda_graph_cache_capacity: int | None = Field(None, ge=0, le=1024, description="CUDA graphs to keep.")
     disable_paged_attention: int | None = Field(None, ge=0, le=1, description="Disable the paged KV cache (0/1).")
     page_cache_size: str | None = Field(None, description="KV page cache size, e.g. '5GB' or '90%'.")
-    buffer_requests: bool | None = Field(None, description="Buffer requests of this reader's groups (Helm).")
+    buffer_requests: bool | None = Field(
+        None,
+        description="While no reader of this reader's groups is live, they buffer requests (as reserved_consumers "
+        "do, up to reserved_buffer_timeout_s) instead of answering 503 (Helm).",
+    )
     prefill_chunk_size: int | None = Field(None, ge=1, le=MAX_SEQUENCE, description="Largest prefill chunk, in tokens.")
     quantize_cache_bits: int | None = Field(None, ge=1, le=16, description="Quantise the KV cache to this width.")
     ssd_cache_size: int | None = Field(None, ge=0, le=1 << 50, description="SSD-backed KV cache size, bytes.")
     constrained_decoding_backend: str | None = Field(None, description="Structured generation engine.")
     lmfe_max_consecutive_whitespaces: int | None = Field(None, ge=0, le=1024, description="lm-format-enforcer setting.")
-    reader_log_as_json: bool | None = Field(None, description="JSON log lines from this reader.")
+    reader_log_as_json: bool | None = Field(
+        None, description="This reader's log lines as JSON (true) or text (false); default: the gateway's log_format."
+    )
     loras: str | None = Field(None, description="LoRA adapters to load (comma-separated).")
     enable_document_processing: bool | None = Field(None, description="Serve /partition_document.")
     assistant_model: str | None = Field(None, description="[Liftoff] Draft model for speculative decoding.")
+    restart_policy: Literal["always", "on-failure", "never"] = Field(
+        "on-failure",
+        description="[Liftoff] When the gateway restarts this reader's process (readers it started): 'on-failure' "
+        "after a crash, a kill or being declared dead; 'always' also after a clean exit nobody asked for; 'never'. "
+        "A model that fails to load is never restarted.",
+    )
     truncate_inputs: bool | None = Field(
         None,
         description="[Liftoff] Embedding/classification inputs longer than the model takes: cut to fit (true, the "

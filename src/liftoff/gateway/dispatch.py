@@ -195,7 +195,6 @@ class Dispatcher:
         self.registry = registry
         self.config = config
         self.metrics = metrics
-        self.reserved = frozenset(config.reserved_groups())
         self.closing = False
         self._routes: dict[str, tuple[Collector, int]] = {}
 
@@ -215,12 +214,15 @@ class Dispatcher:
 
     def _label(self, group: str) -> str:
         """``group`` as a metric label: a name a client made up never becomes a series of its own."""
-        return group if group in self.reserved or self.registry.knows(group) else UNKNOWN_GROUP
+        return group if self.broker.buffers(group) or self.registry.knows(group) else UNKNOWN_GROUP
 
     def _queue_deadline(self, group: str, deadline: float) -> float:
+        """How long a request may wait for a reader: its deadline; while the group has no live reader, up to
+        ``reserved_buffer_timeout_s`` if the group buffers (reserved, a reader of it restarting or with
+        ``buffer_requests``), else it is refused."""
         if self.registry.has_live(group):
             return deadline
-        if group in self.reserved:
+        if self.broker.buffers(group):
             return min(deadline, monotonic() + self.config.reserved_buffer_timeout_s)
         if self.registry.knows(group):
             raise NoReadersAvailableError(

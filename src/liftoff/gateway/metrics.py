@@ -5,15 +5,15 @@ renders them when scraped, through prometheus-client's exposition, under Takeoff
 lists them (``http_requests_total``, ``http_requests_duration_seconds``, ``http_pre_handler_requests_total``,
 ``queue_time``, ``time_to_first_token``, ``generate_tokens``, ``generate_batch_size``, ``user_batch_size``) and
 ``liftoff_*`` names for the rest: requests waiting and running per group, inter-token latency, prompt tokens,
-readers by state, rejections and timeouts. Reader-side figures (batch sizes, steps, batches) come from the running
-totals each reader sends with its heartbeats, so they work for readers on other hosts.
+readers by state, reader restarts, rejections and timeouts. Reader-side figures (batch sizes, steps, batches) come
+from the running totals each reader sends with its heartbeats, so they work for readers on other hosts.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -78,9 +78,11 @@ def _gauge(name: str, documentation: str, labels: Sequence[str], values: Iterabl
 class GatewayMetrics:
     """Every figure of one gateway; the broker and registry are read when scraped."""
 
-    def __init__(self, registry: ReaderRegistry, broker: GatewayBroker) -> None:
+    def __init__(self, registry: ReaderRegistry, broker: GatewayBroker,
+                 restarts: Callable[[], dict[str, int]] | None = None) -> None:  # fmt: skip
         self.readers = registry
         self.broker = broker
+        self.restarts = restarts  # reader id → restarts, of the readers this gateway started
         self.http_requests: dict[Key, float] = defaultdict(float)  # port, path, method, status
         self.http_pre_handler: dict[Key, float] = defaultdict(float)  # port, path
         self.http_duration = Histogram(LATENCY_BUCKETS)  # port, path
@@ -137,6 +139,10 @@ class GatewayMetrics:
                      ("consumer_group",), (((g,), self.broker.in_flight(g)) for g in groups))  # fmt: skip
         yield _gauge("liftoff_readers", "Readers by state.", ("state",),
                      (((state.value,), self.readers.count(state)) for state in ReaderState))  # fmt: skip
+        if self.restarts is not None:
+            counts: dict[Key, float] = {(reader_id,): float(count) for reader_id, count in self.restarts().items()}
+            yield _counter("liftoff_reader_restarts_total", "Times the gateway restarted a reader it started.",
+                           ("reader",), counts)  # fmt: skip
         yield from reader_metrics(self.readers)
 
 

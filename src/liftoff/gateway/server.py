@@ -34,6 +34,7 @@ from liftoff.logs import RequestLog
 from liftoff.management.heartbeats import sweep_forever
 from liftoff.management.manager import ReaderManager
 from liftoff.management.registry import ReaderRegistry
+from liftoff.management.restarts import RestartLimits
 from liftoff.management.supervisor import SpawnSettings, Supervisor
 
 logger = logging.getLogger(__name__)
@@ -140,10 +141,12 @@ class Gateway:
             shutdown_timeout_s=config.shutdown_timeout_s,
         )
         manager_ref: list[ReaderManager] = []
-        self.supervisor = Supervisor(spawn, lambda rid, code: manager_ref[0].on_process_exit(rid, code))
-        manager = ReaderManager(registry, broker, self.supervisor, self.loaded.path, config.shutdown_timeout_s)
+        self.supervisor = Supervisor(spawn, lambda rid, pid, code: manager_ref[0].on_process_exit(rid, pid, code))
+        limits = RestartLimits(max_restarts=config.reader_max_restarts, window_s=config.reader_restart_window_s)
+        manager = ReaderManager(registry, broker, self.supervisor, self.loaded.path, config.shutdown_timeout_s, limits)
         manager_ref.append(manager)
-        metrics = GatewayMetrics(registry, broker) if config.enable_metrics else None
+        broker.holding = manager.healer.holds
+        metrics = GatewayMetrics(registry, broker, manager.healer.restart_counts) if config.enable_metrics else None
         dispatcher = Dispatcher(broker, registry, config, metrics)
         if metrics is not None:
             broker.queue_time_observer = metrics.observe_queue_time

@@ -60,7 +60,7 @@ class BrokerEventRouter:
         self._registry.on_reader_register(frame)
 
     def on_reader_loaded(self, reader_id: str, frame: LoadedFrame) -> None:
-        self._registry.on_reader_loaded(reader_id, frame)
+        self._manager.on_reader_loaded(reader_id, frame)
 
     def on_reader_load_failed(self, reader_id: str, reason: str) -> None:
         self._registry.on_reader_load_failed(reader_id, reason)

@@ -163,8 +163,9 @@ class ReaderRegistry:
         self._touch()
 
     def on_reader_load_failed(self, reader_id: str, reason: str) -> None:
-        """The reader's model failed to load: it is dead, with the reason kept."""
-        self.mark_dead(reader_id, f"model failed to load: {reason}")
+        """The reader's model failed to load: it is dead, with that reason (the best account of its death, even if
+        its process's exit was heard first)."""
+        self.set_dead(reader_id, f"model failed to load: {reason}")
 
     def on_reader_heartbeat(self, reader_id: str, frame: HeartbeatFrame) -> None:
         """Record a heartbeat."""
@@ -190,6 +191,32 @@ class ReaderRegistry:
         log = logger.info if self.closing else logger.warning
         log("reader %s is dead: %s", reader_id, reason)
         record.set_state(ReaderState.DEAD, error=reason)
+        self._touch()
+
+    def set_dead(self, reader_id: str, reason: str) -> None:
+        """Make a reader dead with ``reason``, replacing an earlier one (a fuller account: its process's exit, the
+        restart that is due, the crash loop that ended the restarts)."""
+        record = self.records.get(reader_id)
+        if record is None:
+            return
+        self.mark_dead(reader_id, reason)
+        record.error = reason
+        self._touch()
+
+    def restarting(self, reader_id: str) -> None:
+        """The gateway starts the reader's process again: it is loading, from scratch."""
+        record = self.records.get(reader_id)
+        if record is None:
+            return
+        record.info.pids = []
+        record.capacity = record.active = 0
+        record.progress = 0.0
+        record.notes = []
+        record.stats = {}
+        record.last_seen = monotonic()  # it has its heartbeats' worth of time to register
+        record.last_heartbeat_ms = now_ms()
+        record.error = None
+        record.set_state(ReaderState.LOADING)
         self._touch()
 
     # ---- liveness -----------------------------------------------------------------------------------------------
@@ -221,6 +248,11 @@ class ReaderRegistry:
                 if r.state is ReaderState.LIVE and group in r.info.consumer_groups
             )
         return types
+
+    def buffering(self, group: str) -> bool:
+        """Whether a reader of ``group`` has ``buffer_requests``: the group then keeps requests while no reader
+        of it is live, as a reserved group does."""
+        return any(r.config.buffer_requests and group in r.info.consumer_groups for r in self.records.values())
 
     def knows(self, group: str) -> bool:
         """Whether any reader (in any state) serves ``group``."""

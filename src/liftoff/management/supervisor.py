@@ -3,6 +3,10 @@
 Readers run as ``python -m liftoff reader --supervised`` in their own session, so terminal signals reach only
 the gateway, which stops them in order. A supervised reader also asks the kernel to SIGTERM it if the gateway
 dies (``PR_SET_PDEATHSIG``), and exits when it loses the gateway's link: no orphans.
+
+Every exit is reported (the manager decides about restarts) except those of processes stopped for good: deleted
+readers, and every reader when the gateway shuts down. A reader's ``cuda_visible_devices`` becomes its process's
+``CUDA_VISIBLE_DEVICES``, set before anything in it can load CUDA.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 READER_CONFIG_ENV = "LIFTOFF_READER_CONFIG"
 
-ExitCallback = Callable[[str, int], None]
+ExitCallback = Callable[[str, int, int], None]  # reader id, pid, exit code (negative: killed by that signal)
 
 
 @dataclass
@@ -31,7 +35,7 @@ class _Child:
     reader_id: str
     process: asyncio.subprocess.Process
     watcher: asyncio.Task[None] | None = None
-    stopping: bool = False
+    final: bool = False  # stopped for good (deleted, gateway shutdown): its exit is not reported
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class Supervisor:
         env = dict(os.environ)
         env[READER_CONFIG_ENV] = json.dumps(config.manifest_dict())
         env["PYTHONUNBUFFERED"] = "1"
+        if config.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
         command = [
             sys.executable, "-m", "liftoff", "reader",
             "--reader-id", reader_id,
@@ -96,18 +102,30 @@ class Supervisor:
         code = await child.process.wait()
         if self._children.get(child.reader_id) is child:
             del self._children[child.reader_id]
-        if not child.stopping:
+        if not child.final:
             logger.warning("reader %s (pid %d) exited with code %d", child.reader_id, child.process.pid, code)
-            self._on_exit(child.reader_id, code)
+            self._on_exit(child.reader_id, child.process.pid, code)
 
-    async def stop(self, reader_id: str, grace_s: float) -> None:
-        """Stop one reader: SIGTERM, then SIGKILL after ``grace_s`` seconds."""
+    async def wait_exit(self, reader_id: str, within_s: float) -> bool:
+        """Wait up to ``within_s`` seconds for a reader's process to exit; whether it has (or there is none)."""
+        child = self._children.get(reader_id)
+        if child is None or child.process.returncode is not None:
+            return True
+        try:
+            await asyncio.wait_for(child.process.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, reader_id: str, grace_s: float, *, final: bool = True) -> None:
+        """Stop one reader: SIGTERM, then SIGKILL after ``grace_s`` seconds. ``final``: for good (its exit is not
+        reported); otherwise its exit is reported like any other (a reader declared dead, to be restarted)."""
         child = self._children.get(reader_id)
         if child is not None:
-            await self._stop_child(child, grace_s)
+            await self._stop_child(child, grace_s, final=final)
 
-    async def _stop_child(self, child: _Child, grace_s: float) -> None:
-        child.stopping = True
+    async def _stop_child(self, child: _Child, grace_s: float, *, final: bool = True) -> None:
+        child.final = child.final or final
         process = child.process
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -130,6 +148,6 @@ class Supervisor:
     def kill_all(self) -> None:
         """SIGKILL every reader process now (forced exit)."""
         for child in self._children.values():
-            child.stopping = True
+            child.final = True
             with contextlib.suppress(ProcessLookupError):
                 child.process.kill()

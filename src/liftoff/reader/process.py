@@ -6,7 +6,8 @@ OpenMP thread pool belongs to the first thread that computes with it and lives a
 while it lives a second thread's pool runs about half as fast (SmolLM2 on 2 cores: 54 against 30 ms per decode
 step), so an executor thread that stayed alive after loading would slow every step of the engine.
 
-A supervised reader (spawned by ``liftoff serve``) exits when its gateway goes away; a headless reader
+A supervised reader (spawned by ``liftoff serve``) exits when its gateway's link closes (with
+``EXIT_GATEWAY_LOST`` unless it was asked to stop, so that its gateway knows to restart it); a headless reader
 reconnects with backoff. SIGTERM drains: the reader takes no new work, finishes what it has (up to
 ``shutdown_timeout_s``), then exits.
 """
@@ -32,6 +33,7 @@ from liftoff.config.models import ReaderConfig
 from liftoff.core import ids
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import InvalidRequestError
+from liftoff.core.exits import EXIT_CLEAN, EXIT_GATEWAY_LOST, EXIT_LOAD_FAILED
 from liftoff.core.frames import (
     AbortFrame,
     DrainFrame,
@@ -156,6 +158,7 @@ class ReaderProcess:
                 except LinkClosedError as exc:
                     if self.options.supervised and link.tied_to_gateway and load_task is not None:
                         logger.error("lost the gateway: %s", exc)
+                        self._lost_gateway()
                         break
                     logger.warning("%s; retrying in %.1f s", exc, backoff)
                     await self._sleep_unless_stopped(backoff)
@@ -166,10 +169,17 @@ class ReaderProcess:
                     load_task = asyncio.create_task(self._load(), name="liftoff-load")
                 await self._session(link, welcome)
                 if self.options.supervised and link.tied_to_gateway:
+                    self._lost_gateway()
                     break
         finally:
             await self._cleanup(load_task)
-        return self._exit_code or 0
+        return self._exit_code or EXIT_CLEAN
+
+    def _lost_gateway(self) -> None:
+        """A supervised reader leaves with its gateway's link: a failure (its gateway restarts it), unless it was
+        asked to stop."""
+        if not self._stop.is_set() and self._exit_code is None:
+            self._exit_code = EXIT_GATEWAY_LOST
 
     def request_stop(self, reason: str) -> None:
         """Begin a graceful stop (signal handler)."""
@@ -230,7 +240,7 @@ class ReaderProcess:
             logger.error("reader %s: loading %s failed: %s", self.options.reader_id, config.model_name, reason)
             if self._link is not None:
                 self._link.send([LoadFailedFrame(reason=reason)])
-            self._exit_code = 1
+            self._exit_code = EXIT_LOAD_FAILED
             self.request_stop("the model failed to load")
             return
         notes = backend.notes()

@@ -1,7 +1,8 @@
 """The management API (port 3001): status, reader groups, create and delete readers, reader configs.
 
 ``GET /status`` matches Takeoff's schema field for field (takeoff-spec §2.2.1); ``GET /reader/{id}`` is a
-Liftoff extension that shows a reader's state, the reason it died and the options its backend ignores.
+Liftoff extension that shows a reader's state, the reason it died, the options its backend ignores and its
+restarts.
 ``GET /metrics`` is the Prometheus exposition (:mod:`liftoff.gateway.metrics`).
 """
 
@@ -73,8 +74,9 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/reader/{reader_id}", responses={404: ERROR_RESPONSES[404]})
 async def reader_detail(request: Request, reader_id: str) -> Response:
-    """[Liftoff] One reader in detail: state, error (why it is dead), notes (ignored options), config."""
-    record = get_state(request).registry.get(reader_id)
+    """[Liftoff] One reader in detail: state, error (why it is dead), notes (ignored options), restarts, config."""
+    state = get_state(request)
+    record = state.registry.get(reader_id)
     if record is None:
         raise NotFoundError(f"reader {reader_id!r} does not exist", param="reader_id")
-    return json_response(record.detail())
+    return json_response({**record.detail(), **state.manager.healer.view(reader_id)})
