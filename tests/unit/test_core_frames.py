@@ -162,3 +162,29 @@ def test_gateway_decoder_refuses_reader_frames() -> None:
 def test_garbage_is_refused() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_reader_frames(b"\xc1not msgpack")
+
+
+def test_a_frame_that_cannot_be_encoded_costs_only_its_own_request() -> None:
+    from liftoff.core.frames import ErrorFrame, FinalFrame, HeartbeatFrame, TokenFrame, encode_frames
+
+    good = TokenFrame(request_id="a", seq=0, text="fine")
+    bad = TokenFrame(request_id="b", seq=3, text="lone \ud800 surrogate")
+    huge = FinalFrame(request_id="c", seq=1, finish_reason="stop", prompt_tokens=1 << 70)
+    stats = HeartbeatFrame(timestamp_ms=1, stats={"x": 1.0}, active=1 << 70)  # no request: dropped
+    frames = decode_reader_frames(encode_frames([good, bad, huge, stats, good]))
+    assert frames[0] == good
+    assert frames[-1] == good
+    errors = [frame for frame in frames if isinstance(frame, ErrorFrame)]
+    assert [(error.request_id, error.seq, error.error_type) for error in errors] == [
+        ("b", 3, "internal_error"),
+        ("c", 1, "internal_error"),
+    ]
+    assert "could not be encoded" in errors[0].message
+    assert len(frames) == 4
+
+
+def test_frames_encoded_ahead_travel_with_the_others() -> None:
+    from liftoff.core.frames import TokenFrame, encode_frame, encode_frames
+
+    first, second = TokenFrame(request_id="a", seq=0, text="x"), TokenFrame(request_id="a", seq=1, text="y")
+    assert decode_reader_frames(encode_frames([encode_frame(first), second])) == [first, second]

@@ -159,3 +159,56 @@ def test_openai_renderer_statuses_and_types(exc: LiftoffError, status: int, kind
     error = body["error"]
     assert isinstance(error, dict)
     assert (error["type"], error["code"], error["param"]) == (kind, exc.error_type, None)
+
+
+def ranged_error(body: bytes, model: type = GenerateRequest) -> LiftoffError:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate_json(body)
+    return from_validation_error(info.value, model)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"text": "x", "max_new_tokens": 18446744073709551621}',
+         "max_new_tokens is 18446744073709551621; allowed: from 1 to 1048576"),
+        (b'{"text": "x", "sampling_topp": 0}', "sampling_topp is 0; allowed: more than 0 to 1"),
+        (b'{"text": "x", "repetition_penalty": 1000}', "repetition_penalty is 1000; allowed: more than 0 to 100"),
+        (b'{"text": "x", "sampling_temperature": NaN}', "sampling_temperature must be a finite number (from 0 to 100)"),
+        (b'{"text": "x", "max_new_tokens": 1' + b"0" * 60 + b"}", "max_new_tokens is 1" + "0" * 36 + "..."),
+    ],
+)  # fmt: skip
+def test_values_out_of_range_are_400s_naming_the_field_and_the_range(body: bytes, message: str) -> None:
+    error = ranged_error(body)
+    assert type(error) is InvalidRequestError
+    assert error.status == 400
+    assert message in error.message
+    assert error.param == error.message.split(" ")[0]
+
+
+def test_unknown_fields_are_400s_naming_them_and_what_the_body_takes() -> None:
+    error = ranged_error(b'{"text": "x", "max_new_token": 3}')
+    assert type(error) is InvalidRequestError
+    assert error.message.startswith("max_new_token is not a field this endpoint knows; leave it out (this body takes:")
+    assert "max_new_tokens" in error.message
+    assert error.param == "max_new_token"
+
+
+def test_a_type_error_beside_a_range_error_is_still_a_422() -> None:
+    error = ranged_error(b'{"text": "x", "max_new_tokens": "ten", "sampling_topp": 1.5}')
+    assert isinstance(error, ValidationFailedError)
+
+
+def test_a_long_stop_string_is_a_range_error_not_the_other_union_members_type() -> None:
+    from liftoff.protocol.openai import CompletionRequest
+
+    body = b'{"model": "m", "prompt": "p", "stop": ["' + b"x" * 2000 + b'"]}'
+    error = ranged_error(body, CompletionRequest)
+    assert type(error) is InvalidRequestError
+    assert error.message == "stop.0: string should have at most 1024 characters"
+
+
+def test_overloaded_answers_carry_retry_after() -> None:
+    assert render_native(OverloadedError("full")).headers["retry-after"] == "1"
+    assert render_openai(OverloadedError("full")).headers["retry-after"] == "1"
+    assert "retry-after" not in render_native(NotFoundError("no")).headers

@@ -39,7 +39,7 @@ class Frames:
             return list(self._items)
 
     def of(self, request_id: str) -> list[Any]:
-        return [frame for frame in self.all() if frame.request_id == request_id]
+        return [frame for frame in self.all() if getattr(frame, "request_id", None) == request_id]
 
     def wait(self, predicate: Callable[[list[Any]], bool], timeout: float = 5.0) -> list[Any]:
         with self._cond:
@@ -51,7 +51,7 @@ class Frames:
         """Wait for the last frame (final or error) of a request."""
 
         def ended(items: list[Any]) -> bool:
-            return any(f.request_id == request_id and isinstance(f, FinalFrame | ErrorFrame) for f in items)
+            return any(isinstance(f, FinalFrame | ErrorFrame) and f.request_id == request_id for f in items)
 
         self.wait(ended, timeout)
         return next(f for f in self.of(request_id) if isinstance(f, FinalFrame | ErrorFrame))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from liftoff.core.frames import FinalFrame
@@ -103,3 +105,34 @@ def test_engine_running_counts_ride_on_every_token_frame(start_engine: StartEngi
     engine.submit(request("plain", "one two"))
     frames.wait_final("plain")
     assert {(token.prompt_tokens, token.completion_tokens) for token in frames.tokens("plain")} == {(0, 0)}
+
+
+def _oracle(stops: tuple[str, ...], text: str) -> tuple[str, bool]:
+    """What a stream must release: the text before the stop string that is completed first (the longest, when
+    several end at the same character), or all of it."""
+    ends = [(index + len(stop), -len(stop)) for stop in stops if stop and (index := text.find(stop)) >= 0]
+    if not ends:
+        return text, False
+    end, minus_length = min(ends)
+    first_end = min(text.find(stop) + len(stop) for stop in stops if stop and stop in text)
+    assert end == first_end
+    return text[: end + minus_length], True
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_scanner_matches_the_oracle_on_random_streams(seed: int) -> None:
+    rng = random.Random(seed)
+    stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4)))
+    text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+    pieces = [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    released, hit, _ = scan(stops, pieces)
+    assert (released, hit) == _oracle(stops, text), (stops, pieces)
+
+
+def test_a_long_stop_string_costs_the_length_of_the_text_only() -> None:
+    stop = "x" * 100_000 + "!"
+    scanner = StopScanner((stop,))
+    for _ in range(1000):  # each piece would rescan the whole held tail with the old scanner
+        assert scanner.feed("x" * 100) == ("", False)
+    assert scanner.feed("!") == ("", True)

@@ -36,6 +36,7 @@ Logits = npt.NDArray[np.float32]
 Wide = npt.NDArray[np.float64]  # probabilities are computed in float64
 
 MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (as vLLM does): the division would overflow
+_HUGE_LOGIT = 1e30  # an infinite logit becomes this: the most likely token, and no overflow in the softmax
 FAILED = -1  # the token :func:`sample` gives a row whose choice failed (its state keeps the exception)
 
 
@@ -187,7 +188,7 @@ def _draw(row: Logits, state: SamplerState) -> int:
     """A token drawn from ``row`` (temperature, top-k and top-p applied), in float64 and from finite logits only;
     the most likely token when nothing finite is left."""
     params = state.params
-    scaled = np.nan_to_num(row.astype(np.float64) / params.temperature, nan=-np.inf, posinf=np.finfo(np.float64).max)
+    scaled = np.nan_to_num(row.astype(np.float64) / params.temperature, nan=-np.inf, posinf=_HUGE_LOGIT)
     kept = _top_k_top_p(scaled, params.top_k, params.top_p)
     if not np.isfinite(kept).any():
         return int(np.argmax(np.nan_to_num(row, nan=-np.inf)))

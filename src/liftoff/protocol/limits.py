@@ -51,7 +51,14 @@ def describe_range(metadata: list[Any]) -> str | None:
     if low is None and high is None:
         return None
     if high is None:
-        return f"{'more than' if low_open else 'at least'} {low}"
+        return f"{'more than' if low_open else 'at least'} {_number(low)}"
     if low is None:
-        return f"{'less than' if high_open else 'at most'} {high}"
-    return f"{'more than ' if low_open else 'from '}{low} to {high}{' (excluded)' if high_open else ''}"
+        return f"{'less than' if high_open else 'at most'} {_number(high)}"
+    return (
+        f"{'more than ' if low_open else 'from '}{_number(low)} to {_number(high)}{' (excluded)' if high_open else ''}"
+    )
+
+
+def _number(value: Any) -> str:
+    """``100`` for 100.0: bounds read as the documentation writes them."""
+    return f"{value:g}" if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else str(value)
