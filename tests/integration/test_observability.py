@@ -81,7 +81,8 @@ def test_rejections_and_timeouts_are_counted(server: Any) -> None:
     slow = server.generate("a b c d e f g h i j", consumer_group="slow", min_new_tokens=50, max_new_tokens=50)
     assert slow.status_code == 504
     samples = scrape(server)
-    assert value(samples, "liftoff_rejections_total", consumer_group="nowhere", reason="not_found") >= 1
+    assert value(samples, "liftoff_rejections_total", consumer_group="unknown", reason="not_found") >= 1
+    assert value(samples, "liftoff_rejections_total", consumer_group="nowhere", reason="not_found") == 0
     assert value(samples, "liftoff_timeouts_total", consumer_group="slow") >= 1
 
 

@@ -73,7 +73,7 @@ def test_generate_with_a_json_schema_buffered_and_streamed(server: Any) -> None:
 
 def test_constrained_and_plain_requests_served_together(server: Any) -> None:
     sampled = {"use_chat_template": True, "max_new_tokens": 120, "sampling_temperature": 1.0, "sampling_topk": 0}
-    bodies = [{**sampled, "json_schema": CITY, "seed": seed} for seed in range(3)] + [{**sampled, "seed": 9}]
+    bodies = [{**sampled, "json_schema": CITY} for _ in range(3)] + [sampled]  # the native API has no seed
 
     def ask(body: dict[str, Any]) -> dict[str, Any]:
         response = server.generate(QUESTION, return_metadata=True, **body)
