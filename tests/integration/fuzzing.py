@@ -258,24 +258,49 @@ def unresolvable(document: dict[str, Any]) -> list[str]:
     return missing
 
 
-def hoist_defs(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` with the ``$defs`` that pydantic leaves inside request bodies moved to ``components/schemas``
-    and their ``#/$defs/X`` references rewritten, so that those bodies are fuzzed while the document is wrong
-    (``test_references_resolve`` reports it)."""
+def _hoist_defs(node: Any, schemas: dict[str, Any]) -> Any:
+    """``node`` with its ``$defs`` moved into ``schemas`` and ``#/$defs/X`` references pointed there."""
+    if isinstance(node, list):
+        return [_hoist_defs(item, schemas) for item in node]
+    if not isinstance(node, dict):
+        return node
+    schemas.update({name: _hoist_defs(value, schemas) for name, value in node.pop("$defs", {}).items()})
+    return {key: (value.replace("#/$defs/", "#/components/schemas/") if key == "$ref" and isinstance(value, str)
+                  else _hoist_defs(value, schemas)) for key, value in node.items()}  # fmt: skip
+
+
+def _without_prefix_items(node: Any) -> Any:
+    """``node`` with every ``prefixItems`` dropped (the array keeps its other constraints)."""
+    if isinstance(node, list):
+        return [_without_prefix_items(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: _without_prefix_items(value) for key, value in node.items() if key != "prefixItems"}
+
+
+def repaired(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` put right where it stops the fuzzer, so that every operation is fuzzed anyway:
+
+    - the ``$defs`` that pydantic leaves inside request bodies move to ``components/schemas`` (a Liftoff bug that
+      ``test_references_resolve`` reports: their ``#/$defs/X`` references do not resolve);
+    - response schemas lose their ``prefixItems`` (Snowflake's ``[row, result]`` pairs): schemathesis 4.32 turns
+      them into draft-4 ``items`` lists and then rejects its own result as an invalid schema (its bug, not ours).
+    """
     document = json.loads(json.dumps(document))
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            schemas.update({name: walk(value) for name, value in node.pop("$defs", {}).items()})
-            return {key: (value.replace("#/$defs/", "#/components/schemas/") if key == "$ref" and isinstance(value, str)
-                          else walk(value)) for key, value in node.items()}  # fmt: skip
-        if isinstance(node, list):
-            return [walk(item) for item in node]
-        return node
-
-    document["paths"] = walk(document["paths"])
+    document["paths"] = _hoist_defs(document["paths"], schemas)
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            operation["responses"] = _without_prefix_items(operation.get("responses", {}))
+    for name in {ref.rsplit("/", 1)[-1] for ref in _response_refs(document)}:
+        schemas[name] = _without_prefix_items(schemas[name])
     return document
+
+
+def _response_refs(document: dict[str, Any]) -> Iterator[str]:
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            yield from (ref for ref in references(operation.get("responses", {})) if ref.startswith("#/components/"))
 
 
 READER_LINKS = {
@@ -356,6 +381,12 @@ def _is_hang(event: Any) -> bool:
     return isinstance(event.value, requests.Timeout)
 
 
+STOPPED = (
+    "no answer: the rest was not run. The request that broke the server may be an earlier one that was "
+    "answered: the server log says when a reader died"
+)
+
+
 def run_stateless(schema: Any) -> list[Finding]:
     """Run the examples, coverage and fuzzing phases on every operation of ``schema``; the distinct findings
     (schemathesis's own notion of distinct failures: same operation, same kind, same key facts). The run stops
@@ -376,7 +407,7 @@ def run_stateless(schema: Any) -> list[Finding]:
                                             info.code_sample or ""))  # fmt: skip
             if _is_hang(event):
                 stream.finish()
-                return [*found.values(), Finding(event.label, "run stopped", "no answer: the rest was not run", "")]
+                return [*found.values(), Finding(event.label, "run stopped", STOPPED, "")]
         elif isinstance(event, events.FatalError):
             raise event.exception
     never = [label for label in _labels(schema) if label not in called]
