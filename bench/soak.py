@@ -240,8 +240,9 @@ def report(result: dict[str, Any]) -> list[str]:
         f"Requests: {result['requests']:,} in {result['elapsed_s']:.0f} s = "
         f"{result['requests_per_s']:.2f} requests/s; unexpected errors: {result['unexpected_total']} {verdict}",
     ]
-    lines += [f"- {count} x {key} (e.g. {result['unexpected_samples'].get(key, '')!r})"
-              for key, count in result["unexpected"].items()]  # fmt: skip
+    for key, count in sorted(result["unexpected"].items(), key=lambda item: -item[1]):
+        sample = result["unexpected_samples"].get(key)
+        lines.append(f"- {count} x {key}" + (f" (e.g. {sample!r})" if sample else ""))
     lines += [
         f"- generations unlike the first answer to the same prompt (not an error): {result['differing_generations']}"
     ]
