@@ -33,7 +33,7 @@ import schemathesis
 from hypothesis import settings
 
 from tests.helpers import LiftoffServer, echo_reader
-from tests.integration import fuzzing
+from tests.integration import fuzz_documents, fuzzing
 
 # Hypothesis warns when it renders a huge generated body (the fuzzer's big strings); with warnings as errors that
 # warning would end the operation's run as if the server had failed.
@@ -83,12 +83,12 @@ def _document(server: LiftoffServer, key: str) -> dict[str, Any]:
 def test_references_resolve(server: LiftoffServer, key: str) -> None:
     """Every ``$ref`` points into the document (clients generated from it, and the fuzzer, need that; the fuzz
     tests below repair the document to get on)."""
-    assert fuzzing.unresolvable(_document(server, key)) == []
+    assert fuzz_documents.unresolvable(_document(server, key)) == []
 
 
 def _schema(server: LiftoffServer, key: str) -> Any:
     """One port's OpenAPI document, loaded from the running server, with the hooks of ``fuzzing``."""
-    document = fuzzing.repaired(_document(server, key))
+    document = fuzz_documents.repaired(_document(server, key))
     schema = schemathesis.openapi.from_dict(document, config=fuzzing.config(server.url(key)))
     fuzzing.install_hooks(schema, _groups(server), sorted(server.readers()))
     schema.hook("after_call")(fuzzing.delete_created_reader(server.mgmt))
@@ -123,7 +123,7 @@ def configured_readers_only(server: LiftoffServer) -> Iterator[set[str]]:
 
 def test_management_stateful(server: LiftoffServer, configured_readers_only: set[str]) -> None:
     """Create, read, configure and delete readers in fuzzed sequences (see the module docstring)."""
-    document = fuzzing.with_reader_links(server.http.get(server.mgmt + "/openapi.json").json())
+    document = fuzz_documents.with_reader_links(server.http.get(server.mgmt + "/openapi.json").json())
     schema = schemathesis.openapi.from_dict(document, config=fuzzing.config(server.mgmt, stateful=True))
     fuzzing.install_hooks(schema, [FUZZ_GROUP], sorted(server.readers()))
     schema.hook("map_body")(fuzzing.echo_reader_body(FUZZ_GROUP))
