@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
+# What a client may send as consumer_group (the field holds the parsed list).
+_GROUPS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 MAX_READER_BATCH = 1024  # max_batch_size of one reader
 MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
 
@@ -219,8 +221,8 @@ def _split_groups(value: Any) -> Any:
     if isinstance(value, str):
         groups = [group.strip() for group in value.split(",") if group.strip()]
         return groups or ["primary"]
-    if isinstance(value, list | tuple):
-        groups = [str(group).strip() for group in value if str(group).strip()]
+    if isinstance(value, list | tuple) and all(isinstance(group, str) for group in value):
+        groups = [group.strip() for group in value if group.strip()]
         return groups or ["primary"]
     return value
 
@@ -232,7 +234,7 @@ class ReaderConfig(BaseModel):
 
     model_name: str = Field(..., min_length=1, description="Local path, bundled alias, or Hugging Face id.")
     device: Literal["cpu", "cuda", "api"] = Field(..., description="Where the model runs.")
-    consumer_group: list[str] = Field(
+    consumer_group: Annotated[list[str], WithJsonSchema(_GROUPS_SCHEMA)] = Field(
         default_factory=lambda: ["primary"],
         validation_alias=AliasChoices("consumer_group", "consumer_groups"),
         description="Consumer group(s) to serve: a name, a comma-separated list, or a YAML list.",

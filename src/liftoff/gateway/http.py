@@ -10,7 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -31,16 +31,35 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 
 def json_body(model: type[BaseModel]) -> dict[str, object]:
     """``openapi_extra`` documenting a JSON body that a handler parses itself (with :func:`read_model`)."""
-    schema = model.model_json_schema()
+    schema = inline_definitions(model.model_json_schema())
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def read_model(request: Request, model: type[M]) -> M:
+def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with every ``#/$defs/...`` reference replaced by its definition: inside an OpenAPI document such a
+    reference would be read from the document's root, where nothing is (the models have no cycles)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+async def read_model(request: Request, model: type[M], *, strict: bool | None = None) -> M:
     """Parse and validate the JSON body; invalid JSON, an unknown field or a value out of range is a 400, a wrong
-    shape a 422 naming each field."""
+    shape a 422 naming each field. ``strict`` makes a lax model (one that also reads config files) strict here."""
     body = await request.body()
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, strict=strict)
     except ValidationError as exc:
         raise from_validation_error(exc, model) from None
 

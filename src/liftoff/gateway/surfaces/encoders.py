@@ -31,6 +31,7 @@ from liftoff.protocol.native import (
     RerankRequest,
     RerankResponse,
 )
+from liftoff.protocol.openai import ERROR_RESPONSES as OPENAI_ERRORS
 
 router = APIRouter(tags=["inference"])
 openai_router = APIRouter(tags=["rerank"])
@@ -99,6 +100,8 @@ async def rerank(request: Request) -> Response:
                           "usage": usage, "meta": {"billed_units": {"search_units": 1}}})  # fmt: skip
 
 
-for _router, _path in ((router, "/rerank"), (openai_router, "/v1/rerank"), (openai_router, "/v2/rerank")):
+_RERANK_ROUTES = ((router, "/rerank", ERROR_RESPONSES), (openai_router, "/v1/rerank", OPENAI_ERRORS),
+                  (openai_router, "/v2/rerank", OPENAI_ERRORS))  # fmt: skip
+for _router, _path, _errors in _RERANK_ROUTES:
     _router.add_api_route(_path, rerank, methods=["POST"], summary="Rerank", response_model=RerankResponse,
-                          responses=ERROR_RESPONSES, openapi_extra=json_body(RerankRequest))  # fmt: skip
+                          responses=_errors, openapi_extra=json_body(RerankRequest))  # fmt: skip

@@ -44,7 +44,15 @@ def _reached(registry: ReaderRegistry, state: str) -> bool:
     return live > 0 if state == "live" else live + registry.count(ReaderState.LOADING) > 0
 
 
-@router.get("/healthz")
+# Documented without a body schema: the body is in the shape of the port's errors (OpenAI's on the OpenAI port).
+_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"description": "`wait` is not a duration"},
+    422: {"description": "`state` is neither live nor loading"},
+    503: {"description": "No reader has reached the state (the body is the same as the 200's)"},
+}
+
+
+@router.get("/healthz", responses=_RESPONSES)
 @router.get("/health", include_in_schema=False)
 async def healthz(
     request: Request,
