@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from liftoff import __version__
+from liftoff.config.access import SECRET_FIELDS
 from liftoff.config.loader import ConfigError, LoadedConfig, load_config
 from liftoff.config.models import LEGACY_SERVER_KEYS, AppConfig, ReaderConfig
 from liftoff.logs import setup_logging
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run a gateway and the readers of its configuration.")
     serve.add_argument("--config", help="config.yaml with a 'takeoff:' key (or TAKEOFF_CONFIG_PATH).")
     legacy = {"max_batch_size", "batch_duration_millis", *LEGACY_SERVER_KEYS}
-    _add_model_flags(serve, AppConfig, legacy, "server")
+    _add_model_flags(serve, AppConfig, legacy | SECRET_FIELDS, "server")  # secrets: never on a command line
     _add_reader_flags(serve)
 
     reader = commands.add_parser("reader", help="Run one reader that joins a running gateway.")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from liftoff.config.access import SECRET_FIELDS, with_key_files
 from liftoff.config.manifest import ManifestError, read_manifest
 from liftoff.config.models import LEGACY_SERVER_KEYS, AppConfig, ReaderConfig
 
@@ -56,7 +57,8 @@ def _format_errors(exc: ValidationError, section: str, sources: Mapping[str, str
         loc = ".".join(str(part) for part in error["loc"])
         where = sources.get(str(error["loc"][0]), "") if error["loc"] else ""
         shown = f"{section}.{loc}" if loc else section
-        value = f" (got {error['input']!r}{' from ' + where if where else ''})" if loc else ""
+        got = "a secret" if error["loc"] and error["loc"][0] in SECRET_FIELDS else repr(error["input"])
+        value = f" (got {got}{' from ' + where if where else ''})" if loc else ""
         lines.append(f"{shown}: {error['msg']}{value}")
     return "invalid configuration: " + "; ".join(lines)
 
@@ -146,6 +148,10 @@ def _load_server(
         # collide: its listener takes a free port unless sagemaker_port is set.
         data["sagemaker_port"] = 0
         sources["sagemaker_port"] = f"a free port, as {VERTEX_ENV['vertex_port']} is set (Vertex AI)"
+    try:
+        data = with_key_files(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: server_config.{exc}") from None
     return _validate(AppConfig, data, "server_config", sources)
 
 
