@@ -137,3 +137,10 @@ def test_secrets_have_no_command_line_flags() -> None:
     assert "--api-keys-file" in help_text
     for flag in ("--api-keys ", "--management-api-keys ", "--reader-secret "):
         assert flag not in help_text
+
+
+def test_a_misspelt_secret_is_not_shown_either(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        server({}, tmp_path, "takeoff:\n  server_config:\n    api_key: my-precious-secret-value\n")
+    assert "server_config.api_key: Extra inputs are not permitted (got a secret" in str(info.value)
+    assert "my-precious" not in str(info.value)

@@ -51,13 +51,18 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def looks_secret(name: str) -> bool:
+    """Whether a key's value must not be shown: a secret, or a key named like one (a misspelt ``api_key``)."""
+    return name in SECRET_FIELDS or any(word in name.lower() for word in ("key", "secret", "password", "token"))
+
+
 def _format_errors(exc: ValidationError, section: str, sources: Mapping[str, str]) -> str:
     lines = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"])
         where = sources.get(str(error["loc"][0]), "") if error["loc"] else ""
         shown = f"{section}.{loc}" if loc else section
-        got = "a secret" if error["loc"] and error["loc"][0] in SECRET_FIELDS else repr(error["input"])
+        got = "a secret" if error["loc"] and looks_secret(str(error["loc"][0])) else repr(error["input"])
         value = f" (got {got}{' from ' + where if where else ''})" if loc else ""
         lines.append(f"{shown}: {error['msg']}{value}")
     return "invalid configuration: " + "; ".join(lines)
