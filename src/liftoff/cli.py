@@ -35,6 +35,8 @@ _READER_FLAG_EXCLUDE = {"log_level", "backend_options", "consumer_group"}
 
 
 def _scalar_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...):
+        return str  # a comma-separated list (allowed_hosts, allowed_models)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         return args[0] if len(args) == 1 else None

@@ -135,6 +135,7 @@ def test_secrets_have_no_command_line_flags() -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     assert "--management-host" in help_text
     assert "--api-keys-file" in help_text
+    assert "--allowed-hosts" in help_text  # a comma-separated list
     for flag in ("--api-keys ", "--management-api-keys ", "--reader-secret "):
         assert flag not in help_text
 
