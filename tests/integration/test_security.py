@@ -265,3 +265,26 @@ def test_headless_readers_join_with_the_secret_only(server: LiftoffServer, tmp_p
             process.send_signal(signal.SIGTERM)
             process.wait(20)
     assert server.http.delete(server.mgmt + "/reader/headless-ok").status_code == 204
+
+
+def test_dead_registrations_are_pruned_and_the_gateways_own_readers_kept(liftoff: Any, tmp_path: Path) -> None:
+    short = {**KEYED, "dead_reader_retention_s": 1, "reader_load_timeout_s": 2}
+    gateway = liftoff(readers={"own": echo_reader(crash_after_ms=300, restart_policy="never")}, server=short)
+    gateway.start(wait="loading")
+    stuck = _headless(gateway, tmp_path / "stuck.log", "stuck", "--backend-options", '{"load_delay_ms": 60000}',
+                      TAKEOFF_READER_SECRET=READER_SECRET)  # fmt: skip
+    gone = _headless(gateway, tmp_path / "gone.log", "gone", TAKEOFF_READER_SECRET=READER_SECRET)
+    try:
+        wait_until(lambda: "gone" in gateway.readers(), what="the headless reader to be live")
+        gone.kill()
+        gone.wait(10)
+        wait_until(lambda: "gone" in gateway.readers("dead"), what="the killed reader to be dead")
+        wait_until(lambda: "gone" not in json.dumps(gateway.status()), timeout=15, what="it to be forgotten")
+        wait_until(lambda: "stuck" not in json.dumps(gateway.status()), timeout=20, what="the stuck one dropped")
+        assert "own" in gateway.readers("dead")  # crashed, not restarted: kept, with why, until it is deleted
+        assert "still loading after" in gateway.log()
+    finally:
+        for process in (stuck, gone):
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)

@@ -1,5 +1,5 @@
 """``liftoff.management.prune``: readers this gateway did not start are forgotten when dead too long and dropped
-when loading too long; its own readers stay until they are deleted."""
+when loading too long (stopped); its own readers stay until they are deleted."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def test_dead_and_stuck_registrations_are_pruned_others_kept() -> None:
     record(registry, "ours-dead-long", ReaderState.DEAD, 10_000, managed=True)
     record(registry, "ours-loading-long", ReaderState.LOADING, 10_000, managed=True)
     forgotten: list[tuple[str, str]] = []
-    evicted: list[tuple[str, str]] = []
-    acted = prune_once(registry, AFTER, lambda *args: forgotten.append(args), lambda *args: evicted.append(args))
+    stopped: list[tuple[str, str]] = []
+    acted = prune_once(registry, AFTER, lambda *args: forgotten.append(args), lambda *args: stopped.append(args))
     assert acted == ["dead-long", "loading-long"]
     assert forgotten == [("dead-long", "dead for 61 s (dead_reader_retention_s)")]
-    assert evicted == [("loading-long", "still loading after 601 s (reader_load_timeout_s)")]
+    assert stopped == [("loading-long", "still loading after 601 s (reader_load_timeout_s)")]
     assert registry.records["loading-long"].state is ReaderState.DEAD  # then forgotten as a dead one
-    assert registry.records["loading-long"].error == evicted[0][1]
+    assert registry.records["loading-long"].error == stopped[0][1]

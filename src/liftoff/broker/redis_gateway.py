@@ -221,6 +221,11 @@ class RedisBroker(GatewayBroker):
 
         self._op(ops)
 
+    def forget_reader(self, reader_id: str) -> None:
+        """Remove a dead reader from the shared registry (no stop frame: its process is gone, or cut off)."""
+        self._mirror.seen.pop(reader_id, None)
+        self._op(lambda pipe: (pipe.srem(READERS, reader_id), pipe.delete(reader_key(reader_id))))
+
     def settle(self, group: str) -> None:
         del group  # the book settles every group at once
         self._book.fail_orphans()

@@ -133,7 +133,7 @@ class AccessSettings(BaseModel):
         3600.0,
         gt=0,
         description="[Liftoff] A reader this gateway did not start that is still loading after this long is "
-        "dropped (then forgotten as a dead one).",
+        "stopped (then forgotten as a dead one).",
     )
 
     @field_validator("api_keys", "management_api_keys", "allowed_hosts", "allowed_models", mode="before")

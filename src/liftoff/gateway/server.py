@@ -219,7 +219,7 @@ class Gateway:
         )
         after = PruneAfter(self.config.dead_reader_retention_s, self.config.reader_load_timeout_s)
         pruner = asyncio.create_task(
-            prune_forever(state.registry, after, state.manager.forget_dead, state.broker.evict_reader)
+            prune_forever(state.registry, after, state.manager.forget_dead, state.broker.stop_reader)
         )
         for reader_id, reader_config in self.loaded.readers.items():
             await state.manager.create(reader_config, reader_id)

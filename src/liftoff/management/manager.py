@@ -116,7 +116,7 @@ class ReaderManager:
         if record is None or record.managed:
             return
         logger.info("forgetting reader %s: %s", reader_id, reason)
-        self.broker.stop_reader(reader_id, reason)
+        self.broker.forget_reader(reader_id)
         self.registry.remove(reader_id)
 
     def config_of(self, reader_id: str) -> ReaderConfig:

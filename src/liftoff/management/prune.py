@@ -1,6 +1,7 @@
 """Pruning: readers this gateway did not start (headless ones, or another gateway's on a shared broker) are
-forgotten when they have been dead for ``dead_reader_retention_s``, and dropped when they are still loading after
-``reader_load_timeout_s``.
+forgotten when they have been dead for ``dead_reader_retention_s``, and stopped when they are still loading after
+``reader_load_timeout_s`` (a stop, not a mere disconnect, which a headless reader would answer by registering
+again at once: it exits, and whatever runs it decides whether it starts again).
 
 Without this, every registration that ever happened would stay in ``/status`` and in memory: a reader that was
 killed, or one that connected and never loaded. The readers this gateway started stay until they are deleted, as
@@ -32,8 +33,8 @@ class PruneAfter:
 
 
 def prune_once(registry: ReaderRegistry, after: PruneAfter, forget: Callable[[str, str], None],
-               evict: Callable[[str, str], None], now: int | None = None) -> list[str]:  # fmt: skip
-    """Forget readers dead too long and evict those loading too long; return the ids acted on."""
+               stop: Callable[[str, str], None], now: int | None = None) -> list[str]:  # fmt: skip
+    """Forget readers dead too long and stop those loading too long; return the ids acted on."""
     now = now_ms() if now is None else now
     acted = []
     for record in list(registry.records.values()):
@@ -46,14 +47,14 @@ def prune_once(registry: ReaderRegistry, after: PruneAfter, forget: Callable[[st
         elif record.state is ReaderState.LOADING and age_s > after.loading_s:
             reason = f"still loading after {age_s:.0f} s (reader_load_timeout_s)"
             registry.mark_dead(record.reader_id, reason)
-            evict(record.reader_id, reason)
+            stop(record.reader_id, reason)
             acted.append(record.reader_id)
     return acted
 
 
 async def prune_forever(registry: ReaderRegistry, after: PruneAfter, forget: Callable[[str, str], None],
-                        evict: Callable[[str, str], None]) -> None:  # fmt: skip
+                        stop: Callable[[str, str], None]) -> None:  # fmt: skip
     """Run :func:`prune_once` every few seconds until cancelled."""
     while True:
         await asyncio.sleep(min(PRUNE_EVERY_S, after.dead_s, after.loading_s))
-        prune_once(registry, after, forget, evict)
+        prune_once(registry, after, forget, stop)
