@@ -40,6 +40,7 @@ def basic(user: str, password: str) -> str:
         ((("authorization", basic(KEY, "")),), KEY),  # http://KEY@host
         ((("authorization", "Basic not-base64!"),), None),
         ((("authorization", "Digest abc"),), None),
+        ((("authorization", basic("proxy", "its-own")), ("x-api-key", KEY)), KEY),  # a proxy's credentials
         ((), None),
     ],
 )

@@ -42,18 +42,21 @@ def digest(key: str | bytes) -> bytes:
 
 
 def presented_key(scope: Scope) -> bytes | None:
-    """The key a request carries (``Authorization: Bearer``/``Basic``, or ``X-API-Key``), or None."""
+    """The key a request carries: ``X-API-Key`` (which a proxy's own ``Authorization`` cannot shadow), else
+    ``Authorization: Bearer`` or ``Basic``; None when there is none."""
+    authorization = None
     for name, value in scope["headers"]:
         if name == b"x-api-key":
             return bytes(value).strip()
         if name == b"authorization":
-            scheme, _, credentials = bytes(value).strip().partition(b" ")
-            scheme = scheme.lower()
-            if scheme == b"bearer":
-                return credentials.strip()
-            if scheme == b"basic":
-                return _basic_key(credentials.strip())
-    return None
+            authorization = bytes(value).strip()
+    if authorization is None:
+        return None
+    scheme, _, credentials = authorization.partition(b" ")
+    scheme = scheme.lower()
+    if scheme == b"bearer":
+        return credentials.strip()
+    return _basic_key(credentials.strip()) if scheme == b"basic" else None
 
 
 def _basic_key(credentials: bytes) -> bytes | None:

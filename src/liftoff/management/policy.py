@@ -45,7 +45,8 @@ def check_new_reader(config: ReaderConfig, limits: ReaderLimits, running: int) -
     """Refuse (400, naming the setting) a reader ``POST /reader`` may not start while ``running`` readers run."""
     if running >= limits.max_readers:
         raise InvalidRequestError(
-            f"this gateway already runs {running} readers (max_readers is {limits.max_readers}); delete one first"
+            f"this gateway already has {running} readers (max_readers is {limits.max_readers}; dead ones count "
+            "until they are deleted); delete one first"
         )
     _check_sizes(config, limits)
     check_model(config, limits)
