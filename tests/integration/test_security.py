@@ -288,3 +288,15 @@ def test_dead_registrations_are_pruned_and_the_gateways_own_readers_kept(liftoff
             if process.poll() is None:
                 process.kill()
             process.wait(10)
+
+
+def test_liftoff_status_sends_the_management_key_from_the_environment(server: LiftoffServer) -> None:
+    command = [sys.executable, "-m", "liftoff", "status", "--url", server.mgmt]
+    keyed = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "TAKEOFF_MANAGEMENT_API_KEYS": MANAGEMENT_KEY})  # fmt: skip
+    assert keyed.returncode == 0, keyed.stderr
+    assert "r1" in keyed.stdout
+    bare = {key: value for key, value in os.environ.items() if not key.startswith("TAKEOFF_MANAGEMENT_API_KEYS")}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=30, env=bare)
+    assert refused.returncode == 1
+    assert "answered 401" in refused.stderr
