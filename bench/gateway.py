@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -288,6 +289,8 @@ def liftoff_config(ports: dict[str, int], workdir: Path, args: argparse.Namespac
     if args.paced_token_delay_ms > 0:
         readers[PACED_GROUP] = echo(args.paced_token_delay_ms, consumer_group=PACED_GROUP)
     server_config = {**ports, "host": HOST, "repository_path": str(workdir / "artefacts"), "shutdown_timeout_s": 10}
+    if getattr(args, "api_key", None):
+        server_config["api_keys"] = args.api_key  # the inference ports check it on every request
     return {"takeoff": {"server_config": server_config, "readers_config": readers}}
 
 
@@ -389,6 +392,7 @@ class Phase:
     cpu_groups: dict[str, list[int]]
     same_body: bool = True  # JSON answers must all equal the first (off where floats may differ in the last bit)
     extra_ports: tuple[int, ...] = ()  # more servers of the same app: the clients are spread over all the ports
+    api_key: str = ""  # sent as "Authorization: Bearer" (--api-key), to the peer too, so both parse the same bytes
 
     def client_ports(self) -> list[int]:
         """The port of each client: round robin over ``port`` and ``extra_ports``."""
@@ -397,8 +401,9 @@ class Phase:
 
     def request(self, port: int | None = None) -> bytes:
         body = json.dumps(self.payload, separators=(",", ":")).encode()
+        auth = f"\r\nAuthorization: Bearer {self.api_key}" if self.api_key else ""
         head = (f"POST {self.path} HTTP/1.1\r\nHost: {HOST}:{port or self.port}\r\nContent-Type: application/json"
-                f"\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+                f"{auth}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
         return head.encode() + body
 
 
@@ -865,6 +870,8 @@ def phases(args: argparse.Namespace, liftoff: Managed, lift_port: int, minimal: 
         paced = {**long, "consumer_group": PACED_GROUP}
         plan.append(Phase("liftoff_paced_stream", "Liftoff paced /generate_stream", lift_port, "/generate_stream",
                           paced, args.paced_concurrency, args.stream_tokens, lift_cpu))  # fmt: skip
+    if args.api_key:
+        plan = [dataclasses.replace(phase, api_key=args.api_key) for phase in plan]
     return plan
 
 
@@ -888,7 +895,8 @@ def terminate_on_sigterm() -> Iterator[None]:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Start the servers, run the phases, stop the servers; return results and metadata."""
-    meta = run_meta(readers=args.readers, batch_size=args.batch_size, paced_token_delay_ms=args.paced_token_delay_ms)
+    meta = run_meta(readers=args.readers, batch_size=args.batch_size, paced_token_delay_ms=args.paced_token_delay_ms,
+                    api_keys=bool(args.api_key))  # fmt: skip
     settings = Settings(args.warmup, args.duration, args.request_timeout)
     with tempfile.TemporaryDirectory(prefix="liftoff-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -930,6 +938,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paced-concurrency", type=int, default=64, help="Clients of the paced stream phase (64).")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="An answer later than this is an error.")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
+    parser.add_argument(
+        "--api-key",
+        default="",
+        help="Give the Liftoff gateway this api_keys entry and send it with every request (to the peer too): the "
+        "cost of checking a key. Default: no keys.",
+    )
     parser.add_argument(
         "--broker",
         choices=("embedded", "redis"),

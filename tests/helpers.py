@@ -36,6 +36,25 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+class PortKeys(httpx.Auth):
+    """Send each port the key it needs (``Authorization: Bearer``), as a client of a keyed gateway would."""
+
+    def __init__(self, by_port: dict[int, str]) -> None:
+        self.by_port = by_port
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        key = self.by_port.get(request.url.port or 0)
+        if key is not None and "authorization" not in request.headers:
+            request.headers["Authorization"] = f"Bearer {key}"
+        yield request
+
+
+def first_key(value: Any) -> str | None:
+    """The first key of a ``server_config`` keys value (a comma-separated string or a list), or None."""
+    keys = value.split(",") if isinstance(value, str) else list(value or [])
+    return str(keys[0]).strip() if keys else None
+
+
 _ECHO_OPTIONS = ("load_delay_ms", "fail_load", "crash_after_ms")
 
 
@@ -128,8 +147,16 @@ class LiftoffServer:
                 self.args += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = workdir / "liftoff.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(timeout=30)
+        self.http = httpx.Client(timeout=30, auth=PortKeys(self.keys_by_port()))
         self.seen_pids: set[int] = set()
+
+    def keys_by_port(self) -> dict[int, str]:
+        """The key of each port of a gateway with ``api_keys`` or ``management_api_keys`` (none without)."""
+        inference = first_key(self.server_config.get("api_keys"))
+        management = first_key(self.server_config.get("management_api_keys"))
+        keys = {port: inference for key, port in self.ports.items() if key not in ("management_port", "internal_port")}
+        keys[self.ports["management_port"]] = management  # type: ignore[assignment]
+        return {port: key for port, key in keys.items() if key}
 
     # ---- addresses ----------------------------------------------------------------------------------------------
 

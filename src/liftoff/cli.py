@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from liftoff import __version__
+from liftoff.config.access import SECRET_FIELDS
 from liftoff.config.loader import ConfigError, LoadedConfig, load_config
 from liftoff.config.models import LEGACY_SERVER_KEYS, AppConfig, ReaderConfig
 from liftoff.logs import setup_logging
@@ -34,6 +35,8 @@ _READER_FLAG_EXCLUDE = {"log_level", "backend_options", "consumer_group"}
 
 
 def _scalar_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...):
+        return str  # a comma-separated list (allowed_hosts, allowed_models)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         return args[0] if len(args) == 1 else None
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run a gateway and the readers of its configuration.")
     serve.add_argument("--config", help="config.yaml with a 'takeoff:' key (or TAKEOFF_CONFIG_PATH).")
     legacy = {"max_batch_size", "batch_duration_millis", *LEGACY_SERVER_KEYS}
-    _add_model_flags(serve, AppConfig, legacy, "server")
+    _add_model_flags(serve, AppConfig, legacy | SECRET_FIELDS, "server")  # secrets: never on a command line
     _add_reader_flags(serve)
 
     reader = commands.add_parser("reader", help="Run one reader that joins a running gateway.")
@@ -92,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         "without it the reader connects to a gateway (--gateway).",
     )
     reader.add_argument("--reader-id", help="Reader id (default TAKEOFF_READER_ID, or a new uuid).")
+    reader.add_argument(
+        "--reader-secret-file",
+        help="A file holding the gateway's reader_secret (default: TAKEOFF_READER_SECRET, TAKEOFF_READER_SECRET_FILE "
+        "or the manifest's server_config).",
+    )
     reader.add_argument("--config", help="Read this reader's options from readers_config.<reader-id> of a manifest.")
     reader.add_argument("--supervised", action="store_true", help="Spawned by a gateway: exit with it.")
     reader.add_argument("--log-level", default=os.environ.get("TAKEOFF_LOG_LEVEL", "INFO"))
@@ -173,18 +181,31 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | None, str]:
-    """The reader's id and configuration, the gateway host it joins, and the broker of the configuration."""
+class ReaderSetup(typing.NamedTuple):
+    """What a reader process needs to know before it starts."""
+
+    reader_id: str
+    config: ReaderConfig
+    gateway_ip: str | None  # the gateway host it joins (embedded broker), from its configuration
+    broker: str  # the broker of the configuration: "embedded" or a Redis URL
+    secret: str | None  # the gateway's reader_secret
+
+
+def _reader_config(args: argparse.Namespace) -> ReaderSetup:
+    """The reader's id and configuration, the gateway host it joins, the broker and the reader secret."""
     from liftoff.management.supervisor import READER_CONFIG_ENV
 
     raw = os.environ.get(READER_CONFIG_ENV)
-    if raw:
-        return args.reader_id, ReaderConfig.model_validate(json.loads(raw)), None, "embedded"
+    if raw:  # spawned by a gateway: everything is in the environment it was given
+        config = ReaderConfig.model_validate(json.loads(raw))
+        broker = os.environ.get("TAKEOFF_BROKER") or "embedded"
+        return ReaderSetup(args.reader_id, config, None, broker, os.environ.get("TAKEOFF_READER_SECRET") or None)
     loaded = _load(args)
     broker = loaded.server.broker  # server_config.broker, TAKEOFF_BROKER or TAKEOFF_REDIS_HOST/PORT
+    secret = loaded.server.reader_secret  # reader_secret(_file) of the manifest, or TAKEOFF_READER_SECRET(_FILE)
     if args.reader_id and args.reader_id in loaded.readers:
         config = loaded.readers[args.reader_id]
-        return args.reader_id, config, config.internal_gateway_ip, broker
+        return ReaderSetup(args.reader_id, config, config.internal_gateway_ip, broker, secret)
     if len(loaded.readers) != 1:
         known = ", ".join(loaded.readers) or "none"
         print(  # noqa: T201
@@ -194,7 +215,20 @@ def _reader_config(args: argparse.Namespace) -> tuple[str, ReaderConfig, str | N
         )
         sys.exit(2)
     reader_id, config = next(iter(loaded.readers.items()))
-    return args.reader_id or reader_id, config, config.internal_gateway_ip, broker
+    return ReaderSetup(args.reader_id or reader_id, config, config.internal_gateway_ip, broker, secret)
+
+
+def _secret_from_file(path: str) -> str:
+    """The reader secret in ``path`` (its first non-empty line)."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        print(f"liftoff reader: cannot read --reader-secret-file {path}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        sys.exit(2)
+    if not lines:
+        print(f"liftoff reader: --reader-secret-file {path} is empty", file=sys.stderr)  # noqa: T201
+        sys.exit(2)
+    return lines[0]
 
 
 def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
@@ -239,7 +273,9 @@ def apply_cuda_visible_devices(config: ReaderConfig, reader_id: str) -> None:
 
 
 def _reader(args: argparse.Namespace) -> int:
-    reader_id, config, gateway_ip, configured_broker = _reader_config(args)
+    reader_id, config, gateway_ip, configured_broker, secret = _reader_config(args)
+    if args.reader_secret_file:
+        secret = _secret_from_file(args.reader_secret_file)
     setup_logging(config.log_level or args.log_level, _reader_log_format(config, args.log_format),
                   role=f"reader {reader_id}")  # fmt: skip
     apply_cuda_visible_devices(config, reader_id)
@@ -273,7 +309,7 @@ def _reader(args: argparse.Namespace) -> int:
 
         code = _run(ReaderProcess(options, lambda: RedisReaderLink(broker)).run())
     else:
-        code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address)).run())
+        code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address, secret)).run())
     logging.shutdown()
     # A model load still running on a worker thread must not keep the process alive.
     os._exit(code)

@@ -1,15 +1,20 @@
 """``liftoff status``: the readers of a running gateway as a table on the terminal (the web UI's Readers page).
 
 It reads the management ``GET /status`` (and, for loading readers, ``GET /reader/{id}`` for their progress) with
-the standard library only, so it works from any machine that reaches the management port.
+the standard library only, so it works from any machine that reaches the management port. A gateway with
+``management_api_keys`` is sent one: the first of ``TAKEOFF_MANAGEMENT_API_KEYS`` or of the file
+``TAKEOFF_MANAGEMENT_API_KEYS_FILE`` names (the gateway's own variables, so the same environment serves both).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 COLUMNS = ("READER", "STATE", "GROUPS", "MODEL", "TYPE", "DEVICE", "PIDS", "HEARTBEAT")
@@ -19,10 +24,23 @@ class StatusError(Exception):
     """The gateway could not be asked (not running, wrong address, an error answer)."""
 
 
-def fetch(url: str, timeout: float = 5.0) -> Any:
-    """The JSON answer of ``GET url``."""
+def management_key(env: Mapping[str, str]) -> str | None:
+    """The key to send: the first of ``TAKEOFF_MANAGEMENT_API_KEYS``, else of the file its ``_FILE`` names."""
+    keys = [key.strip() for key in env.get("TAKEOFF_MANAGEMENT_API_KEYS", "").split(",") if key.strip()]
+    path = env.get("TAKEOFF_MANAGEMENT_API_KEYS_FILE")
+    if not keys and path:
+        try:
+            keys = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise StatusError(f"cannot read TAKEOFF_MANAGEMENT_API_KEYS_FILE {path}: {exc.strerror}") from None
+    return keys[0] if keys else None
+
+
+def fetch(url: str, timeout: float = 5.0, key: str | None = None) -> Any:
+    """The JSON answer of ``GET url`` (sent with ``key`` as a bearer token, if any)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise StatusError(f"{url} answered {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None
@@ -62,14 +80,15 @@ def render(table: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def status_text(base: str) -> str:
+def status_text(base: str, env: Mapping[str, str] | None = None) -> str:
     """The readers table of the gateway whose management API is at ``base`` (``http://host:3001``)."""
     base = base.rstrip("/")
-    status = fetch(f"{base}/status")
+    key = management_key(os.environ if env is None else env)
+    status = fetch(f"{base}/status", key=key)
     progress: dict[str, float] = {}
     for reader_id in status["status"].get("loading_readers", {}):
         try:
-            progress[reader_id] = float(fetch(f"{base}/reader/{reader_id}")["loading_progress"])
+            progress[reader_id] = float(fetch(f"{base}/reader/{reader_id}", key=key)["loading_progress"])
         except (StatusError, KeyError, TypeError, ValueError):
             continue
     return render(rows(status, progress, int(time.time() * 1000)))

@@ -174,6 +174,7 @@ def test_readers_show_errors_and_why_a_reader_died(page: Page, server: LiftoffSe
     expect(page.locator("#add-result")).to_contain_text("backend_options must be a JSON object")
 
     add_reader(page, "broken", '{"fail_load": "no such weights"}')
+    expect(page.locator("#add-result")).to_contain_text("added to broken")  # the answer is in: the reader exists
     (reader_id,) = reader_ids(server, "broken")
     row = page.locator(f"tr[data-reader='{reader_id}']")
     expect(row).to_have_attribute("data-state", "dead")

@@ -126,7 +126,7 @@ def test_a_full_queue_answers_429_with_retry_after(server: Any) -> None:
 
 def test_slow_headers_get_a_408_and_the_connection_closes(server: Any) -> None:
     with socket.create_connection(("127.0.0.1", server.ports["port"]), timeout=10) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # and no more
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
         answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"header_timeout_s" in answer
@@ -134,7 +134,8 @@ def test_slow_headers_get_a_408_and_the_connection_closes(server: Any) -> None:
 
 def test_slow_bodies_get_a_408(server: Any) -> None:
     with socket.create_connection(("127.0.0.1", server.ports["port"]), timeout=10) as sock:
-        head = b"POST /generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        head = (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"content-length: 100\r\n\r\n")  # fmt: skip
         sock.sendall(head + b'{"text": ')
         answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer

@@ -132,7 +132,8 @@ def test_two_readers_share_a_group(liftoff: Any) -> None:
 
 
 def test_unknown_model_is_dead_with_advice(liftoff: Any) -> None:
-    server = liftoff(env={"HF_HUB_OFFLINE": "1"}).start(wait=None)
+    server = liftoff(env={"HF_HUB_OFFLINE": "1"}, server={"allowed_models": ["nobody/*"], "allow_downloads": True})
+    server.start(wait=None)
     created = server.http.post(server.mgmt + "/reader", json={"model_name": "nobody/nothing", "device": "cpu"})
     reader_id = created.json()["reader_id"]
     wait_until(lambda: reader_id in server.readers("dead"), what="the reader without a model to be dead")

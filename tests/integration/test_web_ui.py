@@ -60,6 +60,7 @@ def test_ui_config_names_the_ports(server: LiftoffServer) -> None:
     ports = {"inference" if key == "port" else key.removesuffix("_port"): port for key, port in server.ports.items()}
     assert body["ports"] == ports
     assert body["enable_metrics"] is True
+    assert body["keys"] == {"inference": False, "management": False}
 
 
 def test_the_gateway_pages_may_call_the_other_ports(server: LiftoffServer) -> None:

@@ -103,3 +103,10 @@ def test_checkpoint_kind_from_the_files(tmp_path: Path) -> None:
     assert checkpoint_kind(make("cls", ["BertForSequenceClassification"], modules=True)) == "CLASSIFICATION"
     assert checkpoint_kind(make("none", [])) == "CAUSAL"
     assert checkpoint_kind(tmp_path / "missing") == "CAUSAL"
+
+
+def test_the_bundled_aliases_the_management_api_allows_are_the_bundled_models() -> None:
+    from liftoff.backends.resolve import BUNDLED
+    from liftoff.config.models import BUNDLED_ALIASES
+
+    assert set(BUNDLED) == set(BUNDLED_ALIASES)

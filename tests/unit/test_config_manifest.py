@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -9,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-from ruamel.yaml.representer import RepresenterError
 
 from liftoff.config.loader import load_config
 from liftoff.config.manifest import ManifestError, add_reader, read_manifest, remove_reader
@@ -47,7 +48,8 @@ def parsed(path: Path) -> dict[str, Any]:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(entry.name for entry in directory.iterdir() if entry.name != "config.yaml")
+    """Files beside the manifest other than it and its lock file."""
+    return sorted(entry.name for entry in directory.iterdir() if entry.name not in ("config.yaml", ".config.yaml.lock"))
 
 
 def test_add_reader_keeps_comments_and_other_keys(path: Path) -> None:
@@ -135,7 +137,7 @@ def test_write_is_a_rename_of_a_complete_sibling_file(path: Path, monkeypatch: p
 
 
 def test_failed_write_leaves_file_untouched_and_no_temp_files(path: Path) -> None:
-    with pytest.raises(RepresenterError, match="cannot represent"):
+    with pytest.raises(ManifestError, match="cannot be written as YAML"):
         add_reader(path, "bad", {"model_name": object()})
     assert path.read_text(encoding="utf-8") == SOURCE
     assert leftovers(path.parent) == []
@@ -204,3 +206,63 @@ def test_empty_manifest_is_a_manifest_error(tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(ManifestError):
         add_reader(empty, "r", {"model_name": "echo", "device": "cpu"})
+
+
+def test_the_new_file_and_its_directory_reach_the_disk_before_and_after_the_rename(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    add_reader(path, "r2", {"model_name": "echo", "device": "cpu"})
+    assert events == ["fsync file", "rename", "fsync dir"]
+
+
+def test_a_file_that_cannot_be_renamed_over_is_an_error_not_a_rewrite_in_place(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def busy(src: Any, dst: Any) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(os, "replace", busy)  # what a file bind-mounted on its own answers
+    with pytest.raises(ManifestError, match="mount the directory"):
+        add_reader(path, "r2", {"model_name": "echo", "device": "cpu"})
+    assert path.read_text(encoding="utf-8") == SOURCE
+    assert leftovers(path.parent) == []
+
+
+def test_a_manifest_that_is_not_yaml_any_more_is_a_manifest_error(path: Path) -> None:
+    path.write_text("takeoff: {unclosed\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        add_reader(path, "r2", {"model_name": "echo", "device": "cpu"})
+    assert path.read_text(encoding="utf-8") == "takeoff: {unclosed\n"
+
+
+def _writer(path: str, prefix: str, count: int) -> None:
+    for index in range(count):
+        add_reader(Path(path), f"{prefix}{index}", {"model_name": "echo", "device": "cpu"})
+        if index % 2:
+            remove_reader(Path(path), f"{prefix}{index}")
+
+
+def test_processes_writing_at_once_lose_nothing(path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_writer, args=(str(path), prefix, 12)) for prefix in ("a", "b", "c")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    expected = {"r1"} | {f"{prefix}{index}" for prefix in "abc" for index in range(0, 12, 2)}
+    assert set(parsed(path)["takeoff"]["readers_config"]) == expected
+    assert leftovers(path.parent) == []

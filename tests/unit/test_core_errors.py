@@ -22,6 +22,8 @@ from liftoff.core.errors import (
     RequestTimeoutError,
     ShuttingDownError,
     SlowClientError,
+    UnauthorizedError,
+    UnknownHostError,
     ValidationFailedError,
     error_from_type,
 )
@@ -32,6 +34,8 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     ValidationFailedError: ("validation_error", 422),
     ContextLengthExceededError: ("context_length_exceeded", 400),
     ForbiddenError: ("forbidden", 403),
+    UnauthorizedError: ("unauthorized", 401),
+    UnknownHostError: ("unknown_host", 400),
     NotFoundError: ("not_found", 404),
     PayloadTooLargeError: ("payload_too_large", 413),
     SlowClientError: ("request_timeout", 408),
@@ -106,5 +110,10 @@ def test_param_is_kept() -> None:
 
 def test_hierarchy() -> None:
     assert issubclass(ContextLengthExceededError, InvalidRequestError)
+    assert issubclass(UnknownHostError, InvalidRequestError)
     for cls in EXPECTED:
         assert issubclass(cls, Exception)
+
+
+def test_unauthorized_asks_for_a_bearer_key() -> None:
+    assert UnauthorizedError("no key").headers() == {"WWW-Authenticate": 'Bearer realm="liftoff"'}

@@ -114,6 +114,10 @@ class GatewayBroker(abc.ABC):
     def stop_reader(self, reader_id: str, reason: str) -> None:
         """Ask a reader process to exit, after evicting it."""
 
+    def forget_reader(self, reader_id: str) -> None:
+        """A dead reader is forgotten (pruned): drop what the broker still keeps of it (nothing, unless shared)."""
+        del reader_id
+
     def buffers(self, group: str) -> bool:
         """Whether ``group`` keeps its waiting requests while no reader of it is live (reserved, or ``holding``)."""
         return group in self.settings.reserved_groups or self.holding(group)

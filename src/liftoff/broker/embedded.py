@@ -4,6 +4,10 @@ Readers connect to the internal port (``/reader``), register, and receive :class
 capacity (plus a small prefetch); they pull more by finishing work. Requests of a consumer group go to the ready
 reader of that group with the most free slots, so load balances across readers. One background task expires
 queued requests at their deadline and evicts readers that went silent with requests in flight.
+
+Who may connect is decided before this module sees the connection (the internal port's key check:
+``reader_secret``). The capacity a reader declares is capped at the largest ``max_batch_size`` (a reader that
+claimed more would be handed other readers' share of the queue).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import heapq
 import logging
 from collections import deque
 
+import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker
 from liftoff.broker.embedded_state import Job, ReaderSlot
+from liftoff.config.models import MAX_READER_BATCH
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
     LiftoffError,
@@ -367,7 +373,11 @@ class EmbeddedBroker(GatewayBroker):
             outputs.append(frame)
 
     def _on_loaded(self, slot: ReaderSlot, frame: LoadedFrame) -> None:
-        slot.capacity = frame.capacity
+        if frame.capacity > MAX_READER_BATCH:
+            logger.warning("reader %s declared a capacity of %d; it gets %d (the largest max_batch_size)",
+                           slot.reader_id, frame.capacity, MAX_READER_BATCH)  # fmt: skip
+            frame = msgspec.structs.replace(frame, capacity=MAX_READER_BATCH)
+        slot.capacity = max(0, frame.capacity)
         slot.ready = True
         self.events.on_reader_loaded(slot.reader_id, frame)
         self._pump(slot)

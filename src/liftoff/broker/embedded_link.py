@@ -1,6 +1,7 @@
 """The reader's half of the embedded broker: a WebSocket client to the gateway's internal port.
 
-Frames handed to :meth:`EmbeddedReaderLink.send` from the same loop iteration go out in one message.
+Frames handed to :meth:`EmbeddedReaderLink.send` from the same loop iteration go out in one message. A gateway
+with a ``reader_secret`` accepts the handshake only with it (``Authorization: Bearer``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.core.frames import GatewayFrame, RegisterFrame, WelcomeFrame, decode_gateway_frames, encode_frames
@@ -35,8 +36,9 @@ def gateway_url(address: str) -> str:
 class EmbeddedReaderLink(ReaderLink):
     """A reader's connection to one gateway."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: str | None = None) -> None:
         self.url = gateway_url(address)
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._conn: ClientConnection | None = None
         self._outbox: list[Any] = []
         self._wake = asyncio.Event()
@@ -45,7 +47,16 @@ class EmbeddedReaderLink(ReaderLink):
 
     async def connect(self, register: RegisterFrame) -> WelcomeFrame:
         try:
-            self._conn = await connect(self.url, max_size=MAX_MESSAGE_BYTES, open_timeout=10, compression=None)
+            self._conn = await connect(self.url, max_size=MAX_MESSAGE_BYTES, open_timeout=10, compression=None,
+                                       additional_headers=self._headers)  # fmt: skip
+        except InvalidStatus as exc:
+            if exc.response.status_code != 401:
+                raise LinkClosedError(f"the gateway at {self.url} refused the connection: {exc}") from exc
+            given = "a reader_secret it does not accept" if self._headers else "no reader_secret"
+            raise LinkClosedError(
+                f"the gateway at {self.url} requires its reader_secret and this reader presented {given}: set "
+                "TAKEOFF_READER_SECRET or --reader-secret-file"
+            ) from exc
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise LinkClosedError(f"cannot reach the gateway at {self.url}: {exc}") from exc
         self._outbox = []

@@ -46,6 +46,7 @@ from liftoff.broker.redis_common import (
 )
 from liftoff.broker.redis_jobs import JobBook, RedisJob
 from liftoff.broker.redis_registry import RegistryMirror, snapshot
+from liftoff.config.access import redact_url
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
     BrokerUnavailableError,
@@ -76,6 +77,7 @@ class RedisBroker(GatewayBroker):
     def __init__(self, settings: BrokerSettings, url: str, max_memory: int = 0) -> None:
         super().__init__(settings)
         self.url = url
+        self.shown = redact_url(url)  # for logs: never Redis' password
         self.max_memory = max_memory
         self._client: aioredis.Redis | None = None
         self._up = False
@@ -99,11 +101,11 @@ class RedisBroker(GatewayBroker):
         try:
             await self._announce()
         except LOST as exc:
-            logger.warning("Redis at %s is unreachable (%s); requests get 503 until it is back", self.url,
+            logger.warning("Redis at %s is unreachable (%s); requests get 503 until it is back", self.shown,
                            describe(exc))  # fmt: skip
         else:
             self._up = True
-            logger.info("redis broker: connected to %s (gateway %s)", self.url, self.settings.gateway_id)
+            logger.info("redis broker: connected to %s (gateway %s)", self.shown, self.settings.gateway_id)
         for name, loop in (("writer", self._write_forever), ("replies", self._read_replies_forever),
                            ("poll", self._poll_forever), ("sweep", self._sweep_forever)):  # fmt: skip
             self._tasks.append(asyncio.create_task(self._keep_running(loop), name=f"liftoff-redis-{name}"))
@@ -164,7 +166,7 @@ class RedisBroker(GatewayBroker):
     def submit(self, frame: RequestFrame, queue_deadline: float) -> None:
         book = self._book
         if not self._up:
-            raise BrokerUnavailableError(f"the broker (Redis at {self.url}) is unreachable; try again shortly")
+            raise BrokerUnavailableError("the broker (Redis) is unreachable; try again shortly")
         if book.queued >= self.settings.max_queued_requests:
             raise OverloadedError(f"{book.queued} requests are already waiting (max_queued_requests); try again later")
         job = RedisJob(frame=frame, deadline=queue_deadline)
@@ -218,6 +220,11 @@ class RedisBroker(GatewayBroker):
             pipe.delete(reader_key(reader_id))
 
         self._op(ops)
+
+    def forget_reader(self, reader_id: str) -> None:
+        """Remove a dead reader from the shared registry (no stop frame: its process is gone, or cut off)."""
+        self._mirror.seen.pop(reader_id, None)
+        self._op(lambda pipe: (pipe.srem(READERS, reader_id), pipe.delete(reader_key(reader_id))))
 
     def settle(self, group: str) -> None:
         del group  # the book settles every group at once
@@ -329,7 +336,7 @@ class RedisBroker(GatewayBroker):
         if not self._up or self._closing:
             return
         self._up = False
-        logger.error("lost Redis at %s (%s): failing %d requests in flight, reconnecting", self.url,
+        logger.error("lost Redis at %s (%s): failing %d requests in flight, reconnecting", self.shown,
                      describe(exc), len(self._book.jobs))  # fmt: skip
         error = BrokerUnavailableError(f"the connection to the broker (Redis) was lost: {describe(exc)}")
         for job in list(self._book.jobs.values()):
@@ -353,7 +360,7 @@ class RedisBroker(GatewayBroker):
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             self._up = True
-            logger.info("reconnected to Redis at %s", self.url)
+            logger.info("reconnected to Redis at %s", self.shown)
 
     async def _poll_forever(self) -> None:
         settings = self.settings

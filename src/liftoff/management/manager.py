@@ -1,8 +1,12 @@
 """Orchestration behind the management API: create and delete readers, and keep the manifest in step.
 
-Creating a reader registers it as loading, spawns its process and writes it into ``config.yaml`` (when a
-manifest is in use). Deleting one evicts it from the broker (unstarted requests go elsewhere), forgets it,
-stops its process and removes it from the manifest. Readers that fail are restarted by the :class:`Healer`.
+``POST /reader`` (:meth:`ReaderManager.create_from_api`) first checks what it may start (management/policy.py:
+a 400 and nothing started), then writes the reader into ``config.yaml`` (when a manifest is in use; a write that
+fails is the client's error and nothing is started), then registers it as loading and spawns its process (if
+that fails, the manifest entry is taken back). ``DELETE /reader/{id}`` takes the reader out of the manifest
+first (if that fails, the reader keeps running and the client is told), then evicts it from the broker
+(unstarted requests go elsewhere), forgets it and stops its process. One lock orders these changes, so that
+concurrent calls cannot pass ``max_readers`` together. Readers that fail are restarted by the :class:`Healer`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from liftoff.broker.base import GatewayBroker
 from liftoff.config import manifest
 from liftoff.config.manifest import ManifestError
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import InvalidRequestError, NotFoundError
+from liftoff.core.errors import InvalidRequestError, LiftoffError, NotFoundError
 from liftoff.core.frames import LoadedFrame
 from liftoff.core.ids import new_reader_id
 from liftoff.core.types import ReaderState
 from liftoff.management.healer import Healer
+from liftoff.management.policy import ReaderLimits, check_new_reader
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
 from liftoff.management.restarts import RestartLimits
 from liftoff.management.supervisor import Supervisor
@@ -38,6 +43,7 @@ class ReaderManager:
         manifest_path: Path | None,
         stop_timeout_s: float,
         limits: RestartLimits | None = None,
+        reader_limits: ReaderLimits | None = None,
     ) -> None:
         self.registry = registry
         self.broker = broker
@@ -45,9 +51,33 @@ class ReaderManager:
         self.manifest_path = manifest_path
         self.stop_timeout_s = stop_timeout_s
         self.healer = Healer(registry, broker, supervisor, limits or RestartLimits())
+        self.reader_limits = reader_limits or ReaderLimits()
+        self._changing = asyncio.Lock()
 
-    async def create(self, config: ReaderConfig, reader_id: str | None = None, *, persist: bool = True) -> str:
-        """Start a new reader process; it shows as loading until its model is loaded."""
+    async def create_from_api(self, config: ReaderConfig) -> str:
+        """``POST /reader``: check, write into the manifest, then start (see the module docstring)."""
+        async with self._changing:
+            running = sum(1 for record in self.registry.records.values() if record.managed)
+            check_new_reader(config, self.reader_limits, running)
+            reader_id = new_reader_id()
+            if self.manifest_path is not None:
+                await self._persist(manifest.add_reader, reader_id, config.manifest_dict(),
+                                    failure="nothing was started")  # fmt: skip
+            self.supervisor.restrict(reader_id)
+            try:
+                await self.create(config, reader_id)
+            except BaseException:
+                self.registry.remove(reader_id)
+                self.healer.forget(reader_id)
+                self.supervisor.restrict(reader_id, False)
+                if self.manifest_path is not None:
+                    await self._persist(manifest.remove_reader, reader_id, failure="its entry stays there")
+                raise
+            return reader_id
+
+    async def create(self, config: ReaderConfig, reader_id: str | None = None) -> str:
+        """Start a new reader process (one of the configuration, or one ``create_from_api`` checked and wrote into
+        the manifest); it shows as loading until its model is loaded."""
         reader_id = reader_id or new_reader_id()
         existing = self.registry.get(reader_id)
         if existing is not None and existing.state is not ReaderState.DEAD:
@@ -64,22 +94,30 @@ class ReaderManager:
             raise
         record.info.pids = [pid]
         self.healer.adopt(reader_id, config, pid)
-        if persist and self.manifest_path is not None:
-            await self._persist(manifest.add_reader, reader_id, config.manifest_dict())
         return reader_id
 
     async def delete(self, reader_id: str) -> None:
-        """Stop a reader and forget it; 404 when unknown."""
-        record = self.registry.get(reader_id)
-        if record is None:
-            raise NotFoundError(f"reader {reader_id!r} does not exist", param="reader_id")
-        self.broker.stop_reader(reader_id, "the reader was deleted")
-        self.registry.remove(reader_id)
-        self.healer.forget(reader_id)
+        """Stop a reader and forget it; 404 when unknown. It leaves the manifest first: if that fails, it runs on."""
+        async with self._changing:
+            if self.registry.get(reader_id) is None:
+                raise NotFoundError(f"reader {reader_id!r} does not exist", param="reader_id")
+            if self.manifest_path is not None:
+                await self._persist(manifest.remove_reader, reader_id, failure="the reader keeps running")
+            self.broker.stop_reader(reader_id, "the reader was deleted")
+            self.registry.remove(reader_id)
+            self.healer.forget(reader_id)
+            self.supervisor.restrict(reader_id, False)
         await self.supervisor.stop(reader_id, self.stop_timeout_s)
-        if self.manifest_path is not None:
-            await self._persist(manifest.remove_reader, reader_id)
         logger.info("reader %s deleted", reader_id)
+
+    def forget_dead(self, reader_id: str, reason: str) -> None:
+        """Forget a dead reader this gateway did not start (pruning; see management/prune.py)."""
+        record = self.registry.get(reader_id)
+        if record is None or record.managed:
+            return
+        logger.info("forgetting reader %s: %s", reader_id, reason)
+        self.broker.forget_reader(reader_id)
+        self.registry.remove(reader_id)
 
     def config_of(self, reader_id: str) -> ReaderConfig:
         """The configuration a reader runs with; 404 when unknown."""
@@ -102,11 +140,13 @@ class ReaderManager:
         self.registry.on_reader_lost(reader_id, reason)
         self.healer.on_reader_lost(reader_id)
 
-    async def _persist(self, change: object, *args: object) -> None:
+    async def _persist(self, change: object, *args: object, failure: str) -> None:
+        """Apply ``change`` to the manifest; a failure is logged and raised as a 500 that says ``failure``."""
         try:
             await asyncio.to_thread(change, self.manifest_path, *args)  # type: ignore[arg-type]
         except (OSError, ManifestError) as exc:
-            logger.error("could not write the reader change into %s: %s", self.manifest_path, exc)
+            logger.error("could not write the reader change into %s: %s; %s", self.manifest_path, exc, failure)
+            raise LiftoffError(f"could not write the change into {self.manifest_path}: {exc}; {failure}") from exc
 
     async def shutdown(self) -> None:
         """Stop every reader this gateway started (restarts that were due are dropped)."""

@@ -7,6 +7,11 @@ dies (``PR_SET_PDEATHSIG``), and exits when it loses the gateway's link: no orph
 Every exit is reported (the manager decides about restarts) except those of processes stopped for good: deleted
 readers, and every reader when the gateway shuts down. A reader's ``cuda_visible_devices`` becomes its process's
 ``CUDA_VISIBLE_DEVICES``, set before anything in it can load CUDA.
+
+Secrets travel in the environment, never on the command line (which every user of the machine can read): the
+reader secret (``TAKEOFF_READER_SECRET``) and the broker URL (``TAKEOFF_BROKER``, which may hold Redis'
+password). The API keys are not a reader's business and are left out of its environment. A reader created
+through the management API (:meth:`Supervisor.restrict`) may not download models unless ``allow_downloads``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from liftoff.config.models import ReaderConfig
 logger = logging.getLogger(__name__)
 
 READER_CONFIG_ENV = "LIFTOFF_READER_CONFIG"
+# Variables of the gateway's environment a reader must not inherit (keys it has no use for).
+WITHHELD_ENV = ("TAKEOFF_API_KEYS", "TAKEOFF_API_KEYS_FILE", "TAKEOFF_MANAGEMENT_API_KEYS",
+                "TAKEOFF_MANAGEMENT_API_KEYS_FILE", "TAKEOFF_READER_SECRET_FILE")  # fmt: skip
 
 ExitCallback = Callable[[str, int, int], None]  # reader id, pid, exit code (negative: killed by that signal)
 
@@ -50,6 +58,8 @@ class SpawnSettings:
     default_batch_size: int
     repository_path: str
     shutdown_timeout_s: float
+    reader_secret: str | None = None
+    allow_downloads: bool = True  # for readers created through the management API (restricted ones)
 
 
 class Supervisor:
@@ -59,6 +69,31 @@ class Supervisor:
         self.settings = settings
         self._on_exit = on_exit
         self._children: dict[str, _Child] = {}
+        self._restricted: set[str] = set()
+
+    def restrict(self, reader_id: str, restricted: bool = True) -> None:
+        """Whether the processes of ``reader_id`` (this one and its restarts) came from the management API, and so
+        may download models only if ``allow_downloads``."""
+        if restricted:
+            self._restricted.add(reader_id)
+        else:
+            self._restricted.discard(reader_id)
+
+    def environment(self, reader_id: str, config: ReaderConfig) -> dict[str, str]:
+        """The environment of a reader's process: the gateway's, less its keys, plus the reader's settings."""
+        settings = self.settings
+        env = {key: value for key, value in os.environ.items() if key not in WITHHELD_ENV}
+        env[READER_CONFIG_ENV] = json.dumps(config.manifest_dict())
+        env["PYTHONUNBUFFERED"] = "1"
+        env["TAKEOFF_BROKER"] = settings.broker
+        env.pop("TAKEOFF_READER_SECRET", None)
+        if settings.reader_secret is not None:
+            env["TAKEOFF_READER_SECRET"] = settings.reader_secret
+        if reader_id in self._restricted and not settings.allow_downloads:
+            env["HF_HUB_OFFLINE"] = "1"
+        if config.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
+        return env
 
     def pid(self, reader_id: str) -> int | None:
         """The pid of a running reader process."""
@@ -72,13 +107,8 @@ class Supervisor:
     async def spawn(self, reader_id: str, config: ReaderConfig) -> int:
         """Start a reader process; return its pid."""
         settings = self.settings
-        embedded = settings.broker == "embedded"
-        broker = ["--gateway", settings.gateway_address] if embedded else ["--broker", settings.broker]
-        env = dict(os.environ)
-        env[READER_CONFIG_ENV] = json.dumps(config.manifest_dict())
-        env["PYTHONUNBUFFERED"] = "1"
-        if config.cuda_visible_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
+        broker = ["--gateway", settings.gateway_address] if settings.broker == "embedded" else []
+        env = self.environment(reader_id, config)
         command = [
             sys.executable, "-m", "liftoff", "reader",
             "--reader-id", reader_id,

@@ -46,7 +46,7 @@ async def create_reader(request: Request) -> Response:
     """Start a reader; it is in ``loading_readers`` until its model is loaded, then in ``live_readers``."""
     state = get_state(request)
     config = await read_model(request, ReaderConfig, strict=True)  # JSON: 0 is not a boolean, "8" not a number
-    reader_id = await state.manager.create(config)
+    reader_id = await state.manager.create_from_api(config)
     return json_response({"reader_id": reader_id}, 201)
 
 

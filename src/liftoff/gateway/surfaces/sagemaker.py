@@ -1,7 +1,10 @@
 """The SageMaker API (``sagemaker_port``, default 8080): ``POST /invocations`` and ``GET /ping`` (takeoff-spec §2.6).
 
-``/invocations`` is ``/generate`` (same body, same answer). ``/ping`` answers the management ``/status`` payload;
-its status is 200 once a reader is live and 503 before, because SageMaker sends traffic only after a 200 ping.
+``/invocations`` is ``/generate`` (same body, same answer). ``/ping`` answers ``{"status": "healthy"}`` with 200
+once a reader is live and ``{"status": "unhealthy"}`` with 503 before, because SageMaker sends traffic only after a
+200 ping. Takeoff answered the whole management status there; that told anyone who reached the inference
+surfaces the readers' pids and the server's paths, so ``/ping`` says only what SageMaker reads: the status code.
+It needs no key, as SageMaker's health checks send none.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from liftoff.core.types import ReaderState
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.state import get_state
 from liftoff.gateway.surfaces import native
-from liftoff.protocol.management import StatusResponse
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateResponse
 
 router = APIRouter(tags=["sagemaker"])
@@ -26,9 +28,8 @@ async def invocations(request: Request) -> Response:
     return await native.generate(request)
 
 
-@router.get("/ping", response_model=StatusResponse, responses={503: {"description": "No reader is live yet"}})
+@router.get("/ping", responses={503: {"description": "No reader is live yet"}})
 async def ping(request: Request) -> Response:
-    """The management status; 200 when at least one reader is live, else 503."""
-    state = get_state(request)
-    body = state.status()
-    return json_response(body, 200 if state.registry.count(ReaderState.LIVE) else 503)
+    """``{"status": "healthy"}`` (200) when at least one reader is live, else ``{"status": "unhealthy"}`` (503)."""
+    live = get_state(request).registry.count(ReaderState.LIVE) > 0
+    return json_response({"status": "healthy" if live else "unhealthy"}, 200 if live else 503)

@@ -4,7 +4,9 @@
 Plain HTML, CSS and JavaScript modules shipped in the package (``liftoff/gateway/ui``): no build step, nothing
 fetched from another site, so it works offline. Each page is ``shell.html`` (head, navigation) around its own
 ``pages/<name>.html``. The pages call the management port (readers, metrics) and the OpenAI port (chat) from the
-browser, which the gateway's CORS rules (gateway/cors.py) allow for its own pages only.
+browser, which the gateway's CORS rules (gateway/cors.py) allow for its own pages only. The pages and their files
+need no key (they hold no data); when the ports have keys, the pages ask for them and keep them in the browser's
+session storage (gone when the tab closes), never anywhere on the server's side.
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ for _path in PAGES:
 
 @router.get("/ui/config.json")
 async def ui_config(request: Request) -> Response:
-    """What the pages need to know: the gateway's ports (by name) and whether metrics are served."""
+    """What the pages need to know: the gateway's ports (by name), whether metrics are served, and which ports need
+    a key (whether, never which)."""
     config = get_state(request).config
     ports = {"inference" if key == "port" else key.removesuffix("_port"): getattr(config, key)
              for key in config.port_fields()}  # fmt: skip
-    body = {"version": __version__, "ports": ports, "enable_metrics": config.enable_metrics}
+    keys = {"inference": bool(config.api_keys), "management": bool(config.management_api_keys)}
+    body = {"version": __version__, "ports": ports, "enable_metrics": config.enable_metrics, "keys": keys}
     return json_response(body, headers={"cache-control": "no-cache"})
 
 

@@ -1,4 +1,4 @@
-// Shared by every page: the gateway's ports, fetch with readable errors, server-sent events, DOM building.
+// Shared by every page: the gateway's ports, fetch with readable errors and keys, server-sent events, DOM building.
 
 let configPromise = null;
 
@@ -6,6 +6,73 @@ let configPromise = null;
 export function config() {
   configPromise ??= request('/ui/config.json').then((response) => response.json());
   return configPromise;
+}
+
+// ---- keys ----------------------------------------------------------------------------------------------------
+// A port with keys answers 401 without one. The page then asks for the key (the management port's, or the one of
+// the inference ports) and keeps it in sessionStorage: this tab only, gone when it closes; never a cookie, never
+// localStorage, never sent anywhere but to the gateway's own ports.
+
+const KEY_PREFIX = 'liftoff-key:';
+const KEY_NAMES = { inference: 'api_keys', management: 'management_api_keys' };
+const asking = {}; // kind → the pending question, so that requests refused together ask once
+
+/** Which key a URL needs: "management", "inference", or null (the page's own files, the internal port). */
+async function keyKind(url) {
+  const target = new URL(url, location.href);
+  if (target.origin === location.origin && target.pathname.startsWith('/ui/')) return null;
+  const { ports } = await config();
+  const port = Number(target.port || (target.protocol === 'https:' ? 443 : 80));
+  if (port === ports.management) return 'management';
+  return port === ports.internal ? null : 'inference';
+}
+
+/** The key this tab keeps for `kind`, or null. */
+export function storedKey(kind) {
+  return sessionStorage.getItem(KEY_PREFIX + kind);
+}
+
+/** Forget every key this tab keeps. */
+export function forgetKeys() {
+  for (const kind of Object.keys(KEY_NAMES)) sessionStorage.removeItem(KEY_PREFIX + kind);
+}
+
+/** Ask for the key of `kind` in a dialog; answers it (kept for the tab) or null when the person cancels. */
+function askKey(kind, refused) {
+  asking[kind] ??= keyDialog(kind, refused).finally(() => delete asking[kind]);
+  return asking[kind];
+}
+
+function keyDialog(kind, refused) {
+  return new Promise((resolve) => {
+    const input = h('input', { type: 'password', id: 'key-input', autocomplete: 'off', required: true,
+                              'aria-label': `${kind} key` });
+    const cancel = h('button', { type: 'button', id: 'key-cancel' }, 'Cancel');
+    const form = h('form', { method: 'dialog' },
+      h('h2', {}, `This server asks for its ${kind} key`),
+      h('p', { class: 'muted small' }, `One of ${KEY_NAMES[kind]} in its configuration. It is kept in this tab only, `
+        + 'until the tab closes.'),
+      refused ? h('p', { class: 'notice error', id: 'key-refused' }, 'The server refused that key.') : null,
+      input,
+      h('div', { class: 'row end' }, cancel, h('button', { type: 'submit', id: 'key-submit', class: 'primary' },
+        'Use key')));
+    const dialog = h('dialog', { id: 'key-dialog', class: 'key-dialog', dataset: { kind } }, form);
+    const finish = (key) => {
+      dialog.close();
+      dialog.remove();
+      if (key) sessionStorage.setItem(KEY_PREFIX + kind, key);
+      resolve(key);
+    };
+    form.addEventListener('submit', (event) => {
+      event.preventDefault();
+      finish(input.value.trim() || null);
+    });
+    cancel.addEventListener('click', () => finish(null));
+    dialog.addEventListener('cancel', () => finish(null));
+    document.body.append(dialog);
+    dialog.showModal();
+    input.focus();
+  });
 }
 
 /** The base URL of one of the gateway's ports, on the host this page came from. */
@@ -40,18 +107,31 @@ export async function errorOf(response) {
   return new ApiError(response.status, `${response.status}${kind ? ` ${kind}` : ''}: ${detail}`, body);
 }
 
-/** fetch(), but a failed answer throws an ApiError, and an unreachable server an Error that names the address. */
-export async function request(url, options = {}) {
-  let response;
+async function send(url, options, key) {
+  const headers = new Headers(options.headers ?? {});
+  if (key) headers.set('authorization', `Bearer ${key}`);
   try {
-    response = await fetch(url, options);
+    return await fetch(url, { ...options, headers });
   } catch (error) {
     if (error.name === 'AbortError') throw error;
     const where = new URL(url, location.href).host;
     throw new Error(`cannot reach ${where}: ${error.message}`);
   }
-  if (!response.ok) throw await errorOf(response);
-  return response;
+}
+
+/**
+ * fetch(), with the port's key when this tab has one (asked for on a 401); a failed answer throws an ApiError, and
+ * an unreachable server an Error that names the address.
+ */
+export async function request(url, options = {}) {
+  const kind = await keyKind(url);
+  for (let asked = 0; ; asked += 1) {
+    const key = kind && storedKey(kind);
+    const response = await send(url, options, key);
+    if (response.status === 401 && kind && asked < 3 && (await askKey(kind, Boolean(key)))) continue;
+    if (!response.ok) throw await errorOf(response);
+    return response;
+  }
 }
 
 /** POST a JSON body; the response (throws ApiError unless it succeeds). */

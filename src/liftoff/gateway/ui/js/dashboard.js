@@ -1,7 +1,7 @@
 // The metrics dashboard: scrape GET /metrics on the management port every 2 s, keep 5 minutes of what is derived
 // from consecutive scrapes, and chart it.
 import { LineChart } from './chart.js';
-import { $, config, errorOf, formatMs, formatNumber, notify, portUrl } from './common.js';
+import { $, config, formatMs, formatNumber, notify, portUrl, request } from './common.js';
 import { derive, parseMetrics } from './prom.js';
 
 const POLL_MS = 2000;
@@ -54,14 +54,13 @@ async function scrape() {
   const url = `${await portUrl('management')}/metrics`;
   let response;
   try {
-    response = await fetch(url, { cache: 'no-store' });
+    response = await request(url, { cache: 'no-store' });
   } catch (error) {
-    throw new Error(`cannot reach the management port (${new URL(url).host}): ${error.message}`);
+    if (error.status === 404) {
+      throw new Error('This server does not serve metrics (enable_metrics is false): start it with enable_metrics: true.');
+    }
+    throw error;
   }
-  if (response.status === 404) {
-    throw new Error('This server does not serve metrics (enable_metrics is false): start it with enable_metrics: true.');
-  }
-  if (!response.ok) throw await errorOf(response);
   return parseMetrics(await response.text());
 }
 

@@ -1,0 +1,125 @@
+"""``liftoff.management.policy``: what ``POST /reader`` may start (how many, how large, which models), and refusals
+that tell nothing about files outside ``repository_path``."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from liftoff.config.models import ReaderConfig
+from liftoff.core.errors import InvalidRequestError
+from liftoff.management.policy import ReaderLimits, check_model, check_new_reader
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    root = tmp_path / "artefacts"
+    (root / "mine").mkdir(parents=True)
+    (root / "mine" / "config.json").write_text("{}")
+    (root / "tiny.gguf").write_text("")
+    snapshot = root / "hub" / "models--org--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text("{}")
+    (root / "escape").symlink_to(tmp_path / "outside")
+    return root
+
+
+def limits(root: Path, **changes: Any) -> ReaderLimits:
+    return ReaderLimits(repository_path=root, allowed_models=("org/*", "Qwen/Qwen2-*"), **changes)
+
+
+def reader(model_name: str, **options: Any) -> ReaderConfig:
+    return ReaderConfig(model_name=model_name, device="cpu", **options)
+
+
+@pytest.mark.parametrize(
+    "name", ["echo", "echo:anything", "smollm2-135m-instruct", "ALL-MINILM-L6-V2", "mine", "tiny.gguf", "org/cached"]
+)
+def test_allowed_models(repository: Path, name: str) -> None:
+    check_model(reader(name), limits(repository))
+
+
+def test_an_absolute_path_inside_the_repository_is_allowed(repository: Path) -> None:
+    check_model(reader(str(repository / "mine")), limits(repository))
+
+
+def test_the_echo_backend_loads_no_file_whatever_the_name(repository: Path) -> None:
+    check_model(reader("/etc/passwd", backend="echo"), limits(repository))
+
+
+def refusal(repository: Path, name: str, **changes: Any) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        check_model(reader(name), limits(repository, **changes))
+    assert info.value.param == "model_name"
+    return info.value
+
+
+def test_paths_outside_the_repository_are_refused_alike_whether_or_not_they_exist(
+    repository: Path, tmp_path: Path
+) -> None:
+    messages = {
+        name: refusal(repository, name).message.replace(repr(name), "NAME")
+        for name in (str(tmp_path / "outside"), str(tmp_path / "nothing-here"), "/etc", "/no/such/dir", "escape",
+                     "../outside", "~/whatever", "./x")
+    }  # fmt: skip
+    assert len(set(messages.values())) == 1, messages
+    assert "allowed_models" in next(iter(messages.values()))
+
+
+def test_a_name_relative_to_the_working_directory_is_judged_where_the_reader_would_find_it(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "org" / "cached").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the reader would load ./org/cached, outside the repository, before the hub's
+    refusal(repository, "org/cached")
+    os.chdir(repository)
+    check_model(reader("org/cached"), limits(repository))  # now ./org/cached is not there: the cached hub copy
+
+
+@pytest.mark.parametrize("name", ["evil/model", "Qwen/Qwen3-8B", "org/../x", "org/a/b", "-org/x"])
+def test_hub_ids_not_in_allowed_models_are_refused(repository: Path, name: str) -> None:
+    refusal(repository, name)
+
+
+def test_allowed_hub_ids_need_allow_downloads_unless_downloaded(repository: Path) -> None:
+    error = refusal(repository, "org/new-model")
+    assert "allow_downloads is false" in error.message
+    check_model(reader("org/new-model"), limits(repository, allow_downloads=True))
+    check_model(reader("Qwen/Qwen2-0.5B"), limits(repository, allow_downloads=True))
+
+
+def test_max_readers(repository: Path) -> None:
+    check_new_reader(reader("echo"), limits(repository, max_readers=2), running=1)
+    with pytest.raises(InvalidRequestError, match="max_readers is 2"):
+        check_new_reader(reader("echo"), limits(repository, max_readers=2), running=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "words"),
+    [
+        ({"max_batch_size": 65}, "max_batch_size", "at most 64 (max_reader_batch_size)"),
+        ({"max_sequence_length": 5000}, "max_sequence_length", "at most 4096 (max_reader_sequence_length)"),
+        ({"prefill_chunk_size": 4097}, "prefill_chunk_size", "at most 4096"),
+        ({"backend_options": {"n_batch": 10**6}}, "backend_options.n_batch", "from 0 to 4096"),
+        ({"backend_options": {"n_threads": -1}}, "backend_options.n_threads", "from 0 to 4096"),
+        ({"backend_options": {"blob": "x" * 5000}}, "backend_options", "over 4096 bytes"),
+    ],
+)
+def test_sizes_over_the_limits_are_refused_naming_the_setting(
+    repository: Path, options: dict[str, Any], param: str, words: str
+) -> None:
+    bounded = limits(repository, max_batch_size=64, max_sequence_length=4096)
+    with pytest.raises(InvalidRequestError, match=re.escape(words)) as info:
+        check_new_reader(reader("echo", **options), bounded, running=0)
+    assert info.value.param == param
+
+
+def test_sizes_within_the_limits_pass(repository: Path) -> None:
+    options = {"max_batch_size": 64, "max_sequence_length": 4096, "backend_options": {"token_delay_ms": 5,
+               "quantize": "int8", "prefix_cache": True}}  # fmt: skip
+    check_new_reader(reader("echo", **options), limits(repository, max_batch_size=64, max_sequence_length=4096), 0)
