@@ -233,3 +233,11 @@ def test_bad_encoder_bodies(server: Any, path: str, body: dict[str, Any], status
     response = server.http.post(server.base + path, json=body, timeout=10)
     assert response.status_code == status
     assert response.json()["detail"]
+
+
+def test_an_idle_encoder_reader_stops_at_once_when_the_gateway_does(liftoff: Any) -> None:
+    reader = {"model_name": "all-minilm-l6-v2", "device": "cpu", "consumer_group": "embed"}
+    server = liftoff(readers={"m": reader}, server={"shutdown_timeout_s": 20}).start(timeout=120)
+    assert server.http.post(server.base + "/embed", json={"text": "hi", "consumer_group": "embed"}).status_code == 200
+    assert server.stop() == 0
+    assert "did not stop" not in server.log()  # it waited for nothing until shutdown_timeout_s, then was killed

@@ -358,10 +358,13 @@ class ReaderProcess:
 
     async def _drain(self, link: ReaderLink) -> None:
         link.send([DrainFrame(reason=self._stop_reason)])
-        if self._engine is not None and self._engine.in_flight and not self._failed:
+        deadline = monotonic() + self.options.shutdown_timeout_s
+        while self._engine is not None and self._engine.in_flight and not self._failed and monotonic() < deadline:
+            # Woken by the last frame; polled too, since work that ends without a frame (an abort of nothing)
+            # sets nothing.
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self.options.shutdown_timeout_s)
+                await asyncio.wait_for(self._idle.wait(), min(0.1, max(0.0, deadline - monotonic())))
 
     async def _cleanup(self, load_task: asyncio.Task[None] | None) -> None:
         if load_task is not None and not load_task.done():
