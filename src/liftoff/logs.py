@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import io
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ FLUSH_EVERY_S = 0.2
 
 # Control characters (a newline above all) in a logged value would let a client forge log lines: escaped.
 _CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+_STRUCTURE = re.compile('[ "=]')  # what would end a key=value field early
 MAX_FIELD_CHARS = 200  # a logged request field (a consumer group name, say) is cut to this
 
 
@@ -63,7 +65,7 @@ def field_text(value: object) -> str:
         return str(value)
     if len(value) > MAX_FIELD_CHARS:
         value = value[:MAX_FIELD_CHARS] + "..."
-    if value and value.isprintable() and not any(char in value for char in ' "='):
+    if value and value.isprintable() and _STRUCTURE.search(value) is None:
         return value
     return msgspec.json.encode(value).decode()
 

@@ -95,7 +95,7 @@ def build_app(port_key: str, state: GatewayState, names: HostNames | None = None
     hot = HOT_ROUTES.get(port_key)
     if hot:
         asgi = FastRoutes(app, hot, render)
-    asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render, state.config.body_timeout_s)
+    asgi = BodyLimitMiddleware(asgi, state.config.body_size_limit_bytes, render)
     asgi = guard(asgi, port_key, port_keys(port_key, state), render, open_paths(port_key, state))
     asgi = CrossOriginMiddleware(asgi, state.ports(), render)  # outside the limit and keys: their errors get CORS
     asgi = HostGuard(asgi, names or HostNames.of(state.config), render)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from liftoff.core.errors import LiftoffError, PayloadTooLargeError, SlowClientError
+from liftoff.core.errors import LiftoffError, PayloadTooLargeError
 from liftoff.gateway.asgi import header
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import Renderer, from_validation_error
@@ -126,14 +126,13 @@ class EventStreamResponse(Response):
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over ``limit`` bytes with a 413, by header or while reading, and bodies that do not arrive
-    within ``timeout_s`` with a 408 (a client trickling its body would hold the request forever); pure ASGI."""
+    """Refuse bodies over ``limit`` bytes with a 413, by header or while reading (pure ASGI). A body that does not
+    arrive in time is the HTTP protocol's to refuse (``body_timeout_s``: :mod:`liftoff.gateway.connections`)."""
 
-    def __init__(self, app: ASGIApp, limit: int, render: Renderer, timeout_s: float = 60.0) -> None:
+    def __init__(self, app: ASGIApp, limit: int, render: Renderer) -> None:
         self.app = app
         self.limit = limit
         self.render = render
-        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,24 +143,12 @@ class BodyLimitMiddleware:
             await self.render(self._error(int(length)))(scope, receive, send)
             return
         received = 0
-        deadline: float | None = None
-        complete = False
 
         async def limited() -> Message:
-            nonlocal received, deadline, complete
-            if complete:  # the body is in: what is left to receive is the disconnect, with no deadline
-                return await receive()
-            deadline = deadline or asyncio.get_running_loop().time() + self.timeout_s
-            try:
-                async with asyncio.timeout_at(deadline):  # a timer, no task: this is every request's path
-                    message = await receive()
-            except TimeoutError:
-                raise SlowClientError(
-                    f"the body did not arrive within {self.timeout_s:g} s (body_timeout_s); send it faster"
-                ) from None
+            nonlocal received
+            message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise self._error(received)
             return message

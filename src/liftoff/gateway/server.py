@@ -173,7 +173,8 @@ class Gateway:
 
     def _serve(self, key: str, sock: socket.socket, state: GatewayState) -> None:
         limits = self.config
-        http = guarded_protocol(limits.max_connections, limits.header_timeout_s, RENDERERS.get(key, render_native))
+        render = RENDERERS.get(key, render_native)
+        http = guarded_protocol(limits.max_connections, limits.header_timeout_s, limits.body_timeout_s, render)
         self._names = self._names or HostNames.of(self.config)
         config = uvicorn.Config(
             build_app(key, state, self._names),
