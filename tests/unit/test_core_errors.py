@@ -21,6 +21,9 @@ from liftoff.core.errors import (
     RequestCancelledError,
     RequestTimeoutError,
     ShuttingDownError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
     ValidationFailedError,
     error_from_type,
 )
@@ -42,6 +45,9 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     BackendError: ("generation_error", 500),
     ShuttingDownError: ("shutting_down", 503),
     BrokerUnavailableError: ("broker_unavailable", 503),
+    UpstreamError: ("upstream_error", 502),
+    UpstreamUnavailableError: ("upstream_unavailable", 503),
+    UpstreamTimeoutError: ("upstream_timeout", 504),
 }
 
 

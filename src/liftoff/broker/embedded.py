@@ -331,6 +331,7 @@ class EmbeddedBroker(GatewayBroker):
             if isinstance(frame, TokenFrame | FinalFrame | ResultFrame | ErrorFrame):
                 self._on_output(slot, frame, outputs)
             elif isinstance(frame, HeartbeatFrame):
+                self._on_health(slot, bool(frame.unhealthy))
                 self.events.on_reader_heartbeat(slot.reader_id, frame)
             elif isinstance(frame, LoadedFrame):
                 self._on_loaded(slot, frame)
@@ -356,6 +357,16 @@ class EmbeddedBroker(GatewayBroker):
                 self._jobs.pop(frame.request_id, None)
         if not job.cancelled:
             outputs.append(frame)
+
+    def _on_health(self, slot: ReaderSlot, unhealthy: bool) -> None:
+        """A reader that cannot serve (its upstream is down) gets no new work until it can; its groups' queued
+        requests then fail at once unless another reader can take them (as when a reader dies)."""
+        if unhealthy == slot.unhealthy:
+            return
+        slot.unhealthy = unhealthy
+        if unhealthy:
+            for group in slot.groups:
+                self._fail_orphaned(group)
 
     def _on_loaded(self, slot: ReaderSlot, frame: LoadedFrame) -> None:
         slot.capacity = frame.capacity

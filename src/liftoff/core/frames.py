@@ -94,6 +94,7 @@ class HeartbeatFrame(_Frame, tag="hb"):
     active: int = 0
     progress: float = -1.0
     stats: dict[str, float] = msgspec.field(default_factory=dict)  # the reader's running totals, for /metrics
+    unhealthy: str = ""  # why the reader cannot serve now (an API reader's upstream is down); "" when it can
 
 
 class ClaimedFrame(_Frame, tag="claimed"):
