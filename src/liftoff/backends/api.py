@@ -114,6 +114,9 @@ class ApiBackend(RemoteBackend):
         if self.dialect is None:
             self.dialect = detect_dialect(answer, self.config.model_name)
             logger.info("upstream %s speaks the %s dialect", self.upstream.label, self.dialect.name)
+        # llama-server drops some kept-alive connections after a stream (about 1 request in 10 then finds its
+        # connection closed): a connection per request there, which costs little on the networks it runs on.
+        self.upstream.fresh_connections = self.dialect.name == "llama-server"
         models = listed_models(answer)
         note = f"model_name {self.config.model_name!r} is not among the upstream's models ({', '.join(models)})"
         if models and self.config.model_name not in models and note not in self._load_notes:

@@ -5,8 +5,9 @@ Requests run on the reader's relay loop (asyncio, many at once). A request that 
 as long as ``api_timeout_s`` allows since it began, then fails with 503 (or 504 after a timeout) naming the
 upstream. Once text has streamed nothing is retried: a broken stream ends the request with an error.
 
-Health: a request that cannot connect marks the upstream down at once; a background probe (``GET /models``) checks
-it every ``health_interval_s`` while it is up and every second while it is down, and marks it up when it answers.
+Health: a request that cannot connect marks the upstream down at once, and one whose connection breaks has it
+probed at once; a background probe (``GET /models``, on a connection of its own) checks it every
+``health_interval_s`` while it is up and every second while it is down, and marks it up when it answers.
 The key goes in the ``Authorization`` header only; it is never logged and is cut out of any upstream message.
 """
 
@@ -82,6 +83,7 @@ class _Failure:
 
     error: LiftoffError
     retry_after: float = 0.0
+    stale: bool = False  # the connection closed before any answer: a kept-alive one the server had dropped?
 
 
 class Upstream:
@@ -92,6 +94,7 @@ class Upstream:
         self.label = label_of(settings.base)
         self.unhealthy = ""  # why the upstream is down; "" while it answers
         self.on_up: Callable[[Any], None] | None = None  # given each successful probe's GET /models answer
+        self.fresh_connections = False  # a new connection per request (servers that drop kept-alive ones)
         self._client: httpx.AsyncClient | None = None
         self._wake: asyncio.Event | None = None
         self._secrets = (settings.key or "", *settings.headers.values())
@@ -123,6 +126,11 @@ class Upstream:
         if self._wake is not None:
             self._wake.set()
 
+    def suspect(self) -> None:
+        """A connection broke: probe the upstream now (a fresh connection tells whether it is really down)."""
+        if self._wake is not None:
+            self._wake.set()
+
     def mark_up(self) -> None:
         """The upstream answered."""
         if self.unhealthy:
@@ -150,9 +158,10 @@ class Upstream:
             await self._probe()
 
     async def _probe(self) -> None:
-        assert self._client is not None
+        """One ``GET /models`` on a connection of its own (a pooled one may be stale, which says nothing)."""
         try:
-            response = await self._client.get(self.settings.base + "/models", timeout=PROBE_TIMEOUT_S)
+            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, headers=self.settings.request_headers()) as client:
+                response = await client.get(self.settings.base + "/models")
             answer = self._probe_answer(response.status_code, response.content)
         except httpx.HTTPError as exc:
             self.mark_down(f"{type(exc).__name__}: {exc}")
@@ -218,17 +227,21 @@ class Upstream:
         """The error for a response that broke off after it began."""
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamTimeoutError(f"{self.label} went silent for {self.settings.timeout_s:g} s mid-response")
-        self.mark_down(f"{type(exc).__name__}: {exc}")
+        self.suspect()
         return UpstreamUnavailableError(f"{self.label} broke off the response: {type(exc).__name__}")
 
     async def _send(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """The upstream's accepted (status < 400) streaming response, after retries; raises the last failure."""
         started = monotonic()
         delay = FIRST_RETRY_S
+        stale_retried = False
         while True:
             outcome = await self._attempt(path, body)
             if isinstance(outcome, httpx.Response):
                 return outcome
+            if outcome.stale and not stale_retried:  # a kept-alive connection the server had closed: again, now
+                stale_retried = True
+                continue
             left = self.settings.timeout_s - (monotonic() - started)
             wait = min(max(delay, outcome.retry_after), MAX_RETRY_S)
             if wait >= left:
@@ -239,7 +252,8 @@ class Upstream:
 
     async def _attempt(self, path: str, body: dict[str, Any]) -> httpx.Response | _Failure:
         assert self._client is not None, "Upstream.open() was not called"
-        request = self._client.build_request("POST", self.settings.base + path, json=body)
+        headers = {"Connection": "close"} if self.fresh_connections else None
+        request = self._client.build_request("POST", self.settings.base + path, json=body, headers=headers)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
@@ -247,9 +261,13 @@ class Upstream:
             return _Failure(UpstreamTimeoutError(f"{self.label} did not accept a connection in time"))
         except httpx.TimeoutException:
             return _Failure(UpstreamTimeoutError(f"{self.label} did not answer within {self.settings.timeout_s:g} s"))
-        except httpx.TransportError as exc:
+        except httpx.ConnectError as exc:
             self.mark_down(f"{type(exc).__name__}: {exc}")
             return _Failure(UpstreamUnavailableError(f"{self.label} cannot be reached ({type(exc).__name__})"))
+        except httpx.TransportError as exc:  # the connection broke before an answer: maybe stale, maybe down
+            self.suspect()
+            error = UpstreamUnavailableError(f"{self.label} closed the connection ({type(exc).__name__})")
+            return _Failure(error, stale=isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError))
         if response.status_code < 400:
             self.mark_up()
             return response
