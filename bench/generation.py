@@ -31,7 +31,10 @@ SIGTERM or an error:
    ``max_tokens``, ``ignore_eos`` and ``stream_options.include_usage``.
 3. ``transformers serve --continuous-batching --dtype bfloat16`` from its own venv under ``--peers-dir``, on a
    dequantized SmolLM2 checkpoint; fixed length through its ``generation_config`` field (``min_new_tokens``).
-4. In-process loops, no server, at batch sizes equal to the concurrencies (``bench/genbench_raw.py``): the raw
+4. ``liftoff-api``: Liftoff with an API reader (``device: api``, ``max_concurrency`` = ``--batch-size``) in front
+   of a llama-server started as in 2, asked exactly what 2 is asked, on Liftoff's OpenAI port: the API reader's
+   overhead (targets: c=32 output tokens/s >= 0.95x llama-server's, TTFT p50 at c=1 at most 5 ms more).
+5. In-process loops, no server, at batch sizes equal to the concurrencies (``bench/genbench_raw.py``): the raw
    llama.cpp loop (``bench/llamacpp_engine.py``'s ``run_raw`` when it imports), a raw torch bf16 loop, and
    Liftoff's own backends driven by admit/step as the reader's engine drives them.
 
@@ -46,6 +49,7 @@ Run it from the repository root (it builds/installs the peers on first use: abou
     .venv/bin/python bench/generation.py --servers liftoff --liftoff-backend echo --concurrency 1 8 \\
         --duration 5 --warmup 1                                          # plumbing only
     .venv/bin/python bench/generation.py --servers llama-server raw-llamacpp --json /tmp/gen.json
+    .venv/bin/python bench/generation.py --servers llama-server liftoff-api    # the API reader's overhead
 """
 
 from __future__ import annotations
@@ -69,10 +73,17 @@ from genbench_load import chat_render, make_prompts, token_counter
 from genbench_measure import measure_server, run_raw
 from genbench_raw import key_values
 from genbench_report import report
-from genbench_servers import MODEL_ALIAS, Running, start_liftoff, start_llama_server, start_transformers_serve
+from genbench_servers import (
+    MODEL_ALIAS,
+    Running,
+    start_liftoff,
+    start_liftoff_api,
+    start_llama_server,
+    start_transformers_serve,
+)
 
-SERVERS = ["liftoff", "llama-server", "transformers-serve", "raw-llamacpp", "raw-torch", "engine-llamacpp",
-           "engine-transformers"]  # fmt: skip
+SERVERS = ["liftoff", "llama-server", "liftoff-api", "transformers-serve", "raw-llamacpp", "raw-torch",
+           "engine-llamacpp", "engine-transformers"]  # fmt: skip
 RAW_ENGINES = {"raw-llamacpp": "llamacpp", "raw-torch": "torch", "engine-llamacpp": "liftoff-llamacpp",
                "engine-transformers": "liftoff-transformers"}  # fmt: skip
 
@@ -121,9 +132,15 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
                 return start_liftoff(b, workdir, args.repository, args.batch_size, args.new_tokens, stack, options)
 
             plan[f"liftoff-{backend}"] = liftoff
-    if "llama-server" in args.servers:
+    if "llama-server" in args.servers or "liftoff-api" in args.servers:
         binary = peers.ensure_llama_server(args.peers_dir)
-        plan["llama-server"] = lambda stack: start_llama_server(binary, gguf, workdir, args.new_tokens, stack)
+    threads = args.llama_threads
+    if "llama-server" in args.servers:
+        plan["llama-server"] = lambda stack: start_llama_server(binary, gguf, workdir, args.new_tokens, stack,
+                                                                threads)  # fmt: skip
+    if "liftoff-api" in args.servers:
+        plan["liftoff-api"] = lambda stack: start_liftoff_api(binary, gguf, workdir, args.new_tokens,
+                                                              args.batch_size, stack, threads)  # fmt: skip
     if "transformers-serve" in args.servers:
         cli = peers.ensure_transformers_serve(args.peers_dir)
         checkpoint = tf_checkpoint(args, gguf)
@@ -258,6 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="Extra flag for transformers serve (write --tf-serve-arg=--flag).",
+    )
+    parser.add_argument(
+        "--llama-threads",
+        type=int,
+        default=2,
+        help="llama-server's -t (2). 1 leaves a core to the client and, for liftoff-api, to Liftoff: on a 2-core "
+        "machine the proxy otherwise takes its CPU from the engine, which in a real deployment runs elsewhere.",
     )
     parser.add_argument("--peers-dir", type=Path, default=peers.DEFAULT_PEERS_DIR, help="Peer builds and venvs.")
     parser.add_argument(

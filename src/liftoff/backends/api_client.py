@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 
 from liftoff.backends.api_wire import RETRYABLE, client_error, error_message, retry_after_s
 from liftoff.core.clock import monotonic
@@ -252,8 +253,9 @@ class Upstream:
 
     async def _attempt(self, path: str, body: dict[str, Any]) -> httpx.Response | _Failure:
         assert self._client is not None, "Upstream.open() was not called"
-        headers = {"Connection": "close"} if self.fresh_connections else None
-        request = self._client.build_request("POST", self.settings.base + path, json=body, headers=headers)
+        headers = {"Content-Type": "application/json"} | ({"Connection": "close"} if self.fresh_connections else {})
+        content = msgspec.json.encode(body)
+        request = self._client.build_request("POST", self.settings.base + path, content=content, headers=headers)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:

@@ -13,6 +13,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from liftoff.core.errors import (
     ContextLengthExceededError,
     ForbiddenError,
@@ -46,8 +48,8 @@ def parse_event(data: str, *, chat: bool) -> Chunk | None:
     if data.strip() == "[DONE]":
         return None
     try:
-        event = json.loads(data)
-    except ValueError:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
         raise UpstreamError(f"the upstream sent an event that is not JSON: {data[:200]!r}") from None
     if not isinstance(event, dict):
         raise UpstreamError(f"the upstream sent an unexpected event: {data[:200]!r}")

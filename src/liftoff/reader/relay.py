@@ -39,10 +39,11 @@ class Relay(InboxWorker):
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outbox: list[Any] = []
-        self._totals = {"requests": 0.0, "tokens": 0.0, "upstream_failures": 0.0}
+        self._broken = ""  # why the relay cannot serve at all (its connections could not be opened)
+        self._totals = {"upstream_requests": 0.0, "tokens": 0.0, "upstream_failures": 0.0}
 
     def stats(self) -> dict[str, float]:
-        """Running totals since start: requests relayed, tokens streamed, requests the upstream failed."""
+        """Running totals since start: requests sent upstream, tokens streamed back, requests that failed."""
         return dict(self._totals)
 
     @property
@@ -52,7 +53,7 @@ class Relay(InboxWorker):
 
     def health(self) -> str:
         """Why the upstream cannot serve now ("" when it can)."""
-        return self._backend.health()
+        return self._broken or self._backend.health()
 
     # ---- any thread ---------------------------------------------------------------------------------------------
 
@@ -91,7 +92,15 @@ class Relay(InboxWorker):
             self._loop.close()
 
     async def _main(self) -> None:
-        await self._backend.open()
+        try:
+            await self._backend.open()
+        except Exception as exc:  # requests then fail at once instead of waiting for a loop that never serves
+            logger.exception("the API backend could not open its connections")
+            self._broken = f"the API backend could not open its connections: {exc}"
+            self._ready.set()
+            await self._stopping.wait()
+            self._cancel_all()
+            return
         watcher = asyncio.create_task(self._backend.watch(), name="liftoff-upstream-watch")
         self._ready.set()
         try:
@@ -138,8 +147,10 @@ class Relay(InboxWorker):
         seq = [0]  # frames sent so far (the next frame's seq)
         try:
             await self._ready.wait()
+            if self._broken:
+                raise BackendError(self._broken)
             async with self._slots:
-                self._totals["requests"] += 1
+                self._totals["upstream_requests"] += 1
                 if frame.kind is RequestKind.EMBED:
                     await self._embed(frame)
                 else:
