@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ class ApiBackend(RemoteBackend):
     def _dialect(self) -> Dialect:
         return self.dialect or dialect_named("openai")  # not detected yet: only what every server takes
 
-    async def generate(self, request_id: str, text: str, params: GenerationParams) -> AsyncIterator[StepOutput]:
+    async def generate(self, request_id: str, text: str, params: GenerationParams) -> AsyncGenerator[StepOutput, None]:
         """Stream one generation: an output per upstream chunk with text, then one with the finish reason."""
         upstream = self.upstream
         call = generation_call(self.config.model_name, text, params, self._dialect(), upstream.label,

@@ -11,7 +11,7 @@ each input on arrival (``prepare``) and runs ``encode`` on batches that mix the 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -211,7 +211,7 @@ class RemoteBackend(ModelBackend):
         """Why the reader cannot serve now (its upstream is down); empty when it can."""
 
     @abc.abstractmethod
-    def generate(self, request_id: str, text: str, params: GenerationParams) -> AsyncIterator[StepOutput]:
+    def generate(self, request_id: str, text: str, params: GenerationParams) -> AsyncGenerator[StepOutput, None]:
         """The outputs of one generation as they stream; the last one has a ``finish_reason``."""
 
     @abc.abstractmethod

@@ -168,16 +168,18 @@ class Relay(InboxWorker):
 
     async def _generate(self, frame: RequestFrame, seq: list[int]) -> None:
         counts = frame.params.running_counts
-        async for out in self._backend.generate(frame.request_id, frame.text, frame.params):
-            if out.text:
-                self._totals["tokens"] += out.n_tokens
-                self._send(_token_frame(out, seq[0], counts=counts))
-                seq[0] += 1
-            if out.finish_reason is not None:
-                self._send(FinalFrame(request_id=out.request_id, seq=seq[0], finish_reason=out.finish_reason,
-                                      prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                      reader_id=self._reader_id))  # fmt: skip
-                return
+        stream = self._backend.generate(frame.request_id, frame.text, frame.params)
+        async with contextlib.aclosing(stream):  # closed here, with its upstream request, not when collected
+            async for out in stream:
+                if out.text:
+                    self._totals["tokens"] += out.n_tokens
+                    self._send(_token_frame(out, seq[0], counts=counts))
+                    seq[0] += 1
+                if out.finish_reason is not None:
+                    self._send(FinalFrame(request_id=out.request_id, seq=seq[0], finish_reason=out.finish_reason,
+                                          prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                          reader_id=self._reader_id))  # fmt: skip
+                    return
 
     async def _embed(self, frame: RequestFrame) -> None:
         inputs = frame.payload.get("inputs") or []
