@@ -229,7 +229,7 @@ class ApiBackend(RemoteBackend):
         upstream = self.upstream
         settings = upstream.settings
         try:
-            with httpx.Client(timeout=settings.timeout_s, headers=settings.request_headers()) as client:
+            with upstream.sync_client(settings.timeout_s) as client:
                 response = client.post(settings.root + path, json=body)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailableError(f"{upstream.label} cannot be reached ({type(exc).__name__})") from None

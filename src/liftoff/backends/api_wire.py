@@ -43,9 +43,9 @@ class Chunk:
     completion_tokens: int | None = None
 
 
-def parse_event(data: str, *, chat: bool) -> Chunk | None:
+def parse_event(data: str | bytes, *, chat: bool) -> Chunk | None:
     """A ``data:`` payload of a chat or completion stream; None for ``[DONE]``. An error event raises it."""
-    if data.strip() == "[DONE]":
+    if data.strip() in ("[DONE]", b"[DONE]"):
         return None
     try:
         event = msgspec.json.decode(data)
