@@ -167,14 +167,14 @@ def ensure_dequantized(peers_dir: Path, gguf: Path) -> Path:
 def main() -> int:
     """``python bench/genbench_peers.py [--llama-server-only] [PEERS_DIR]``: build and install every peer now (no
     benchmark); ``--llama-server-only`` builds just llama-server (``make llama-server``, for the tests)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from liftoff.backends.resolve import resolve_model
-
     args = [arg for arg in sys.argv[1:] if arg != "--llama-server-only"]
     peers_dir = Path(args[0]) if args else DEFAULT_PEERS_DIR
     print(ensure_llama_server(peers_dir))
-    if "--llama-server-only" in sys.argv:
+    if "--llama-server-only" in sys.argv:  # needs nothing but pip and cmake: runs while the venv installs
         return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from liftoff.backends.resolve import resolve_model
+
     gguf = resolve_model("smollm2-135m-instruct", peers_dir).path
     print(ensure_transformers_serve(peers_dir))
     print(ensure_dequantized(peers_dir, gguf))
