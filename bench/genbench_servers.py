@@ -105,12 +105,9 @@ def liftoff_api_config(ports: dict[str, int], upstream_port: int, batch: int) ->
     return {"takeoff": {"server_config": server, "readers_config": {"r1": reader}}}
 
 
-def start_liftoff_api(
-    binary: Path, gguf: Path, workdir: Path, new_tokens: int, batch: int, stack: contextlib.ExitStack, threads: int = 2
-) -> Running:
-    """Liftoff with an API reader in front of a llama-server (started as the llama-server peer is), asked exactly
-    what the llama-server peer is asked, on Liftoff's OpenAI port."""
-    upstream = start_llama_server(binary, gguf, workdir, new_tokens, stack, threads)
+def start_liftoff_api(upstream: Running, workdir: Path, batch: int, stack: contextlib.ExitStack) -> Running:
+    """Liftoff with an API reader in front of a running llama-server (``upstream``, started as the llama-server
+    peer is), asked exactly what the llama-server peer is asked, on Liftoff's OpenAI port."""
     ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
     folder = workdir / "liftoff-api"
     folder.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ Run it from the repository root (it builds/installs the peers on first use: abou
         --duration 5 --warmup 1                                          # plumbing only
     .venv/bin/python bench/generation.py --servers llama-server raw-llamacpp --json /tmp/gen.json
     .venv/bin/python bench/generation.py --servers llama-server liftoff-api    # the API reader's overhead
+    .venv/bin/python bench/generation.py --servers llama-server liftoff-api --interleave 3   # same, alternating
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 import genbench_peers as peers
 from gateway import Managed, log, run_meta, terminate_on_sigterm
+from genbench_interleave import run_interleaved
 from genbench_load import chat_render, make_prompts, token_counter
 from genbench_measure import measure_server, run_raw
 from genbench_raw import key_values
@@ -135,12 +137,16 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
     if "llama-server" in args.servers or "liftoff-api" in args.servers:
         binary = peers.ensure_llama_server(args.peers_dir)
     threads = args.llama_threads
-    if "llama-server" in args.servers:
+    if "llama-server" in args.servers and not args.interleave:
         plan["llama-server"] = lambda stack: start_llama_server(binary, gguf, workdir, args.new_tokens, stack,
                                                                 threads)  # fmt: skip
-    if "liftoff-api" in args.servers:
-        plan["liftoff-api"] = lambda stack: start_liftoff_api(binary, gguf, workdir, args.new_tokens,
-                                                              args.batch_size, stack, threads)  # fmt: skip
+    if "liftoff-api" in args.servers and not args.interleave:
+
+        def liftoff_api(stack: contextlib.ExitStack) -> Running:
+            upstream = start_llama_server(binary, gguf, workdir, args.new_tokens, stack, threads)
+            return start_liftoff_api(upstream, workdir, args.batch_size, stack)
+
+        plan["liftoff-api"] = liftoff_api
     if "transformers-serve" in args.servers:
         cli = peers.ensure_transformers_serve(args.peers_dir)
         checkpoint = tf_checkpoint(args, gguf)
@@ -192,6 +198,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for key, start in starters(args, gguf, workdir).items():
             results[key] = run_server(key, start, prompts, args)
             keep_log(key, results[key], args)
+        if args.interleave:
+            binary = peers.ensure_llama_server(args.peers_dir)
+            results |= run_interleaved(binary, gguf, workdir, prompts, args)
         prompts_file = workdir / "prompts.json"
         prompts_file.write_text(json.dumps({"rendered": [chat_render(text) for text in prompts], "user": prompts}))
         for key in [s for s in args.servers if s in RAW_ENGINES]:
@@ -275,6 +284,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="Extra flag for transformers serve (write --tf-serve-arg=--flag).",
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="Measure llama-server and liftoff-api (in front of that same llama-server) in alternating phases, "
+        "ROUNDS times per concurrency, and report the round with the median ratio: on a shared machine, "
+        "load that comes and goes then falls on both alike (0: one after the other).",
     )
     parser.add_argument(
         "--llama-threads",
