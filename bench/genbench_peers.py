@@ -81,7 +81,8 @@ def ensure_llama_server(peers_dir: Path) -> Path:
     build.mkdir(parents=True, exist_ok=True)
     build_log = build / "build.log"
     seconds = _run(["cmake", "-S", str(source), "-B", str(build), *LLAMA_CMAKE_FLAGS], log_path=build_log)
-    seconds += _run(["cmake", "--build", str(build), "--target", "llama-server", "-j2"], log_path=build_log)
+    jobs = f"-j{os.cpu_count() or 2}"
+    seconds += _run(["cmake", "--build", str(build), "--target", "llama-server", jobs], log_path=build_log)
     log(f"built {binary} in {seconds:.0f} s")
     if not binary.is_file():
         raise RuntimeError(f"the build finished but {binary} is missing; see {build_log}")
@@ -164,13 +165,17 @@ def ensure_dequantized(peers_dir: Path, gguf: Path) -> Path:
 
 
 def main() -> int:
-    """``python bench/genbench_peers.py [PEERS_DIR]``: build and install every peer now (no benchmark)."""
+    """``python bench/genbench_peers.py [--llama-server-only] [PEERS_DIR]``: build and install every peer now (no
+    benchmark); ``--llama-server-only`` builds just llama-server (``make llama-server``, for the tests)."""
+    args = [arg for arg in sys.argv[1:] if arg != "--llama-server-only"]
+    peers_dir = Path(args[0]) if args else DEFAULT_PEERS_DIR
+    print(ensure_llama_server(peers_dir))
+    if "--llama-server-only" in sys.argv:  # needs nothing but pip and cmake: runs while the venv installs
+        return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     from liftoff.backends.resolve import resolve_model
 
-    peers_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_PEERS_DIR
     gguf = resolve_model("smollm2-135m-instruct", peers_dir).path
-    print(ensure_llama_server(peers_dir))
     print(ensure_transformers_serve(peers_dir))
     print(ensure_dequantized(peers_dir, gguf))
     return 0

@@ -8,8 +8,8 @@ from typing import Any
 
 from gateway import run_lines
 
-ROW_ORDER = ["liftoff-llamacpp", "liftoff-transformers", "liftoff-echo", "llama-server", "transformers-serve",
-             "raw-llamacpp", "raw-torch", "engine-llamacpp", "engine-transformers"]  # fmt: skip
+ROW_ORDER = ["liftoff-llamacpp", "liftoff-transformers", "liftoff-echo", "llama-server", "liftoff-api",
+             "transformers-serve", "raw-llamacpp", "raw-torch", "engine-llamacpp", "engine-transformers"]  # fmt: skip
 RAW_OF_BACKEND = {"liftoff-llamacpp": "raw-llamacpp", "liftoff-transformers": "raw-torch"}
 
 
@@ -86,7 +86,7 @@ CHECKS = [
 
 
 def _liftoff_keys(results: dict[str, Any]) -> list[str]:
-    return [key for key in results if key.startswith("liftoff-") and key != "liftoff-echo"]
+    return [key for key in results if key.startswith("liftoff-") and key not in ("liftoff-echo", "liftoff-api")]
 
 
 def evaluate(check: Check, results: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +108,32 @@ def evaluate(check: Check, results: dict[str, Any]) -> dict[str, Any]:
             best = {"backend": key, "reference": ref_key, "value": value, "reference_value": reference,
                     "ratio": ratio, "passed": passed and clean, "clean": clean, "noisy": noisy}  # fmt: skip
     return {"check": check.name, **(best or {"passed": None})}
+
+
+API_TOKENS = Check("API reader: c=32 tokens/s >= 0.95x llama-server's", 32, "tokens_per_s", "llama-server", 0.95)
+API_TTFT_ADDED_MS = 5.0
+
+
+def api_checks(results: dict[str, Any], concurrency: list[int]) -> list[str]:
+    """The API reader's overhead: throughput against llama-server at c=32, TTFT p50 added at every concurrency
+    (the target is at c=1, where it is not lost in the queueing of 32 streams)."""
+    if "liftoff-api" not in results or "llama-server" not in results:
+        return []
+    lines = ["| API reader target | Liftoff API reader | llama-server | Difference | Result |", "|---|--:|--:|--:|---|"]
+    mine, ref = phase(results, "liftoff-api", 32), phase(results, "llama-server", 32)
+    if mine and ref and ref.get("tokens_per_s"):
+        ratio = mine["tokens_per_s"] / ref["tokens_per_s"]
+        lines.append(f"| {API_TOKENS.name} | {_num(mine['tokens_per_s'], 1)} | {_num(ref['tokens_per_s'], 1)} | "
+                     f"{ratio:.3f}x | {'PASS' if ratio >= API_TOKENS.factor else 'MISS'} |")  # fmt: skip
+    for c in concurrency:
+        mine, ref = phase(results, "liftoff-api", c), phase(results, "llama-server", c)
+        if not mine or not ref or mine.get("ttft_p50_ms") is None or ref.get("ttft_p50_ms") is None:
+            continue
+        added = mine["ttft_p50_ms"] - ref["ttft_p50_ms"]
+        verdict = ("PASS" if added <= API_TTFT_ADDED_MS else "MISS") if c == 1 else "(reported)"
+        lines.append(f"| c={c} TTFT p50 added <= {API_TTFT_ADDED_MS:g} ms | {_num(mine['ttft_p50_ms'], 1)} ms | "
+                     f"{_num(ref['ttft_p50_ms'], 1)} ms | {added:+.1f} ms | {verdict} |")  # fmt: skip
+    return lines
 
 
 def checks_table(checks: list[dict[str, Any]]) -> list[str]:
@@ -180,6 +206,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> tuple[list[str], li
         f"{meta.get('max_other_cpu', 25):g} % of a core during that measurement, on every try (noisy).",
         "",
         *checks_table(checks),
+        "",
+        *api_checks(results, meta["concurrency"]),
         "",
         *run_lines(meta),
         f"- Load: {meta['mode']} after a warm-up of at least {meta['warmup_s']:g} s; prompts "

@@ -26,6 +26,12 @@ class Running:
     server: Managed
     api: Api
     notes: str
+    upstream: Managed | None = None  # the server an API reader forwards to (its CPU counts as the server's)
+
+    def pids(self) -> list[int]:
+        """The server's processes (readers and upstream included)."""
+        servers = [self.server] + ([self.upstream] if self.upstream is not None else [])
+        return [pid for server in servers for pid in (server.pid, *server.track_children())]
 
 
 def _fixed_length(new_tokens: int) -> dict[str, Any]:
@@ -91,12 +97,44 @@ def start_liftoff(
     return Running(f"liftoff-{backend}", f"Liftoff {backend}{shown}", server, api, notes)
 
 
+def liftoff_api_config(ports: dict[str, int], upstream_port: int, batch: int) -> dict[str, Any]:
+    """One API reader in front of llama-server (``max_concurrency`` = its slots)."""
+    reader = {"model_name": MODEL_ALIAS, "device": "api", "api_base": f"http://{HOST}:{upstream_port}/v1",
+              "max_concurrency": batch}  # fmt: skip
+    server = {**ports, "host": HOST, "shutdown_timeout_s": 10}
+    return {"takeoff": {"server_config": server, "readers_config": {"r1": reader}}}
+
+
+def start_liftoff_api(upstream: Running, workdir: Path, batch: int, stack: contextlib.ExitStack) -> Running:
+    """Liftoff with an API reader in front of a running llama-server (``upstream``, started as the llama-server
+    peer is), asked exactly what the llama-server peer is asked, on Liftoff's OpenAI port."""
+    ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
+    folder = workdir / "liftoff-api"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = liftoff_api_config(ports, upstream.api.port, batch)
+    (folder / "cfg.yaml").write_text(json.dumps(config, indent=2))
+    command = [sys.executable, "-m", "liftoff", "serve", "--config", str(folder / "cfg.yaml")]
+    server = Managed("liftoff-api", command, folder, folder / "liftoff.log")
+    stack.callback(server.stop)
+    health = f"http://{HOST}:{ports['management_port']}/healthz"
+    wait_for(server, lambda: _get_json(health)[0] == 200, LOAD_TIMEOUT_S)
+    server.track_children()
+    make_upstream_body = upstream.api.make_body
+
+    def body(text: str) -> dict[str, Any]:
+        return {**make_upstream_body(text), "model": "primary"}
+
+    api = Api("openai", ports["openai_port"], "/v1/chat/completions", body)
+    notes = f"API reader (max_concurrency {batch}) in front of llama-server {upstream.notes}"
+    return Running("liftoff-api", "Liftoff API reader → llama-server", server, api, notes, upstream.server)
+
+
 def start_llama_server(
-    binary: Path, gguf: Path, workdir: Path, new_tokens: int, stack: contextlib.ExitStack
+    binary: Path, gguf: Path, workdir: Path, new_tokens: int, stack: contextlib.ExitStack, threads: int = 2
 ) -> Running:
-    """llama.cpp's ``llama-server`` with the same GGUF: ``-t 2 -np 32 -c 8192 --no-kv-unified``."""
+    """llama.cpp's ``llama-server`` with the same GGUF: ``-t THREADS -np 32 -c 8192 --no-kv-unified`` (2 threads)."""
     port = free_ports(1)[0]
-    flags = ["-t", "2", "-np", "32", "-c", "8192", "--no-kv-unified"]
+    flags = ["-t", str(threads), "-np", "32", "-c", "8192", "--no-kv-unified"]
     command = [str(binary), "-m", str(gguf), "--host", HOST, "--port", str(port), *flags]
     server = Managed("llama-server", command, workdir, workdir / "llama-server.log")
     stack.callback(server.stop)

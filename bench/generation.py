@@ -31,7 +31,10 @@ SIGTERM or an error:
    ``max_tokens``, ``ignore_eos`` and ``stream_options.include_usage``.
 3. ``transformers serve --continuous-batching --dtype bfloat16`` from its own venv under ``--peers-dir``, on a
    dequantized SmolLM2 checkpoint; fixed length through its ``generation_config`` field (``min_new_tokens``).
-4. In-process loops, no server, at batch sizes equal to the concurrencies (``bench/genbench_raw.py``): the raw
+4. ``liftoff-api``: Liftoff with an API reader (``device: api``, ``max_concurrency`` = ``--batch-size``) in front
+   of a llama-server started as in 2, asked exactly what 2 is asked, on Liftoff's OpenAI port: the API reader's
+   overhead (targets: c=32 output tokens/s >= 0.95x llama-server's, TTFT p50 at c=1 at most 5 ms more).
+5. In-process loops, no server, at batch sizes equal to the concurrencies (``bench/genbench_raw.py``): the raw
    llama.cpp loop (``bench/llamacpp_engine.py``'s ``run_raw`` when it imports), a raw torch bf16 loop, and
    Liftoff's own backends driven by admit/step as the reader's engine drives them.
 
@@ -46,6 +49,8 @@ Run it from the repository root (it builds/installs the peers on first use: abou
     .venv/bin/python bench/generation.py --servers liftoff --liftoff-backend echo --concurrency 1 8 \\
         --duration 5 --warmup 1                                          # plumbing only
     .venv/bin/python bench/generation.py --servers llama-server raw-llamacpp --json /tmp/gen.json
+    .venv/bin/python bench/generation.py --servers llama-server liftoff-api    # the API reader's overhead
+    .venv/bin/python bench/generation.py --servers llama-server liftoff-api --interleave 3   # same, alternating
 """
 
 from __future__ import annotations
@@ -65,14 +70,22 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 import genbench_peers as peers
 from gateway import Managed, log, run_meta, terminate_on_sigterm
+from genbench_interleave import run_interleaved
 from genbench_load import chat_render, make_prompts, token_counter
 from genbench_measure import measure_server, run_raw
 from genbench_raw import key_values
 from genbench_report import report
-from genbench_servers import MODEL_ALIAS, Running, start_liftoff, start_llama_server, start_transformers_serve
+from genbench_servers import (
+    MODEL_ALIAS,
+    Running,
+    start_liftoff,
+    start_liftoff_api,
+    start_llama_server,
+    start_transformers_serve,
+)
 
-SERVERS = ["liftoff", "llama-server", "transformers-serve", "raw-llamacpp", "raw-torch", "engine-llamacpp",
-           "engine-transformers"]  # fmt: skip
+SERVERS = ["liftoff", "llama-server", "liftoff-api", "transformers-serve", "raw-llamacpp", "raw-torch",
+           "engine-llamacpp", "engine-transformers"]  # fmt: skip
 RAW_ENGINES = {"raw-llamacpp": "llamacpp", "raw-torch": "torch", "engine-llamacpp": "liftoff-llamacpp",
                "engine-transformers": "liftoff-transformers"}  # fmt: skip
 
@@ -121,9 +134,19 @@ def starters(args: argparse.Namespace, gguf: Path, workdir: Path) -> dict[str, C
                 return start_liftoff(b, workdir, args.repository, args.batch_size, args.new_tokens, stack, options)
 
             plan[f"liftoff-{backend}"] = liftoff
-    if "llama-server" in args.servers:
+    if "llama-server" in args.servers or "liftoff-api" in args.servers:
         binary = peers.ensure_llama_server(args.peers_dir)
-        plan["llama-server"] = lambda stack: start_llama_server(binary, gguf, workdir, args.new_tokens, stack)
+    threads = args.llama_threads
+    if "llama-server" in args.servers and not args.interleave:
+        plan["llama-server"] = lambda stack: start_llama_server(binary, gguf, workdir, args.new_tokens, stack,
+                                                                threads)  # fmt: skip
+    if "liftoff-api" in args.servers and not args.interleave:
+
+        def liftoff_api(stack: contextlib.ExitStack) -> Running:
+            upstream = start_llama_server(binary, gguf, workdir, args.new_tokens, stack, threads)
+            return start_liftoff_api(upstream, workdir, args.batch_size, stack)
+
+        plan["liftoff-api"] = liftoff_api
     if "transformers-serve" in args.servers:
         cli = peers.ensure_transformers_serve(args.peers_dir)
         checkpoint = tf_checkpoint(args, gguf)
@@ -175,6 +198,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for key, start in starters(args, gguf, workdir).items():
             results[key] = run_server(key, start, prompts, args)
             keep_log(key, results[key], args)
+        if args.interleave:
+            binary = peers.ensure_llama_server(args.peers_dir)
+            results |= run_interleaved(binary, gguf, workdir, prompts, args)
         prompts_file = workdir / "prompts.json"
         prompts_file.write_text(json.dumps({"rendered": [chat_render(text) for text in prompts], "user": prompts}))
         for key in [s for s in args.servers if s in RAW_ENGINES]:
@@ -258,6 +284,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="Extra flag for transformers serve (write --tf-serve-arg=--flag).",
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="Measure llama-server and liftoff-api (in front of that same llama-server) in alternating phases, "
+        "ROUNDS times per concurrency, and report the round with the median ratio: on a shared machine, "
+        "load that comes and goes then falls on both alike (0: one after the other).",
+    )
+    parser.add_argument(
+        "--llama-threads",
+        type=int,
+        default=2,
+        help="llama-server's -t (2). 1 leaves a core to the client and, for liftoff-api, to Liftoff: on a 2-core "
+        "machine the proxy otherwise takes its CPU from the engine, which in a real deployment runs elsewhere.",
     )
     parser.add_argument("--peers-dir", type=Path, default=peers.DEFAULT_PEERS_DIR, help="Peer builds and venvs.")
     parser.add_argument(

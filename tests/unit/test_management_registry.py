@@ -133,6 +133,32 @@ def test_heartbeat_updates_the_record(registry: ReaderRegistry) -> None:
     assert record.progress == 0.4  # a negative progress means "not reported"
 
 
+def test_an_unhealthy_reader_is_dead_until_it_says_it_can_serve(registry: ReaderRegistry) -> None:
+    live_reader(registry, "r1")
+    registry.on_reader_heartbeat("r1", HeartbeatFrame(timestamp_ms=1, unhealthy="upstream down: ConnectError"))
+    record = registry.get("r1")
+    assert record is not None
+    assert record.state is ReaderState.DEAD
+    assert record.error == "unhealthy: upstream down: ConnectError"
+    assert not registry.has_live("primary")
+    assert "r1" in registry.status([])["dead_readers"]
+    registry.on_reader_heartbeat("r1", HeartbeatFrame(timestamp_ms=2))
+    assert record.state is ReaderState.LIVE
+    assert record.error is None
+    assert registry.has_live("primary")
+
+
+def test_a_reader_that_dies_while_unhealthy_stays_dead(registry: ReaderRegistry) -> None:
+    live_reader(registry, "r1")
+    registry.on_reader_heartbeat("r1", HeartbeatFrame(timestamp_ms=1, unhealthy="upstream down"))
+    registry.on_reader_lost("r1", "the reader disconnected")
+    record = registry.get("r1")
+    assert record is not None
+    assert record.error == "the reader disconnected"
+    registry.on_reader_heartbeat("r1", HeartbeatFrame(timestamp_ms=2))  # a late heartbeat does not revive it
+    assert record.state is ReaderState.DEAD
+
+
 def test_remove(registry: ReaderRegistry) -> None:
     live_reader(registry, "r1")
     removed = registry.remove("r1")

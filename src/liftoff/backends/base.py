@@ -11,7 +11,7 @@ each input on arrival (``prepare``) and runs ``encode`` on batches that mix the 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -217,3 +217,36 @@ class EncoderBackend(ModelBackend):
     @abc.abstractmethod
     def encode(self, batch: list[Encoding]) -> list[bytes]:
         """One row per input, as little-endian float32 bytes (an embedding, or a row of scores)."""
+
+
+class RemoteBackend(ModelBackend):
+    """A model served by another server (``device: api``): each request is forwarded on its own and streamed back.
+
+    There is no batch to step: the reader's relay runs many requests at once on an asyncio loop of its own (up to
+    ``capacity``), and cancelling a request's task cancels its upstream request. ``open``, ``close``, ``watch``,
+    ``generate`` and ``embed`` run on that loop; ``health`` is read from any thread.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open connections (on the relay's loop)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close them."""
+
+    @abc.abstractmethod
+    async def watch(self) -> None:
+        """Check the upstream's health until cancelled."""
+
+    @abc.abstractmethod
+    def health(self) -> str:
+        """Why the reader cannot serve now (its upstream is down); empty when it can."""
+
+    @abc.abstractmethod
+    def generate(self, request_id: str, text: str, params: GenerationParams) -> AsyncGenerator[StepOutput, None]:
+        """The outputs of one generation as they stream; the last one has a ``finish_reason``."""
+
+    @abc.abstractmethod
+    async def embed(self, inputs: list[str], truncate: bool | None) -> tuple[list[bytes], list[int]]:
+        """One float32 row per input, and each input's tokens."""

@@ -4,7 +4,7 @@ Only the selected backend's module is imported, so the gateway and echo readers 
 ``backend`` option the choice follows the model: ``echo`` → echo; a GGUF file → llama.cpp on CPU (transformers,
 after a one-time dequantization, on CUDA); a Hugging Face checkpoint → transformers, whose class follows what the
 checkpoint is (:func:`~liftoff.backends.resolve.checkpoint_kind`): a causal LM, an embedding model or a
-sequence classifier.
+sequence classifier. ``device: api`` → the API backend, which forwards to another server.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ BACKENDS: dict[str, str] = {
     "echo": "liftoff.backends.echo:EchoBackend",
     "llamacpp": "liftoff.backends.llamacpp:LlamaCppBackend",
     "transformers": "liftoff.backends.hf_transformers:TransformersBackend",
+    "api": "liftoff.backends.api:ApiBackend",
 }
 
 # The transformers backend's class for each kind of Hugging Face checkpoint.
@@ -37,6 +38,11 @@ def _is_echo(config: ReaderConfig) -> bool:
     return config.model_name == "echo" or config.model_name.startswith("echo:")
 
 
+def _forwards(config: ReaderConfig) -> bool:
+    """An API reader: its model lives on another server, so there is nothing to resolve here."""
+    return config.backend == "api" or (not config.backend and config.device == "api")
+
+
 def choose_backend(config: ReaderConfig, model: ResolvedModel | None = None) -> str:
     """The backend name for a reader: the ``backend`` option, else one chosen from the model and device."""
     if config.backend:
@@ -46,6 +52,8 @@ def choose_backend(config: ReaderConfig, model: ResolvedModel | None = None) -> 
         return config.backend
     if _is_echo(config):
         return "echo"
+    if config.device == "api":
+        return "api"
     if model is None:
         raise BackendSelectionError(f"model {config.model_name!r} must be resolved before choosing its backend")
     if model.format == "gguf" and config.device == "cpu":
@@ -66,7 +74,7 @@ def create_backend(config: ReaderConfig, context: BackendContext | None = None) 
     Blocking (it may look for the hub): call it off the event loop.
     """
     context = context or BackendContext()
-    if config.backend != "echo" and not _is_echo(config):
+    if config.backend != "echo" and not _is_echo(config) and not _forwards(config):
         model = resolve_model(config.model_name, context.repository_path, config.access_token)
         context = dataclasses.replace(context, model=model)
     name = choose_backend(config, context.model)

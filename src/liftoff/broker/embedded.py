@@ -346,6 +346,7 @@ class EmbeddedBroker(GatewayBroker):
             elif isinstance(frame, HeartbeatFrame):
                 if frame.quiet_ms > 0:  # a long task announced: its silence is not death
                     slot.quiet_until = slot.last_recv + min(frame.quiet_ms, MAX_QUIET_MS) / 1000.0
+                self._on_health(slot, bool(frame.unhealthy))
                 self.events.on_reader_heartbeat(slot.reader_id, frame)
             elif isinstance(frame, LoadedFrame):
                 self._on_loaded(slot, frame)
@@ -371,6 +372,16 @@ class EmbeddedBroker(GatewayBroker):
                 self._jobs.pop(frame.request_id, None)
         if not job.cancelled:
             outputs.append(frame)
+
+    def _on_health(self, slot: ReaderSlot, unhealthy: bool) -> None:
+        """A reader that cannot serve (its upstream is down) gets no new work until it can; its groups' queued
+        requests then fail at once unless another reader can take them (as when a reader dies)."""
+        if unhealthy == slot.unhealthy:
+            return
+        slot.unhealthy = unhealthy
+        if unhealthy:
+            for group in slot.groups:
+                self._fail_orphaned(group)
 
     def _on_loaded(self, slot: ReaderSlot, frame: LoadedFrame) -> None:
         if frame.capacity > MAX_READER_BATCH:

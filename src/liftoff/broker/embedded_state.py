@@ -47,6 +47,7 @@ class ReaderSlot:
         self.capacity = 0
         self.ready = False
         self.draining = False
+        self.unhealthy = False  # the reader says it cannot serve now (an API reader's upstream is down)
         self.closed = False
         self.served = 0
         self.assigned: dict[str, Job] = {}
@@ -62,7 +63,7 @@ class ReaderSlot:
     @property
     def accepting(self) -> bool:
         """Whether new work may be assigned."""
-        return self.ready and not self.draining and not self.closed
+        return self.ready and not self.draining and not self.unhealthy and not self.closed
 
     def free(self) -> int:
         """Slots left: capacity plus a small prefetch, minus what is assigned (direct requests included)."""

@@ -92,6 +92,7 @@ class RedisReaderLink(ReaderLink):
         self._consumer = ""
         self._groups: tuple[str, ...] = ()
         self._capacity = 0
+        self._unhealthy = False
         self._live = False
         self._draining = False
         self._claims: dict[str, Claim] = {}
@@ -209,7 +210,7 @@ class RedisReaderLink(ReaderLink):
         self._free.set()
 
     def _free_slots(self) -> int:
-        if not self._live or self._draining:
+        if not self._live or self._draining or self._unhealthy:
             return 0
         return self._capacity + max(1, self._capacity // 4) - len(self._claims)
 
@@ -383,6 +384,7 @@ class RedisReaderLink(ReaderLink):
             self._route(pipe, frame, replies)
         elif isinstance(frame, HeartbeatFrame):
             self._pipe_update(pipe, {"heartbeat": pack(frame)})
+            self._unhealthy = bool(frame.unhealthy)  # it cannot serve (its upstream is down): take nothing new
             return True
         elif isinstance(frame, LoadedFrame):
             self._pipe_update(pipe, {"state": "live", "loaded": pack(frame)})

@@ -333,6 +333,31 @@ class ReaderConfig(BaseModel):
         description="[Liftoff] Longest a request's grammar may take to compile (default 30 s); compiling runs off "
         "the engine thread, so other streams go on meanwhile; past it the request gets a 400.",
     )
+    # ---- device: api (a reader that forwards to an OpenAI-compatible server; docs/models.md) ------------------------
+    api_base: str | None = Field(
+        None,
+        description="[Liftoff] device api: base URL of the OpenAI-compatible upstream, e.g. "
+        "'http://gpu-host:8000/v1' (default https://api.openai.com/v1).",
+    )
+    access_token_file: str | None = Field(
+        None, description="[Liftoff] device api: file holding the upstream's key (instead of access_token)."
+    )
+    api_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="[Liftoff] device api: longest wait for the upstream (connect, first token, between tokens), "
+        "and the time a request may spend retrying it (default 60).",
+    )
+    max_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_READER_BATCH,
+        description="[Liftoff] device api: requests in flight to the upstream at once (default 32).",
+    )
+    api_headers: dict[str, str] | None = Field(
+        None, description="[Liftoff] device api: extra HTTP headers sent upstream (values are masked in /status)."
+    )
 
     @field_validator("consumer_group", mode="before")
     @classmethod
@@ -345,6 +370,13 @@ class ReaderConfig(BaseModel):
         if value is not None and not _CUDA_DEVICES.match(value.replace(" ", "")):
             raise ValueError(f"must be a comma-separated list of GPU numbers like '0,1', not {value!r}")
         return value.replace(" ", "") if value is not None else None
+
+    @field_validator("api_base")
+    @classmethod
+    def _check_api_base(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL like 'http://gpu-host:8000/v1', not {value!r}")
+        return value.rstrip("/") if value is not None else None
 
     @field_validator("model_name")
     @classmethod
@@ -375,6 +407,8 @@ class ReaderConfig(BaseModel):
         data["consumer_group"] = ",".join(self.consumer_group)
         if self.access_token is not None:
             data["access_token"] = "***"
+        if self.api_headers:
+            data["api_headers"] = dict.fromkeys(self.api_headers, "***")
         return data
 
     def manifest_dict(self) -> dict[str, Any]:

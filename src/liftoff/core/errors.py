@@ -151,6 +151,28 @@ class BackendError(LiftoffError):
     status = 500
 
 
+class UpstreamError(LiftoffError):
+    """The server an API reader forwards to failed in a way that is not the client's fault (it refused the
+    reader's key, or answered something unreadable)."""
+
+    error_type = "upstream_error"
+    status = 502
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The API reader's upstream could not be reached, or kept answering 429/5xx until the retries ran out."""
+
+    error_type = "upstream_unavailable"
+    status = 503
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The API reader's upstream did not answer (or went silent mid-stream) within ``api_timeout_s``."""
+
+    error_type = "upstream_timeout"
+    status = 504
+
+
 class BrokerUnavailableError(LiftoffError):
     """The broker (Redis) cannot be reached: the request cannot be queued, or its replies cannot arrive."""
 

@@ -48,7 +48,8 @@ SERVES: dict[str, frozenset[RequestKind]] = {
     ModelType.IMAGE_TO_TEXT: _TOKENIZER | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
     ModelType.EMBEDDING: _TOKENIZER | {RequestKind.EMBED},
     ModelType.CLASSIFICATION: _TOKENIZER | {RequestKind.CLASSIFY},
-    ModelType.API: frozenset({RequestKind.GENERATE, RequestKind.EMBED}),
+    # An API reader forwards; it answers tokenizer services itself where its upstream offers them (else a 400).
+    ModelType.API: _TOKENIZER | {RequestKind.GENERATE, RequestKind.EMBED, RequestKind.CHAT_TEMPLATE},
 }
 
 # What each kind of request needs, in words, for error messages.

@@ -153,6 +153,8 @@ _READER_TOTALS: dict[str, tuple[str, str, str]] = {
     "tokens": ("liftoff_reader_tokens", "counter", "Tokens the reader generated."),
     "batches": ("liftoff_reader_batches", "counter", "Encoder batches run."),
     "batch_seconds": ("liftoff_reader_batch_seconds", "counter", "Seconds the encoder spent in batches."),
+    "upstream_requests": ("liftoff_reader_upstream_requests", "counter", "Requests an API reader sent upstream."),
+    "upstream_failures": ("liftoff_reader_upstream_failures", "counter", "API reader requests that failed."),
 }
 
 

@@ -40,6 +40,7 @@ class ReaderRecord:
     notes: list[str] = field(default_factory=list)
     state_since_ms: int = field(default_factory=now_ms)
     stats: dict[str, float] = field(default_factory=dict)  # the reader's running totals (its last heartbeat's)
+    unhealthy: bool = False  # dead only because it said it cannot serve (its upstream is down): it may come back
 
     def set_state(self, state: ReaderState, error: str | None = None) -> None:
         """Move to ``state``; a dead reader keeps the reason."""
@@ -145,6 +146,7 @@ class ReaderRegistry:
         record.last_heartbeat_ms = now_ms()
         record.last_seen = monotonic()
         record.error = None
+        record.unhealthy = False
         if record.state is not ReaderState.LOADING:
             record.set_state(ReaderState.LOADING)
         self._touch()
@@ -178,6 +180,22 @@ class ReaderRegistry:
                 record.stats = frame.stats
             if frame.progress >= 0:
                 record.progress = frame.progress
+            self._on_health(record, frame.unhealthy)
+
+    def _on_health(self, record: ReaderRecord, unhealthy: str) -> None:
+        """A live reader that says it cannot serve goes to ``dead_readers`` with the reason (so routing, health
+        checks and /status see it), and back to ``live_readers`` when it says it can again."""
+        if unhealthy and record.state is ReaderState.LIVE:
+            logger.warning("reader %s cannot serve: %s", record.reader_id, unhealthy)
+            record.unhealthy = True
+            record.set_state(ReaderState.DEAD, error=f"unhealthy: {unhealthy}")
+            self._touch()
+        elif not unhealthy and record.unhealthy and record.state is ReaderState.DEAD:
+            logger.info("reader %s can serve again", record.reader_id)
+            record.unhealthy = False
+            record.error = None
+            record.set_state(ReaderState.LIVE)
+            self._touch()
 
     def on_reader_lost(self, reader_id: str, reason: str) -> None:
         """The reader's link is gone."""
@@ -186,8 +204,9 @@ class ReaderRegistry:
     def mark_dead(self, reader_id: str, reason: str) -> None:
         """Move a reader to ``dead_readers`` (keeping the first reason)."""
         record = self.records.get(reader_id)
-        if record is None or record.state is ReaderState.DEAD:
+        if record is None or (record.state is ReaderState.DEAD and not record.unhealthy):
             return
+        record.unhealthy = False  # dead for good now: no heartbeat brings it back
         log = logger.info if self.closing else logger.warning
         log("reader %s is dead: %s", reader_id, reason)
         record.set_state(ReaderState.DEAD, error=reason)

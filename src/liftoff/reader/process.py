@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend
+from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend, RemoteBackend
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.config.models import ReaderConfig
@@ -51,6 +51,7 @@ from liftoff.core.types import NEEDS, SERVES, ReaderInfo, RequestKind
 from liftoff.reader import services
 from liftoff.reader.batcher import Batcher
 from liftoff.reader.engine import Emit, Engine
+from liftoff.reader.relay import Relay
 from liftoff.reader.worker import InboxWorker
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ _WORKER_KINDS = frozenset({RequestKind.GENERATE, RequestKind.EMBED, RequestKind.
 
 
 def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> InboxWorker:
-    """The engine of a generative backend, or the batcher of an encoder."""
+    """The engine of a generative backend, the batcher of an encoder, or the relay of a remote model."""
+    if isinstance(backend, RemoteBackend):
+        return Relay(backend, emit, reader_id)
     if isinstance(backend, EncoderBackend):
         return Batcher(backend, emit, reader_id)
     if isinstance(backend, Backend):
@@ -345,15 +348,18 @@ class ReaderProcess:
         period = welcome.heartbeat_interval_ms / 1000.0
         keepalive = min(period, welcome.reader_message_timeout_ms / 3000.0)
         last = 0.0
+        reported = ""
         while True:
             busy = bool(self._tasks) or (self._engine is not None and self._engine.in_flight > 0)  # services too
+            unhealthy = self._engine.health() if self._engine else ""
             now = monotonic()
-            if busy or now - last >= period:
-                last = now
+            if busy or now - last >= period or unhealthy != reported:  # a change of health is told at once
+                last, reported = now, unhealthy
                 active = self._engine.in_flight if self._engine else 0
                 progress = 1.0 if self._loaded else self._progress
                 stats = self._engine.stats() if self._engine else {}
-                link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress, stats=stats)])
+                link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress, stats=stats,
+                                          unhealthy=unhealthy)])  # fmt: skip
             await asyncio.sleep(keepalive)
 
     async def _drain(self, link: ReaderLink) -> None:

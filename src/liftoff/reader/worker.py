@@ -39,6 +39,10 @@ class InboxWorker(abc.ABC):
     def stats(self) -> dict[str, float]:
         """Running totals since start, for the heartbeats (read from another thread)."""
 
+    def health(self) -> str:
+        """Why the worker cannot serve now, for the heartbeats ("" when it can; only a relay's upstream fails)."""
+        return ""
+
     def start(self) -> None:
         """Start the thread."""
         self._running = True
