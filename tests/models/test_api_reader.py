@@ -171,10 +171,18 @@ def test_tokenizer_services_are_the_upstreams(front: LiftoffServer, llama_server
     assert "<|im_start|>user\nHi<|im_end|>" in rendered["messages"][0]
 
 
+def long_stream(group: str) -> dict[str, Any]:
+    """An OpenAI streaming body that cannot end early: 2000 tokens past end-of-sequence (vLLM's ``ignore_eos``,
+    which the native API lacks), minutes of tokens on one thread."""
+    return {"model": group, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+
+
 def test_a_client_that_leaves_frees_the_upstreams_slot(front: LiftoffServer, llama_server: LlamaServer) -> None:
-    body = {"text": QUESTION, "max_new_tokens": 2000, "ignore_eos": True}  # minutes of tokens on 1 thread
+    body = long_stream("primary")
     predicted = llama_server.metric("tokens_predicted_total")
-    with httpx.Client(timeout=60) as client, client.stream("POST", front.base + "/generate_stream", json=body) as r:
+    url = front.url("openai_port") + "/v1/chat/completions"
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
         events = sse_events(r.iter_lines())
         for _ in range(3):
             next(events)
@@ -189,14 +197,14 @@ def test_the_upstream_killed_mid_stream(tmp_path: Path, smollm2_file: Path, llam
     server = LiftoffServer(workdir=tmp_path / "front", readers={"api": api}, server={"reserved_consumers": ""})
     try:
         server.start()
-        body = {"text": QUESTION, "max_new_tokens": 2000, "ignore_eos": True}
-        with server.http.stream("POST", server.base + "/generate_stream", json=body) as response:
+        url = server.url("openai_port") + "/v1/chat/completions"
+        with server.http.stream("POST", url, json=long_stream("primary")) as response:
             events = sse_events(response.iter_lines())
-            assert next(events)[0] == "message"
+            assert "choices" in json.loads(next(events)[1])
             upstream.kill()
-            last = list(events)[-1]
-        assert last[0] == "error"
-        assert json.loads(last[1])["error_type"] == "upstream_unavailable"
+            rest = [data for _, data in events]
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["error"]["code"] == "upstream_unavailable"
         wait_until(lambda: "api" in server.readers("dead"), timeout=10, what="the reader to report its upstream")
         assert server.generate(QUESTION, max_new_tokens=2).status_code == 503
         upstream.start()

@@ -346,8 +346,8 @@ class EmbeddedBroker(GatewayBroker):
             elif isinstance(frame, HeartbeatFrame):
                 if frame.quiet_ms > 0:  # a long task announced: its silence is not death
                     slot.quiet_until = slot.last_recv + min(frame.quiet_ms, MAX_QUIET_MS) / 1000.0
+                self.events.on_reader_heartbeat(slot.reader_id, frame)  # first: whether its groups hold asks it
                 self._on_health(slot, bool(frame.unhealthy))
-                self.events.on_reader_heartbeat(slot.reader_id, frame)
             elif isinstance(frame, LoadedFrame):
                 self._on_loaded(slot, frame)
             elif isinstance(frame, LoadFailedFrame):

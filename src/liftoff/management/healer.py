@@ -206,12 +206,18 @@ class Healer:
 
     def holds(self, group: str) -> bool:
         """Whether ``group`` keeps its waiting requests while no reader of it is live: a reader of it is being
-        restarted, or has ``buffer_requests``."""
+        restarted, or has ``buffer_requests``. A reader that runs but says it cannot serve (an API reader whose
+        upstream is down) holds nothing: when it comes back is not known, so its group answers 503 at once."""
         if self.registry.closing:
             return False
-        if any(s.book.holds() and group in s.config.consumer_group for s in self.readers.values()):
+        if any(self._holds(reader_id, s) and group in s.config.consumer_group for reader_id, s in self.readers.items()):
             return True
         return self.registry.buffering(group)
+
+    def _holds(self, reader_id: str, supervised: Supervised) -> bool:
+        """Whether this reader keeps its groups' waiting requests (see :meth:`holds`)."""
+        record = self.registry.get(reader_id)
+        return supervised.book.holds() and not (record is not None and record.unhealthy)
 
     def view(self, reader_id: str) -> dict[str, Any]:
         """The restart fields of ``GET /reader/{id}`` (``restart_policy`` null: not started by this gateway)."""
