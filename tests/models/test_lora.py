@@ -136,8 +136,9 @@ def _backend(checkpoint: Path, **options: Any) -> Any:
     return backend
 
 
-def _run(backend: Any, requests: dict[str, str | None]) -> dict[str, str]:
-    """Greedy answers to QUESTIONS[0] of requests (id -> lora_id) admitted together, stepped to the end."""
+def _run(backend: Any, requests: dict[str, str | None], seen: list[set[int]] | None = None) -> dict[str, str]:
+    """Greedy answers to QUESTIONS[0] of requests (id -> lora_id) admitted together, stepped to the end; the
+    adapter slots of the running rows after each step are added to ``seen``."""
     from liftoff.core.types import GenerationParams
 
     for request_id, lora_id in requests.items():
@@ -148,7 +149,30 @@ def _run(backend: Any, requests: dict[str, str | None]) -> dict[str, str]:
         for output in backend.step():
             assert output.error is None, output.error
             texts[output.request_id] += output.text
+        if seen is not None:
+            seen.append({row.adapter for row in backend._rows} - {0})
     return texts
+
+
+def test_max_loras_bounds_the_adapters_of_a_step(smollm2_dequantized: Dequantized, adapters: dict[str, Path]) -> None:
+    """With max_loras 1 no step mixes alpha and beta (a request waits for the other adapter's rows to finish),
+    and every answer is what it is with room for both."""
+    requests = {"a1": "alpha", "b1": "beta", "n1": None, "a2": "alpha"}
+    backend = _backend(smollm2_dequantized.checkpoint, loras=_loras(adapters), max_loras=1)
+    try:
+        seen: list[set[int]] = []
+        one = _run(backend, requests, seen)
+        assert max(len(slots) for slots in seen) == 1
+        backend.lora.max_loras = 8
+        mixed: list[set[int]] = []
+        both = _run(backend, requests, mixed)
+        assert max(len(slots) for slots in mixed) == 2  # the same requests do mix when they may
+    finally:
+        backend.close()
+    assert one == both
+    _only("alpha", one["a1"])
+    _only("beta", one["b1"])
+    assert one["a1"] == one["a2"]
 
 
 def test_adapters_on_int8_layers(smollm2_dequantized: Dequantized, adapters: dict[str, Path]) -> None:
@@ -181,17 +205,24 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_dequantized: Dequantized, adapters: dict[str, Path]
 ) -> Any:
     """Readers of the same float32 SmolLM2: ``lora`` (group primary) with both adapters, ``plain`` (group plain)
-    without any: the base model's reference."""
+    without any: the base model's reference; and ``cpp``, the bundled GGUF on llama.cpp (group cpp)."""
     checkpoint = str(smollm2_dequantized.checkpoint)
     common = {"model_name": checkpoint, "device": "cpu", "backend": "transformers", "max_batch_size": 6,
               "max_sequence_length": 256, "backend_options": {"n_threads": 1, "dtype": "float32"}}  # fmt: skip
     readers = {
         "lora": {**common, "consumer_group": "primary", "loras": [f"alpha={adapters['alpha']}", str(adapters["beta"])]},
         "plain": {**common, "consumer_group": "plain"},
+        "cpp": {
+            "model_name": "smollm2-135m-instruct",
+            "device": "cpu",
+            "consumer_group": "cpp",
+            "max_batch_size": 1,
+            "backend_options": {"n_threads": 1},
+        },
     }
     instance = LiftoffServer(workdir=tmp_path_factory.mktemp("lora"), readers=readers)
     instance.start(timeout=300)
-    instance.wait_live(2, timeout=300)
+    instance.wait_live(3, timeout=300)
     yield instance
     instance.close()
 
@@ -295,3 +326,14 @@ def test_vertex_instances_and_snowflake_rows_carry_lora_id(server: Any) -> None:
                                  timeout=120)  # fmt: skip
     assert snowflake.status_code == 200, snowflake.text
     assert WORDS["beta"] in str(snowflake.json()["data"][0][1])
+
+
+def test_llamacpp_refuses_lora_id_and_loras(server: Any) -> None:
+    response = _generate(server, QUESTIONS[0], "alpha", group="cpp")
+    assert response.status_code == 400
+    assert "llamacpp backend does not load LoRA adapters yet" in response.json()["detail"]
+    assert _generate(server, QUESTIONS[0], group="cpp").status_code == 200
+    body = {"model_name": "smollm2-135m-instruct", "device": "cpu", "consumer_group": "cpp2", "loras": "x=anything"}
+    created = server.http.post(server.mgmt + "/reader", json=body)
+    assert created.status_code == 400  # not under repository_path: refused before anything starts
+    assert "LoRA 'x'" in created.json()["detail"]
