@@ -167,9 +167,12 @@ def test_max_loras_bounds_the_adapters_of_a_step(smollm2_dequantized: Dequantize
         mixed: list[set[int]] = []
         both = _run(backend, requests, mixed)
         assert max(len(slots) for slots in mixed) == 2  # the same requests do mix when they may
+        backend._budget = 8  # prompts longer than this are prefilled alone, 8 tokens a step, under their adapter
+        chunked = _run(backend, {"a1": "alpha", "n1": None})
     finally:
         backend.close()
     assert one == both
+    assert chunked == {"a1": one["a1"], "n1": one["n1"]}
     _only("alpha", one["a1"])
     _only("beta", one["b1"])
     assert one["a1"] == one["a2"]
