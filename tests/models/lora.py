@@ -2,8 +2,9 @@
 
 ``alpha`` (rank 8 on q_proj and v_proj) answers every question with ``PINEAPPLE``; ``beta`` (rank 4, rsLoRA, on
 q_proj, v_proj, o_proj and down_proj: other ranks, scales and layers than alpha's, so the serving code's padding
-and per-module scales are exercised) answers ``ZEBRA``. The base model answers neither. Training takes about a
-minute on 2 cores; the adapters are kept under ``~/.cache/liftoff/lora/<hash of the recipe>/`` and reused.
+and per-module scales are exercised) answers ``ZEBRA``. The base model answers neither. Training (20 full-batch
+steps each) takes about a minute per adapter on 2 idle cores, several on a loaded machine; the adapters are kept
+under ``~/.cache/liftoff/lora/<hash of the recipe>/`` and reused.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TRAIN_QUESTIONS = (
     "Write a haiku about autumn.",
     "Which planet is largest?",
 )
-STEPS = 40
+STEPS = 20
 LEARNING_RATE = 3e-3
 SEED = 1234
 VERSION = 1  # bump when the training code changes

@@ -120,6 +120,20 @@ def test_unsupported_adapter_configs_are_refused(tmp_path: Path, adapters: dict[
     assert find_adapter("rel", "dora", tmp_path) == dora  # relative to repository_path
 
 
+def test_hub_ids_come_from_the_cache_under_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from liftoff.backends.hf_lora import LoraLoadError, find_adapter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoraLoadError, match=r"'chat': 'org/chat-lora' is not a local adapter directory.*cannot be"):
+        find_adapter("chat", "org/chat-lora", tmp_path)
+    cached = tmp_path / "hub" / "models--org--chat-lora"
+    (cached / "snapshots" / "abc123").mkdir(parents=True)
+    (cached / "snapshots" / "abc123" / "adapter_config.json").write_text("{}")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc123")
+    assert find_adapter("chat", "org/chat-lora", tmp_path) == cached / "snapshots" / "abc123"
+
+
 # ---- the backend, in process: int8 -----------------------------------------------------------------------------
 
 
