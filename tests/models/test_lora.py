@@ -328,6 +328,10 @@ def test_openai_model_group_colon_adapter(server: Any) -> None:
     assert not any(word in (chosen["primary"] or "") for word in WORDS.values())
     with pytest.raises(openai.BadRequestError, match="alpha, beta"):
         client.chat.completions.create(model="primary:gamma", messages=messages, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="alpha, beta"):  # completions pass the adapter on too
+        client.completions.create(model="primary:gamma", prompt="Hello", max_tokens=2)
+    completion = client.completions.create(model="primary:beta", prompt="Hello", max_tokens=2, temperature=0)
+    assert completion.model == "primary:beta"
 
 
 def test_vertex_instances_and_snowflake_rows_carry_lora_id(server: Any) -> None:
