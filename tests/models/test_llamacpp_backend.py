@@ -99,6 +99,12 @@ def test_refuses_cuda_readers_before_loading() -> None:
         LlamaCppBackend(config).load(lambda _: None)
 
 
+def test_refuses_loras_before_loading() -> None:
+    config = ReaderConfig(model_name=MODEL, device="cpu", backend="llamacpp", loras="sql=adapters/sql")
+    with pytest.raises(RuntimeError, match="does not load LoRA adapters yet; serve them with backend: transformers"):
+        LlamaCppBackend(config).load(lambda _: None)
+
+
 def test_notes_report_unknown_backend_options_only() -> None:
     config = ReaderConfig(
         model_name=MODEL,

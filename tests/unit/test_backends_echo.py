@@ -13,7 +13,7 @@ from liftoff.backends.base import Backend, BackendContext, ProgressCallback, Ste
 from liftoff.backends.echo import CRASH_EXIT_CODE, EchoBackend, tokenize
 from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import ContextLengthExceededError
+from liftoff.core.errors import ContextLengthExceededError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 
@@ -124,6 +124,14 @@ def test_abort() -> None:
     assert echo.abort("r") is False
     assert echo.active() == 0
     assert echo.step() == []
+
+
+def test_lora_id_is_refused_not_ignored() -> None:
+    echo = backend()
+    with pytest.raises(NotSupportedError, match="no LoRA adapters") as info:
+        echo.admit("r", "a b", GenerationParams(lora_id="alpha"))
+    assert info.value.param == "lora_id"
+    assert echo.active() == 0
 
 
 # ---- max_sequence_length ----------------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ class EchoBackend(Backend):
                 "send structured generation to a reader of a real model (llamacpp or transformers)",
                 param="json_schema" if params.regex_string is None else "regex_string",
             )
+        if params.lora_id is not None:
+            raise NotSupportedError(
+                "the echo backend holds no LoRA adapters; send lora_id to a transformers reader with loras",
+                param="lora_id",
+            )
         words = tokenize(self._prompt(text, params))
         kept, budget = fit_prompt(range(len(words)), params, self.context_length)
         tokens = [words[i] for i in kept]

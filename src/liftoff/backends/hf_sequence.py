@@ -30,6 +30,7 @@ class HFSequence:
     last: int = 0  # the token the next decode feeds
     unreported: int = 0  # tokens not yet counted in a StepOutput
     done: bool = False
+    adapter: int = 0  # LoRA slot (liftoff.backends.hf_lora; 0: the base model)
 
 
 def account(seq: HFSequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]) -> None:

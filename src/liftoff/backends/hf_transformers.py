@@ -59,6 +59,7 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
+from liftoff.backends.hf_lora import LoraSet, attach_loras, fits, lora_slot, prefix_key
 from liftoff.backends.hf_quant import calibration_ids, check_int8, quantize_linears, wants_int8
 from liftoff.backends.hf_sequence import HFSequence, account, finish
 from liftoff.backends.hf_tokens import HFTokenizer
@@ -67,7 +68,7 @@ from liftoff.backends.resolve import resolve_model
 from liftoff.backends.sampling import SamplerState, sample
 from liftoff.backends.text import fit_prompt
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ class TransformersBackend(Backend):
     """Causal LMs through ``transformers`` + ``torch``, continuously batched."""
 
     name = "transformers"
-    honoured_options = COMMON_OPTIONS | GRAMMAR_OPTIONS | {"max_sequence_length", "prefill_chunk_size"}
+    honoured_options = COMMON_OPTIONS | GRAMMAR_OPTIONS | {"max_sequence_length", "prefill_chunk_size", "loras",
+                                                           "max_loras"}  # fmt: skip
     backend_options = BACKEND_OPTIONS
 
     def __init__(self, config: ReaderConfig, context: BackendContext | None = None) -> None:
         super().__init__(config, context)
         self._loaded: LoadedModel | None = None
+        self.lora: LoraSet | None = None  # the LoRA adapters (reader option loras), wrapped into the model
         self._cache: SlotCache | None = None
         self._detok: Detokenizer | None = None
         self._tok: HFTokenizer | None = None
@@ -133,6 +136,7 @@ class TransformersBackend(Backend):
         loaded = load_causal_lm(path, dtype=dtype, device=device)
         if int8:
             quantize_linears(loaded.model, calibration_ids(loaded))
+        self.lora = attach_loras(loaded.model, self.config, self.context.repository_path)  # after int8: wraps it
         progress(0.95)
         context = self._context_for(loaded)
         self._loaded = loaded
@@ -145,7 +149,7 @@ class TransformersBackend(Backend):
         vocab_size = int(getattr(loaded.model.config.get_text_config(), "vocab_size", 0) or len(loaded.tokenizer))
         self.grammars = Grammars(self._vocabulary, loaded.eos_ids, vocab_size, limits=GrammarLimits.of(self.config))
         with torch.inference_mode():  # allocate the cache and warm the kernels up
-            self._forward_prefill([[loaded.pad_id]], 0, 0)
+            self._forward_prefill([[loaded.pad_id]], [0], 0, 0)
         logger.info(
             "loaded %s (%s, %s) with %d slots of %d tokens; KV cache %.0f MiB",
             path,
@@ -169,7 +173,7 @@ class TransformersBackend(Backend):
         return wanted
 
     def close(self) -> None:
-        self._loaded = self._cache = self._detok = self._tok = self.grammars = None
+        self._loaded = self._cache = self._detok = self._tok = self.grammars = self.lora = None
         self._waiting.clear()
         self._rows.clear()
         self._prefixes.clear()
@@ -191,8 +195,7 @@ class TransformersBackend(Backend):
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         loaded = self._model()
-        if params.lora_id is not None:
-            raise NotSupportedError("lora_id: the transformers backend serves no LoRA adapters", param="lora_id")
+        adapter = lora_slot(self.lora, params.lora_id)
         ids = self._prompt_ids(text, params)
         if not ids:
             bos = loaded.tokenizer.bos_token_id
@@ -201,7 +204,7 @@ class TransformersBackend(Backend):
             ids = [int(bos)]
         prompt, budget = fit_prompt(ids, params, self.context_length)
         sampler = SamplerState(params, prompt, constraint=self._require_grammars().constraint(params))
-        seq = HFSequence(request_id, prompt, sampler, budget, TextStream(prompt))
+        seq = HFSequence(request_id, prompt, sampler, budget, TextStream(prompt), adapter=adapter)
         if budget <= 0:
             self._empty.append(seq)
         else:
@@ -248,6 +251,8 @@ class TransformersBackend(Backend):
         positions = torch.tensor(lengths, dtype=torch.long, device=loaded.device)
         span = max(lengths) + 1
         cache.begin_decode(positions, span)
+        if self.lora is not None:
+            self.lora.select([seq.adapter for seq in rows])
         output = loaded.model(
             input_ids=torch.tensor([[seq.last] for seq in rows], device=loaded.device),
             position_ids=positions.view(n, 1),
@@ -264,6 +269,9 @@ class TransformersBackend(Backend):
         if free <= 0:  # only when admitted beyond capacity: the rest waits for free rows
             return
         seq = self._chunking
+        adapters = {row.adapter for row in self._rows}
+        if seq is None and not fits(self.lora, adapters, self._waiting[0].adapter):
+            return  # max_loras: the first in line waits for its adapter's turn, and the rest behind it
         if seq is None and len(self._waiting[0].prompt) > self._budget:
             seq = self._chunking = self._waiting.popleft()
         if seq is not None:
@@ -273,14 +281,17 @@ class TransformersBackend(Backend):
         width = 0
         limit = min(self._budget, self._per_step)
         while self._waiting and len(batch) < free and len(self._waiting[0].prompt) <= self._budget:
+            if not fits(self.lora, adapters, self._waiting[0].adapter):
+                break
             wider = max(width, len(self._waiting[0].prompt))
             if batch and wider * (len(batch) + 1) > limit:
                 break
             batch.append(self._waiting.popleft())
+            adapters.add(batch[-1].adapter)
             width = wider
         row0 = len(self._rows)
         start = self._reuse_prefixes(batch, row0)
-        logits = self._forward_prefill([seq.prompt[start:] for seq in batch], row0, start)
+        logits = self._forward_prefill([seq.prompt[start:] for seq in batch], [s.adapter for s in batch], row0, start)
         for seq in batch:
             seq.length = len(seq.prompt)
             self._rows.append(seq)
@@ -297,9 +308,14 @@ class TransformersBackend(Backend):
             for row in rows:
                 self._prefixes.overwrite(row)
             return 0
-        running = [seq.prompt + seq.sampler.generated[: seq.length - len(seq.prompt)] for seq in self._rows]
-        sources = [self._prefixes.best_source(seq.prompt, row, running) for seq, row in zip(batch, rows, strict=True)]
-        start = min(min(shared, len(seq.prompt) - 1) for seq, (_, shared) in zip(batch, sources, strict=True))
+        running = [prefix_key(self.lora, s.adapter, s.prompt + s.sampler.generated[: s.length - len(s.prompt)])
+                   for s in self._rows]  # fmt: skip
+        sources = [self._prefixes.best_source(prefix_key(self.lora, seq.adapter, seq.prompt), row, running)
+                   for seq, row in zip(batch, rows, strict=True)]  # fmt: skip
+        mark = 0 if self.lora is None else 1
+        start = max(
+            0, min(min(shared - mark, len(s.prompt) - 1) for s, (_, shared) in zip(batch, sources, strict=True))
+        )
         cache = self._require_cache()
         for (source, _), row in zip(sources, rows, strict=True):
             if start and source != row:
@@ -314,7 +330,7 @@ class TransformersBackend(Backend):
         self._prefixes.overwrite(slot)
         start = seq.length
         end = min(len(seq.prompt), start + self._budget)
-        logits = self._forward_prefill([seq.prompt[start:end]], slot, start)
+        logits = self._forward_prefill([seq.prompt[start:end]], [seq.adapter], slot, start)
         seq.length = end
         if end < len(seq.prompt):
             return
@@ -324,8 +340,9 @@ class TransformersBackend(Backend):
         self._rows.append(seq)
         self._advance([seq], self._sample(logits, [seq]), out)
 
-    def _forward_prefill(self, prompts: list[list[int]], row0: int, start: int) -> torch.Tensor:
-        """Run ``prompts`` (right-padded) into rows ``row0..`` from position ``start``; each one's last logits."""
+    def _forward_prefill(self, prompts: list[list[int]], adapters: list[int], row0: int, start: int) -> torch.Tensor:
+        """Run ``prompts`` (right-padded; LoRA slots ``adapters``) into rows ``row0..`` from position ``start``;
+        each one's last logits."""
         loaded, cache = self._model(), self._require_cache()
         device = loaded.device
         width = max(len(p) for p in prompts)
@@ -333,6 +350,8 @@ class TransformersBackend(Backend):
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
         positions = (torch.arange(width, device=device) + start).expand(len(prompts), width)
         cache.begin_prefill(row0, len(prompts), start, width)
+        if self.lora is not None:
+            self.lora.select(adapters)
         output = loaded.model(
             input_ids=torch.tensor(padded, device=device),
             position_ids=positions,
@@ -365,7 +384,9 @@ class TransformersBackend(Backend):
             self._rows[index] = left
         self._rows.pop()
         if self._prefix_cache:
-            self._prefixes.keep(last, (left.prompt + left.sampler.generated)[: left.length])
+            self._prefixes.keep(
+                last, prefix_key(self.lora, left.adapter, (left.prompt + left.sampler.generated)[: left.length])
+            )
 
     def _require_cache(self) -> SlotCache:
         if self._cache is None:

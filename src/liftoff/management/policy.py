@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from liftoff.config.models import BUNDLED_ALIASES, AppConfig, ReaderConfig
+from liftoff.config.models import BUNDLED_ALIASES, AppConfig, ReaderConfig, lora_entries
 from liftoff.core.errors import InvalidRequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -50,6 +50,7 @@ def check_new_reader(config: ReaderConfig, limits: ReaderLimits, running: int) -
         )
     _check_sizes(config, limits)
     check_model(config, limits)
+    check_loras(config, limits)
 
 
 def _check_sizes(config: ReaderConfig, limits: ReaderLimits) -> None:
@@ -100,21 +101,39 @@ def check_model(config: ReaderConfig, limits: ReaderLimits) -> None:
     name = config.model_name
     if config.backend == "echo" or name == "echo" or name.startswith("echo:") or name.lower() in BUNDLED_ALIASES:
         return
+    _check_source(name, limits, "model_name", _refused(name))
+
+
+def check_loras(config: ReaderConfig, limits: ReaderLimits) -> None:
+    """Refuse LoRA adapters (``loras``) outside what the management API may load: as for ``model_name``, a
+    directory under ``repository_path`` or a Hugging Face id that ``allowed_models`` lists."""
+    for name, source in lora_entries(config.loras):
+        refused = InvalidRequestError(
+            f"LoRA {name!r} ({source!r}) is not an adapter POST /reader may load: name a directory under "
+            "repository_path, or a Hugging Face id that allowed_models lists",
+            param="loras",
+        )
+        _check_source(source, limits, "loras", refused)
+
+
+def _check_source(name: str, limits: ReaderLimits, param: str, refused: InvalidRequestError) -> None:
+    """Refuse (with ``refused``) a model or adapter ``name`` that is neither under ``repository_path`` nor an
+    allowed Hugging Face id (already downloaded, unless ``allow_downloads``)."""
     root = limits.repository_path.expanduser().resolve()
     for candidate in (Path(name).expanduser(), root / name):  # the reader's order (backends.resolve)
         if _exists(candidate):
             if _inside(candidate, root):
                 return
-            raise _refused(name)
+            raise refused
     if not _HUB_ID.match(name) or ".." in name:
-        raise _refused(name)
+        raise refused
     if not any(fnmatchcase(name, pattern) for pattern in limits.allowed_models):
-        raise _refused(name)
+        raise refused
     if not limits.allow_downloads and not _downloaded(name, root):
         raise InvalidRequestError(
-            f"model {name!r} is not in repository_path and allow_downloads is false: put its files at "
+            f"{name!r} is not in repository_path and allow_downloads is false: put its files at "
             f"{root / name}, or set allow_downloads",
-            param="model_name",
+            param=param,
         )
 
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from liftoff.config.models import ReaderConfig
+from liftoff.config.models import ReaderConfig, lora_names
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
 from liftoff.core.types import ReaderInfo, ReaderState
@@ -70,14 +70,21 @@ class ReaderRecord:
 
 
 def _info_dict(info: ReaderInfo) -> dict[str, Any]:
-    return {
+    return _with_loras(info, {
         "consumer_groups": list(info.consumer_groups),
         "consumer_name": info.consumer_name,
         "device": info.device,
         "model_name": info.model_name,
         "model_type": info.model_type,
         "pids": list(info.pids),
-    }
+    })  # fmt: skip
+
+
+def _with_loras(info: ReaderInfo, shown: dict[str, Any]) -> dict[str, Any]:
+    """``shown`` with the reader's ``loras`` (the newest ReaderInfo's optional field) when it has adapters."""
+    if info.loras is not None:
+        shown["loras"] = info.loras
+    return shown
 
 
 def info_for(config: ReaderConfig, consumer_name: str = "", pids: list[int] | None = None) -> ReaderInfo:
@@ -89,6 +96,7 @@ def info_for(config: ReaderConfig, consumer_name: str = "", pids: list[int] | No
         model_name=config.model_name,
         model_type="CAUSAL",
         pids=list(pids or []),
+        loras=lora_names(config.loras),
     )
 
 
@@ -277,6 +285,16 @@ class ReaderRegistry:
         """Whether any reader (in any state) serves ``group``."""
         return any(group in r.info.consumer_groups for r in self.records.values())
 
+    def live_loras(self, group: str) -> list[str]:
+        """The LoRA adapter names of the live readers of ``group``, sorted."""
+        names = {
+            name
+            for r in self.records.values()
+            if r.state is ReaderState.LIVE and group in r.info.consumer_groups and r.info.loras
+            for name in r.info.loras.split(",")
+        }
+        return sorted(names)
+
     def groups(self) -> list[str]:
         """Every consumer group any reader serves."""
         return sorted({g for r in self.records.values() for g in r.info.consumer_groups})
@@ -309,12 +327,12 @@ class ReaderRegistry:
         for record in self.records.values():
             key = {ReaderState.LIVE: "live_readers", ReaderState.DEAD: "dead_readers"}.get(record.state)
             if key is not None:
-                masked[key][record.reader_id] = {
+                masked[key][record.reader_id] = _with_loras(record.info, {
                     "consumer_groups": list(record.info.consumer_groups),
                     "device": record.info.device,
                     "model_name": record.info.model_name,
                     "model_type": record.info.model_type,
-                }
+                })  # fmt: skip
         return masked
 
     def reader_groups(self) -> dict[str, list[dict[str, Any]]]:
@@ -323,14 +341,14 @@ class ReaderRegistry:
         for record in self.records.values():
             if record.state is ReaderState.DEAD:
                 continue
-            entry = {
+            entry = _with_loras(record.info, {
                 "reader_id": record.reader_id,
                 "device": record.info.device,
                 "model_name": record.info.model_name,
                 "model_type": record.info.model_type,
                 "pids": list(record.info.pids),
                 "ready": record.state is ReaderState.LIVE,
-            }
+            })  # fmt: skip
             for group in record.info.consumer_groups:
                 groups.setdefault(group, []).append(dict(entry))
         return groups

@@ -14,6 +14,7 @@ class ReaderInfoModel(BaseModel):
     model_name: str
     model_type: str
     pids: list[int]
+    loras: str | None = Field(None, description="Its LoRA adapters' names, comma-separated (absent without).")
 
 
 class LastHeartbeat(BaseModel):
@@ -69,6 +70,7 @@ class ReaderGroupEntry(BaseModel):
     model_name: str
     model_type: str
     pids: list[int]
+    loras: str | None = Field(None, description="Its LoRA adapters' names, comma-separated (absent without).")
     ready: bool = Field(..., description="Whether the reader is live.")
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend, RemoteBackend
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
-from liftoff.config.models import ReaderConfig
+from liftoff.config.models import ReaderConfig, lora_names
 from liftoff.core import ids
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import InvalidRequestError
@@ -207,6 +207,7 @@ class ReaderProcess:
             model_name=config.model_name,
             model_type=model_type,
             pids=[os.getpid()],
+            loras=lora_names(config.loras),
         )
         return RegisterFrame(
             reader_id=self.options.reader_id,

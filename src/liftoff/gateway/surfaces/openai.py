@@ -1,7 +1,9 @@
 """The OpenAI-compatible API (port 3003): chat completions, completions, embeddings and the model list.
 
-``model`` is a consumer group. Requests are translated in ``gateway/translate/openai.py``; buffered answers are
-built here, streams in ``openai_stream.py``. Token counts are the reader's.
+``model`` is a consumer group, or ``group:adapter`` for one of its readers' LoRA adapters (as vLLM names them:
+the adapter's name alone also works when one group has it). Requests are translated in
+``gateway/translate/openai.py``; buffered answers are built here, streams in ``openai_stream.py``. Token counts
+are the reader's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from liftoff.gateway.surfaces.native import collect, echo
 from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
 from liftoff.gateway.translate.encode import base64_row, encode_frame, floats
 from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
+from liftoff.management.registry import ReaderRegistry
 from liftoff.protocol.openai import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(tags=["openai"])
@@ -76,7 +79,7 @@ async def chat_completions(request: Request) -> Response:
     """A chat completion of a conversation, rendered by the reader's chat template."""
     state = get_state(request)
     body = await read_model(request, ChatCompletionRequest)
-    plan = chat_plan(body, state.config)
+    plan = chat_plan(body, state.config, *_target(state.registry, body.model))
     return await _serve(request, body, plan, chat=True)
 
 
@@ -86,7 +89,7 @@ async def completions(request: Request) -> Response:
     """A completion of a prompt (or of each prompt of a list), with no chat template."""
     state = get_state(request)
     body = await read_model(request, CompletionRequest)
-    plan = completion_plan(body, state.config)
+    plan = completion_plan(body, state.config, *_target(state.registry, body.model))
     return await _serve(request, body, plan, chat=False)
 
 
@@ -128,22 +131,43 @@ def _texts(value: str | list[str] | list[int] | list[list[int]]) -> str | list[s
     )
 
 
-def _model(group: str) -> dict[str, Any]:
-    return {"id": group, "object": "model", "created": _STARTED, "owned_by": "liftoff"}
+def _target(registry: ReaderRegistry, model: str) -> tuple[str, str | None]:
+    """The consumer group and LoRA adapter ``model`` names: a group; ``group:adapter``; or an adapter's name
+    alone, when exactly one group with a live reader has it (else it is taken as a group, which may not exist)."""
+    if registry.knows(model):
+        return model, None
+    group, colon, adapter = model.rpartition(":")
+    if colon and group and adapter:
+        return group, adapter
+    owners = [group for group in registry.groups() if model in registry.live_loras(group)]
+    return (owners[0], model) if len(owners) == 1 else (model, None)
+
+
+def _model(group: str, adapter: str | None = None) -> dict[str, Any]:
+    if adapter is None:
+        return {"id": group, "object": "model", "created": _STARTED, "owned_by": "liftoff"}
+    return {"id": f"{group}:{adapter}", "object": "model", "created": _STARTED, "owned_by": "liftoff", "parent": group}
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    """One model per consumer group that has a live reader."""
+    """One model per consumer group that has a live reader, and one per LoRA adapter of its live readers
+    (``group:adapter``)."""
     registry = get_state(request).registry
     groups = [group for group in registry.groups() if registry.has_live(group)]
-    return json_response({"object": "list", "data": [_model(group) for group in groups]})
+    data = []
+    for group in groups:
+        data += [_model(group), *(_model(group, name) for name in registry.live_loras(group))]
+    return json_response({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model}", responses={404: ERROR_RESPONSES[404]})
 async def model(request: Request, model: str) -> Response:
-    """One consumer group with a live reader; 404 otherwise."""
+    """One consumer group with a live reader, or ``group:adapter`` for a LoRA adapter of one; 404 otherwise."""
     registry = get_state(request).registry
-    if not registry.has_live(model):
-        raise NotFoundError(f"no consumer group {shown(model)} with a live reader", param="model")
-    return json_response(_model(model))
+    if registry.has_live(model):
+        return json_response(_model(model))
+    group, _, adapter = model.rpartition(":")
+    if group and adapter in registry.live_loras(group):
+        return json_response(_model(group, adapter))
+    raise NotFoundError(f"no consumer group {shown(model)} with a live reader", param="model")

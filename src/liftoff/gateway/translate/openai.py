@@ -1,6 +1,7 @@
 """OpenAI API ↔ core: chat and completion requests → one :class:`RequestFrame` per (prompt, choice).
 
-``model`` is the consumer group. A field Liftoff does not implement is refused with a 400 that names it, never
+``model`` is the consumer group, or ``group:adapter`` for one of its LoRA adapters (the surface resolves it into a
+group and a ``lora_id``). A field Liftoff does not implement is refused with a 400 that names it, never
 dropped. Sampling follows OpenAI's defaults (temperature 1, no top-k), not the native API's greedy default.
 Stop strings, ``seed``, ``ignore_eos`` and ``min_tokens`` go to the reader with the other decoding parameters.
 ``response_format`` becomes the native ``json_schema``: ``json_object`` any JSON object, ``json_schema`` its
@@ -174,8 +175,14 @@ def response_schema(fmt: ResponseFormat | None) -> str | None:
     return json.dumps(spec.schema_)
 
 
-def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
-    """The frames of a chat completion (the reader applies its chat template)."""
+def _adapter(params: GenerationParams, lora_id: str | None) -> GenerationParams:
+    return params if lora_id is None else msgspec.structs.replace(params, lora_id=lora_id)
+
+
+def chat_plan(body: ChatCompletionRequest, config: AppConfig, group: str | None = None,
+              lora_id: str | None = None) -> Plan:  # fmt: skip
+    """The frames of a chat completion (the reader applies its chat template) for ``group`` (default: ``model``),
+    with the LoRA adapter ``lora_id``."""
     _refuse(
         [
             *_common_unsupported(body),
@@ -194,17 +201,19 @@ def chat_plan(body: ChatCompletionRequest, config: AppConfig) -> Plan:
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
     turns = chat_messages(body.messages)
     _prompts("".join(content for _, content in turns), config, "messages")  # the size limits, on the whole chat
-    params = _params(body, max_tokens, chat=True)
+    params = _adapter(_params(body, max_tokens, chat=True), lora_id)
     schema = response_schema(body.response_format)
     if schema is not None:
         params = msgspec.structs.replace(params, json_schema=schema)
     if len(turns) > 1 or turns[0][0] != "user":  # one user turn is the plain chat-template prompt
         params = msgspec.structs.replace(params, messages=turns)
-    return _frames([turns[-1][1]], params, body.model, body.n or 1, config)
+    return _frames([turns[-1][1]], params, group or body.model, body.n or 1, config)
 
 
-def completion_plan(body: CompletionRequest, config: AppConfig) -> Plan:
-    """The frames of a (legacy) completion: the prompts as they are, no chat template."""
+def completion_plan(body: CompletionRequest, config: AppConfig, group: str | None = None,
+                    lora_id: str | None = None) -> Plan:  # fmt: skip
+    """The frames of a (legacy) completion: the prompts as they are, no chat template (``group`` and ``lora_id``
+    as for :func:`chat_plan`)."""
     _refuse(
         [
             *_common_unsupported(body),
@@ -215,5 +224,5 @@ def completion_plan(body: CompletionRequest, config: AppConfig) -> Plan:
         body.model_extra,
     )
     prompts = _prompts(body.prompt, config, "prompt")
-    params = _params(body, body.max_tokens or COMPLETION_MAX_TOKENS, chat=False)
-    return _frames(prompts, params, body.model, body.n or 1, config)
+    params = _adapter(_params(body, body.max_tokens or COMPLETION_MAX_TOKENS, chat=False), lora_id)
+    return _frames(prompts, params, group or body.model, body.n or 1, config)
