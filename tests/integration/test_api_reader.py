@@ -239,3 +239,22 @@ def test_the_reader_is_dead_while_its_upstream_is_down_and_live_again_after(
 def _detail(server: LiftoffServer) -> dict[str, Any]:
     detail: dict[str, Any] = server.http.get(server.mgmt + "/reader/api").json()
     return detail
+
+
+def test_post_reader_starts_api_readers_only_for_allowed_upstreams(liftoff: Any) -> None:
+    upstream = liftoff(readers={"e": echo_reader()})
+    upstream.start()
+    allowed = upstream.url("openai_port") + "/v1"
+    front = liftoff(readers={}, server={"reserved_consumers": "", "allowed_api_bases": [allowed]})
+    front.start(wait=None)
+    elsewhere = {**api_reader(upstream), "api_base": "http://127.0.0.1:9/v1"}
+    refused = front.http.post(front.mgmt + "/reader", json=elsewhere)
+    assert refused.status_code == 400
+    assert "allowed_api_bases" in refused.text
+    with_file = {**api_reader(upstream), "access_token_file": "/etc/hostname"}
+    assert front.http.post(front.mgmt + "/reader", json=with_file).status_code == 400
+    created = front.http.post(front.mgmt + "/reader", json=api_reader(upstream))
+    assert created.status_code == 201, created.text
+    reader_id = created.json()["reader_id"]
+    wait_until(lambda: reader_id in front.readers("live"), what="the created API reader to be live")
+    assert front.generate(PROMPT).json() == {"text": PROMPT}

@@ -123,3 +123,28 @@ def test_sizes_within_the_limits_pass(repository: Path) -> None:
     options = {"max_batch_size": 64, "max_sequence_length": 4096, "backend_options": {"token_delay_ms": 5,
                "quantize": "int8", "prefix_cache": True}}  # fmt: skip
     check_new_reader(reader("echo", **options), limits(repository, max_batch_size=64, max_sequence_length=4096), 0)
+
+
+def api_reader(**options: Any) -> ReaderConfig:
+    return ReaderConfig(model_name="gpt-4o-mini", device="api", **options)
+
+
+def test_an_api_reader_is_created_for_an_allowed_upstream(repository: Path) -> None:
+    allowed = limits(repository, allowed_api_bases=("http://gpu-*:8000/v1", "https://api.openai.com/v1"))
+    check_new_reader(api_reader(api_base="http://gpu-3:8000/v1"), allowed, 0)
+    check_new_reader(api_reader(), allowed, 0)  # the default upstream, listed
+
+
+@pytest.mark.parametrize("api_base", [None, "http://attacker.example/v1", "http://gpu-3:8000/v1/../x"])
+def test_an_api_reader_for_an_upstream_not_allowed_is_refused(repository: Path, api_base: str | None) -> None:
+    with pytest.raises(InvalidRequestError, match="allowed_api_bases") as info:
+        check_new_reader(api_reader(api_base=api_base), limits(repository, allowed_api_bases=("http://gpu-3:8000/v1",)),
+                         0)  # fmt: skip
+    assert info.value.param == "api_base"
+
+
+def test_an_api_reader_may_not_send_a_file_as_its_key(repository: Path) -> None:
+    allowed = limits(repository, allowed_api_bases=("http://gpu-3:8000/v1",))
+    with pytest.raises(InvalidRequestError, match="access_token") as info:
+        check_new_reader(api_reader(api_base="http://gpu-3:8000/v1", access_token_file="/etc/shadow"), allowed, 0)
+    assert info.value.param == "access_token_file"

@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from liftoff.config.models import DEFAULT_API_BASE
 from liftoff.core.errors import NotSupportedError
 from liftoff.core.types import GenerationParams
 
-OPENAI_BASE = "https://api.openai.com/v1"
+OPENAI_BASE = DEFAULT_API_BASE
 
 # The gateway's "no limit" for chat completions without max_tokens (gateway/translate/openai.py CHAT_MAX_TOKENS):
 # upstreams refuse a max_tokens beyond their context, so it is left out and the upstream's own default applies.

@@ -119,6 +119,12 @@ class AccessSettings(BaseModel):
         description="[Liftoff] Hugging Face ids POST /reader may name, as patterns ('Qwen/*'), comma-separated; "
         "bundled aliases, echo and models under repository_path are always allowed.",
     )
+    allowed_api_bases: tuple[str, ...] = Field(
+        (),
+        description="[Liftoff] Upstream base URLs an API reader (device api) created with POST /reader may use, "
+        "comma-separated, e.g. 'http://gpu-host:8000/v1'; fnmatch patterns are allowed, but a * matches dots and "
+        "slashes too (so 'http://gpu-*' admits any host starting so); none by default (such readers are refused).",
+    )
     allow_downloads: bool = Field(
         False,
         description="[Liftoff] Let readers created with POST /reader download allowed_models from the hub; "
@@ -136,7 +142,9 @@ class AccessSettings(BaseModel):
         "stopped (then forgotten as a dead one).",
     )
 
-    @field_validator("api_keys", "management_api_keys", "allowed_hosts", "allowed_models", mode="before")
+    @field_validator(
+        "api_keys", "management_api_keys", "allowed_hosts", "allowed_models", "allowed_api_bases", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return split_list(value)

@@ -18,6 +18,8 @@ _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
 # What a client may send as consumer_group (the field holds the parsed list).
 _GROUPS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 MAX_READER_BATCH = 1024  # max_batch_size of one reader
+# device api: the upstream when a reader names no api_base (OpenAI's hosted API).
+DEFAULT_API_BASE = "https://api.openai.com/v1"
 MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
 MAX_LORAS = 64  # max_loras, and adapters on one reader
 DEFAULT_MAX_LORAS = 8

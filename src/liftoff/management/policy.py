@@ -5,7 +5,10 @@ Face id that ``allowed_models`` lists (downloaded only with ``allow_downloads``;
 ``repository_path`` already). The checks follow the order in which a reader looks for its model (a bundled alias,
 the name as a path, the name under ``repository_path``, the hub), so what is checked is what would be loaded.
 A refused name gets the same answer whether or not a file of that name exists: the API tells nothing about the
-files outside ``repository_path``. Readers of the configuration (the operator's) are not limited by any of this.
+files outside ``repository_path``. An API reader (``device: api``) loads nothing but sends prompts, and the
+upstream's key, to its ``api_base``: that URL must match ``allowed_api_bases`` (none by default), and
+``access_token_file`` is refused (it would send any file the gateway can read to that URL as a key; the caller
+gives ``access_token`` instead). Readers of the configuration (the operator's) are not limited by any of this.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from liftoff.config.models import BUNDLED_ALIASES, AppConfig, ReaderConfig, lora_entries
+from liftoff.config.models import BUNDLED_ALIASES, DEFAULT_API_BASE, AppConfig, ReaderConfig, lora_entries
 from liftoff.core.errors import InvalidRequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -33,12 +36,14 @@ class ReaderLimits:
     repository_path: Path = Path("artefacts")
     allowed_models: tuple[str, ...] = ()
     allow_downloads: bool = False
+    allowed_api_bases: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config: AppConfig) -> ReaderLimits:
         """The limits a gateway's configuration sets."""
         return cls(config.max_readers, config.max_reader_batch_size, config.max_reader_sequence_length,
-                   Path(config.repository_path), config.allowed_models, config.allow_downloads)  # fmt: skip
+                   Path(config.repository_path), config.allowed_models, config.allow_downloads,
+                   config.allowed_api_bases)  # fmt: skip
 
 
 def check_new_reader(config: ReaderConfig, limits: ReaderLimits, running: int) -> None:
@@ -49,8 +54,28 @@ def check_new_reader(config: ReaderConfig, limits: ReaderLimits, running: int) -
             "until they are deleted); delete one first"
         )
     _check_sizes(config, limits)
+    if config.device == "api":
+        check_api_reader(config, limits)
+        return
     check_model(config, limits)
     check_loras(config, limits)
+
+
+def check_api_reader(config: ReaderConfig, limits: ReaderLimits) -> None:
+    """Refuse an API reader whose upstream is not in ``allowed_api_bases``, or that names a key file (see the
+    module docstring): its ``model_name`` is the upstream's model id, nothing is loaded here."""
+    base = config.api_base or DEFAULT_API_BASE
+    if not any(fnmatchcase(base, pattern) for pattern in limits.allowed_api_bases):
+        raise InvalidRequestError(
+            f"api_base {base[:256]!r} is not an upstream POST /reader may use: list it (or a pattern) in the "
+            "gateway's allowed_api_bases",
+            param="api_base",
+        )
+    if config.access_token_file is not None:
+        raise InvalidRequestError(
+            "access_token_file is refused for a reader created with POST /reader: give the key as access_token",
+            param="access_token_file",
+        )
 
 
 def _check_sizes(config: ReaderConfig, limits: ReaderLimits) -> None:
