@@ -81,6 +81,7 @@ function describe(result, sent, stopped) {
 
 async function send(text) {
   notify($('#error'), null);
+  await groupsLoading; // a message typed while the groups still load waits for them instead of failing
   if (!$('#group').value) {
     notify($('#error'), 'No consumer group to talk to: add a reader on the Readers page.');
     return;
@@ -148,5 +149,7 @@ $('#clear').addEventListener('click', () => {
   $('#messages').replaceChildren(h('p', { class: 'chat-empty' }, 'Say something to start.'));
   notify($('#error'), null);
 });
-$('#refresh').addEventListener('click', loadGroups);
-loadGroups();
+$('#refresh').addEventListener('click', () => {
+  groupsLoading = loadGroups();
+});
+let groupsLoading = loadGroups();
