@@ -22,6 +22,18 @@ PORT_KEYS = ("port", "management_port", "vertex_port", "openai_port", "snowflake
              "internal_port")  # fmt: skip
 
 
+def stop_process(process: subprocess.Popen[Any] | None, grace_s: float = 10.0) -> None:
+    """Stop a server process a test started: SIGTERM, then SIGKILL if it is still there after ``grace_s``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free TCP ports on loopback."""
     socks = []

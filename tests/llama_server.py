@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import free_ports
+from tests.helpers import free_ports, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,13 +96,7 @@ class LlamaServer:
         self.process = None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import free_ports
+from tests.helpers import free_ports, stop_process
 
 
 def redis_server_binary() -> str:
@@ -89,13 +89,7 @@ class RedisServer:
                 time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def restart(self, down_s: float = 0.0) -> None:
