@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from liftoff.backends.hf_load import ModelLoadError
-from liftoff.backends.resolve import hub_reachable
+from liftoff.backends.resolve import hub_snapshot
 from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig, lora_entries
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 
@@ -71,19 +71,14 @@ def find_adapter(name: str, source: str, repository_path: Path, token: str | Non
             f"LoRA {name!r}: no adapter directory at {source} (nor under repository_path {repository_path}); "
             f"an adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
         )
-    from huggingface_hub import snapshot_download
 
-    cache = repository_path / "hub"
-    try:
-        return Path(snapshot_download(source, cache_dir=cache, token=token, local_files_only=True))
-    except Exception:  # not cached: fetch it if the hub is there
-        pass
-    if not hub_reachable():
-        raise LoraLoadError(
+    def unreachable(cache: Path) -> LoraLoadError:
+        return LoraLoadError(
             f"LoRA {name!r}: {source!r} is not a local adapter directory, not downloaded into {cache}, and the "
             f"Hugging Face hub cannot be reached; put its files at {repository_path / source}"
         )
-    return Path(snapshot_download(source, cache_dir=cache, token=token))
+
+    return hub_snapshot(source, repository_path, token, unreachable)
 
 
 def read_adapter(name: str, path: Path) -> Adapter:

