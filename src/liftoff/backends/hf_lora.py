@@ -28,21 +28,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from liftoff.backends.hf_load import ModelLoadError
-from liftoff.backends.resolve import hub_snapshot
+from liftoff.backends.lora_files import CONFIG_FILE, WEIGHTS_FILE, LoraLoadError, find_adapter
 from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig, lora_entries
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class LoraLoadError(ModelLoadError):
-    """An adapter cannot be served on this model; the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -56,29 +48,6 @@ class Adapter:
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.modules.values())
-
-
-def find_adapter(name: str, source: str, repository_path: Path, token: str | None = None) -> Path:
-    """The directory of adapter ``name`` given as ``source``: a path, a path under ``repository_path``, or a
-    Hugging Face id (from the hub's cache under ``repository_path``, downloaded when the hub can be reached)."""
-    for candidate in (Path(source).expanduser(), repository_path / source):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-        if candidate.exists():
-            raise LoraLoadError(f"LoRA {name!r}: {candidate} has no {CONFIG_FILE} (a PEFT adapter directory)")
-    if not _HUB_ID.match(source) or ".." in source:
-        raise LoraLoadError(
-            f"LoRA {name!r}: no adapter directory at {source} (nor under repository_path {repository_path}); "
-            f"an adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-
-    def unreachable(cache: Path) -> LoraLoadError:
-        return LoraLoadError(
-            f"LoRA {name!r}: {source!r} is not a local adapter directory, not downloaded into {cache}, and the "
-            f"Hugging Face hub cannot be reached; put its files at {repository_path / source}"
-        )
-
-    return hub_snapshot(source, repository_path, token, unreachable)
 
 
 def read_adapter(name: str, path: Path) -> Adapter:
