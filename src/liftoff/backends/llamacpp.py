@@ -318,7 +318,8 @@ class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, Backend):
                 chunks.append((seq, start, end))
                 spent += end - start
             spent_all = len(chunks) < len(self._prefilling)
-            self._run_chunks(ctx, sorted(chunks, key=lambda chunk: (chunk[0].adapter, chunk[0].slot)), outputs)
+            order = self.loras.order if self.loras is not None else lambda key: (False, key)
+            self._run_chunks(ctx, sorted(chunks, key=lambda chunk: (order(chunk[0].adapter), chunk[0].slot)), outputs)
             if spent_all:
                 return
 
