@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 import torch
 
 from liftoff.backends.hf_lora import Adapter, LoraLinear, LoraSet, prefix_key, prepare_adapter
-from liftoff.backends.hf_lora_files import LoraLoadError
+from liftoff.backends.lora_files import LoraLoadError
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
 
 SIZES = {"up": (8, 12), "down": (12, 8)}

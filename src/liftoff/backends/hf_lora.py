@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from liftoff.backends.hf_lora_files import Adapter, LoraLoadError, find_adapter, read_adapter
+from liftoff.backends.hf_lora_files import Adapter, read_adapter
+from liftoff.backends.lora_files import LoraLoadError, find_adapter
 from liftoff.config.models import DEFAULT_MAX_LORAS, MAX_LORAS, ReaderConfig, lora_entries
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
 

@@ -1,6 +1,5 @@
-"""Reading LoRA adapters for the transformers backend: where an adapter is (a directory, a path under
-``repository_path``, a Hugging Face id) and its matrices, refusing (naming the adapter) what
-:mod:`liftoff.backends.hf_lora` would not apply exactly.
+"""Reading a PEFT LoRA adapter's matrices for the transformers backend, refusing (naming the adapter) what
+:mod:`liftoff.backends.hf_lora` would not apply exactly (where its files are: :mod:`liftoff.backends.lora_files`).
 
 Reading touches the disk (and maybe the hub) and can take seconds: it runs where it holds nobody up, on the loading
 thread at start, or on a thread of its own when an adapter is added to a running reader.
@@ -17,17 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from liftoff.backends.hf_load import ModelLoadError
-from liftoff.backends.resolve import hub_snapshot
-from liftoff.config.models import is_lora_hub_id
+from liftoff.backends.lora_files import CONFIG_FILE, WEIGHTS_FILE, LoraLoadError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-class LoraLoadError(ModelLoadError):
-    """An adapter cannot be served on this model; the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -41,29 +32,6 @@ class Adapter:
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.modules.values())
-
-
-def find_adapter(name: str, source: str, repository_path: Path, token: str | None = None) -> Path:
-    """The directory of adapter ``name`` given as ``source``: a path, a path under ``repository_path``, or a
-    Hugging Face id (from the hub's cache under ``repository_path``, downloaded when the hub can be reached)."""
-    for candidate in (Path(source).expanduser(), repository_path / source):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-        if candidate.exists():
-            raise LoraLoadError(f"LoRA {name!r}: {candidate} has no {CONFIG_FILE} (a PEFT adapter directory)")
-    if not is_lora_hub_id(source):
-        raise LoraLoadError(
-            f"LoRA {name!r}: no adapter directory at {source} (nor under repository_path {repository_path}); "
-            f"an adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-
-    def unreachable(cache: Path) -> LoraLoadError:
-        return LoraLoadError(
-            f"LoRA {name!r}: {source!r} is not a local adapter directory, not downloaded into {cache}, and the "
-            f"Hugging Face hub cannot be reached; put its files at {repository_path / source}"
-        )
-
-    return hub_snapshot(source, repository_path, token, unreachable)
 
 
 def read_adapter(name: str, path: Path) -> Adapter:

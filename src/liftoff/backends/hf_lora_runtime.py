@@ -14,7 +14,7 @@ import torch
 
 from liftoff.backends.base import BackendContext
 from liftoff.backends.hf_lora import LoraSet, PreparedAdapter, find_adapter, prepare_adapter, read_adapter
-from liftoff.backends.hf_lora_files import LoraLoadError
+from liftoff.backends.lora_files import LoraLoadError
 from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError
 

@@ -65,8 +65,8 @@ class LoraChanges:
         """Start a change: read an adapter on its own thread, or remove one now."""
         name = str(frame.payload.get("name", ""))
         if frame.kind is RequestKind.REMOVE_LORA:
-            self._answer(frame.request_id, lambda: self._backend.remove_lora(name))
-            logger.info("LoRA adapter %r removed", name)
+            if self._answer(frame.request_id, lambda: self._backend.remove_lora(name)):
+                logger.info("LoRA adapter %r removed; requests running under it finish under it", name)
             return
         source = str(frame.payload.get("source", ""))
         timeout_s = float(frame.payload.get("timeout_s") or DEFAULT_TIMEOUT_S)
@@ -96,21 +96,22 @@ class LoraChanges:
                 error = BackendError(f"loading LoRA {entry.name!r} failed: {type(error).__name__}: {error}")
             self._emit([error_frame(done.request_id, error)])
             return
-        self._answer(done.request_id, lambda: self._backend.install_lora(done.loaded))
-        logger.info("LoRA adapter %r installed", entry.name)
+        if self._answer(done.request_id, lambda: self._backend.install_lora(done.loaded)):
+            logger.info("LoRA adapter %r installed", entry.name)
 
-    def _answer(self, request_id: str, change: Callable[[], None]) -> None:
-        """Apply ``change`` and answer with the adapters the reader holds, or with its error."""
+    def _answer(self, request_id: str, change: Callable[[], None]) -> bool:
+        """Apply ``change`` and answer with the adapters the reader holds, or with its error; whether it was made."""
         try:
             change()
         except LiftoffError as exc:
             self._emit([error_frame(request_id, exc)])
-            return
+            return False
         except Exception as exc:
             logger.exception("a LoRA change failed")
             self._emit([error_frame(request_id, BackendError(f"the LoRA change failed: {exc}"))])
-            return
+            return False
         self._emit([ResultFrame(request_id=request_id, seq=0, data={"loras": self._backend.lora_names()})])
+        return True
 
     def expire(self) -> None:
         """Fail the changes whose adapter is still being read past their deadline."""
