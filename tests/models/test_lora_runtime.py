@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
+from liftoff.config.manifest import read_manifest
 from tests.helpers import LiftoffServer, sse_events, wait_until
 from tests.models.conftest import Dequantized
 from tests.models.lora import WORDS, trained_adapters
@@ -83,6 +83,51 @@ def add(server: LiftoffServer, reader_id: str, name: str, path: str) -> httpx.Re
     return server.http.post(server.mgmt + f"/reader/{reader_id}/loras", json={"name": name, "path": path}, timeout=150)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_install_and_remove_between_steps(
+    smollm2_dequantized: Dequantized, adapters: dict[str, Path], quantize: str
+) -> None:
+    """In process: an adapter installed while a base sequence decodes leaves that sequence's output bit for bit
+    what it is without adapters (int8 layers too); removed while its own sequence runs, that sequence finishes
+    under it, and the layers are unwrapped when it ends."""
+    from liftoff.backends.hf_lora import LoraLinear
+    from liftoff.core.errors import LiftoffError
+    from liftoff.core.types import GenerationParams
+    from tests.models.test_lora import QUESTIONS, _backend, _run
+
+    backend = _backend(smollm2_dequantized.checkpoint, backend_options={"quantize": quantize})
+    try:
+        alone = _run(backend, {"base": None})["base"]
+        params = GenerationParams(max_new_tokens=MAX_TOKENS, use_chat_template=True)
+        backend.admit("base", QUESTIONS[0], params)
+        texts = {"base": "", "a": ""}
+        for _ in range(3):
+            texts["base"] += "".join(out.text for out in backend.step())
+        backend.install_lora(backend.load_lora("alpha", str(adapters["alpha"])))
+        assert backend.lora_names() == ["alpha"]
+        backend.admit("a", QUESTIONS[0], GenerationParams(max_new_tokens=MAX_TOKENS, use_chat_template=True,
+                                                          lora_id="alpha"))  # fmt: skip
+        for output in backend.step():
+            texts[output.request_id] += output.text
+        backend.remove_lora("alpha")
+        assert backend.lora_names() == []
+        assert backend.lora.retiring  # its sequence still runs under it
+        with pytest.raises(LiftoffError, match="no LoRA adapters now"):
+            backend.admit("late", QUESTIONS[0], GenerationParams(lora_id="alpha"))
+        while backend.active():
+            for output in backend.step():
+                assert output.error is None, output.error
+                texts[output.request_id] += output.text
+        assert texts["base"] == alone
+        assert WORDS["alpha"] in texts["a"]
+        assert backend.lora.wrapped == 0
+        assert not backend.lora.retiring
+        assert not any(isinstance(module, LoraLinear) for module in backend._model().model.modules())
+        assert _run(backend, {"again": None})["again"] == alone
+    finally:
+        backend.close()
+
+
 def test_an_adapter_added_at_runtime_answers_only_with_its_lora_id(server: LiftoffServer) -> None:
     base = text(generate(server))
     refused = generate(server, "alpha")
@@ -103,7 +148,7 @@ def test_an_adapter_added_at_runtime_answers_only_with_its_lora_id(server: Lifto
     assert detail["config"]["loras"] == f"alpha=adapters/alpha,beta={absolute}"
     models = server.http.get(server.url("openai_port") + "/v1/models").json()["data"]
     assert {"grow:alpha", "grow:beta"} <= {model["id"] for model in models}
-    manifest = yaml.safe_load(server.config_path.read_text())["takeoff"]["readers_config"]["grow"]
+    manifest = read_manifest(server.config_path)["readers_config"]["grow"]
     assert manifest["loras"] == ["alpha=adapters/alpha", f"beta={absolute}"]
 
 
@@ -165,7 +210,7 @@ def test_removing_an_adapter_lets_its_running_stream_finish(server: LiftoffServe
     joined = reference.replace("\r", "").replace("\n", "")  # a piece's line breaks part its data: lines
     assert "".join(pieces) == joined  # it finished under its adapter, exactly as it would have
     assert server.readers()["grow"]["loras"] == "alpha"
-    manifest = yaml.safe_load(server.config_path.read_text())["takeoff"]["readers_config"]["grow"]
+    manifest = read_manifest(server.config_path)["readers_config"]["grow"]
     assert manifest["loras"] == ["alpha=adapters/alpha"]
 
 
