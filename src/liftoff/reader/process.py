@@ -200,6 +200,7 @@ class ReaderProcess:
     def _register_frame(self) -> RegisterFrame:
         config = self.options.config
         model_type = self._backend.model_type.value if self._backend else "CAUSAL"
+        loras = self._loras()  # once loaded: what it holds now, which runtime changes may have made differ
         info = ReaderInfo(
             consumer_groups=list(config.consumer_group),
             consumer_name=self._consumer_name,
@@ -207,7 +208,7 @@ class ReaderProcess:
             model_name=config.model_name,
             model_type=model_type,
             pids=[os.getpid()],
-            loras=lora_names(config.loras) if self._loras() is None else (self._loras() or None),
+            loras=lora_names(config.loras) if loras is None else (loras or None),
         )
         return RegisterFrame(
             reader_id=self.options.reader_id,
