@@ -99,10 +99,15 @@ def test_refuses_cuda_readers_before_loading() -> None:
         LlamaCppBackend(config).load(lambda _: None)
 
 
-def test_refuses_loras_before_loading() -> None:
-    config = ReaderConfig(model_name=MODEL, device="cpu", backend="llamacpp", loras="sql=adapters/sql")
-    with pytest.raises(RuntimeError, match="does not load LoRA adapters yet; serve them with backend: transformers"):
-        LlamaCppBackend(config).load(lambda _: None)
+def test_a_missing_lora_fails_the_load_naming_it(tmp_path: Path) -> None:
+    from liftoff.backends.lora_files import LoraLoadError
+
+    config = ReaderConfig(model_name=MODEL, device="cpu", max_batch_size=1, loras="sql=adapters/sql")
+    backend = LlamaCppBackend(config, BackendContext(repository_path=tmp_path, model=resolve_model(MODEL, tmp_path)))
+    with pytest.raises(LoraLoadError, match="LoRA 'sql': 'adapters/sql' is not a local adapter directory"):
+        backend.load(lambda _: None)
+    assert backend.active() == 0
+    assert backend.loras is None
 
 
 def test_notes_report_unknown_backend_options_only() -> None:

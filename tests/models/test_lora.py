@@ -1,4 +1,5 @@
-"""LoRA adapters on the transformers backend (reader option ``loras``, request ``lora_id``), with real adapters.
+"""LoRA adapters on the transformers backend (reader option ``loras``, request ``lora_id``), with real adapters;
+served on every surface, and on a llama.cpp reader beside it (tests/models/test_lora_llamacpp.py has the rest).
 
 Two adapters are trained on the bundled SmolLM2 with PEFT (tests/models/lora.py): ``alpha`` answers PINEAPPLE and
 ``beta`` answers ZEBRA, whatever the question. They are checked against PEFT's own logits, then served: each
@@ -222,7 +223,7 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_dequantized: Dequantized, adapters: dict[str, Path]
 ) -> Any:
     """Readers of the same float32 SmolLM2: ``lora`` (group primary) with both adapters, ``plain`` (group plain)
-    without any: the base model's reference; and ``cpp``, the bundled GGUF on llama.cpp (group cpp)."""
+    without any: the base model's reference; and ``cpp``, the bundled GGUF on llama.cpp with alpha (group cpp)."""
     checkpoint = str(smollm2_dequantized.checkpoint)
     common = {"model_name": checkpoint, "device": "cpu", "backend": "transformers", "max_batch_size": 6,
               "max_sequence_length": 256, "backend_options": {"n_threads": 1, "dtype": "float32"}}  # fmt: skip
@@ -233,8 +234,9 @@ def server(
             "model_name": "smollm2-135m-instruct",
             "device": "cpu",
             "consumer_group": "cpp",
-            "max_batch_size": 1,
+            "max_batch_size": 2,
             "backend_options": {"n_threads": 1},
+            "loras": f"alpha={adapters['alpha']}",
         },
     }
     instance = LiftoffServer(workdir=tmp_path_factory.mktemp("lora"), readers=readers)
@@ -349,11 +351,14 @@ def test_vertex_instances_and_snowflake_rows_carry_lora_id(server: Any) -> None:
     assert WORDS["beta"] in str(snowflake.json()["data"][0][1])
 
 
-def test_llamacpp_refuses_lora_id_and_loras(server: Any) -> None:
-    response = _generate(server, QUESTIONS[0], "alpha", group="cpp")
+def test_llamacpp_serves_a_converted_peft_adapter(server: Any) -> None:
+    """The llama.cpp reader converted alpha from PEFT at load: lora_id picks it, an unknown one is a 400 naming
+    it, and POST /reader refuses an adapter outside repository_path before anything starts."""
+    _only("alpha", _text(_generate(server, QUESTIONS[0], "alpha", group="cpp")))
+    assert "PINEAPPLE" not in _text(_generate(server, QUESTIONS[0], group="cpp"))
+    response = _generate(server, QUESTIONS[0], "beta", group="cpp")
     assert response.status_code == 400
-    assert "llamacpp backend does not load LoRA adapters yet" in response.json()["detail"]
-    assert _generate(server, QUESTIONS[0], group="cpp").status_code == 200
+    assert "it has: alpha" in response.json()["detail"]
     body = {"model_name": "smollm2-135m-instruct", "device": "cpu", "consumer_group": "cpp2", "loras": "x=anything"}
     created = server.http.post(server.mgmt + "/reader", json=body)
     assert created.status_code == 400  # not under repository_path: refused before anything starts

@@ -25,9 +25,15 @@ only the rest, as llama-server does. The reused positions were computed in other
 would use, so a cache hit may round differently from a cold start; the batch-independence promise above holds
 with ``prefix_cache: false``.
 
+LoRA adapters (reader options ``loras`` and ``max_loras``): llama.cpp puts adapters on the whole context, so a
+step runs one decode per adapter among its rows (and prefill calls hold one adapter's prompts);
+:mod:`liftoff.backends.llamacpp_lora` loads and converts the adapters and chooses the groups. A reader without
+adapters steps exactly as described above. Kept tokens are reused only by a prompt under the same adapter.
+
 Options (``backend_options``): ``n_threads`` (default: every CPU), ``prefill_chunk_size`` (default 512; also
 the reader option of that name), ``prefill_tokens_per_step`` (default 512), ``n_batch`` (llama.cpp's batch
-size, default the larger of 512, the chunk size and the capacity) and ``prefix_cache`` (default true).
+size, default the larger of 512, the chunk size and the capacity), ``prefix_cache`` (default true) and
+``llama_cpp_source`` (the llama.cpp source directory whose ``convert_lora_to_gguf.py`` converts PEFT adapters).
 """
 
 from __future__ import annotations
@@ -50,19 +56,23 @@ from liftoff.backends.base import (
 )
 from liftoff.backends.grammar import Grammars, Vocabulary
 from liftoff.backends.grammar_limits import GRAMMAR_OPTIONS, GrammarLimits
+from liftoff.backends.llamacpp_lora import LlamaCppLoraMixin, LlamaLoras
 from liftoff.backends.llamacpp_native import NativeContext, NativeModel
+from liftoff.backends.llamacpp_text import LlamaCppTokenizer
 from liftoff.backends.prefix import flag, shared_prefix
 from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sample, sequence_failure
-from liftoff.backends.text import Utf8Stream, conversation, fit_prompt, render_chat_template
-from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.backends.text import Utf8Stream, fit_prompt
+from liftoff.config.models import ReaderConfig, lora_entries
+from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_CHUNK = 512
 DEFAULT_PREFILL_PER_STEP = 512
 ROW_WISE_LIMIT = 64  # llama.cpp's CPU flash attention is tiled from this many query rows per sequence
-KNOWN_OPTIONS = frozenset({"n_threads", "prefill_chunk_size", "prefill_tokens_per_step", "n_batch", "prefix_cache"})
+KNOWN_OPTIONS = frozenset(
+    {"n_threads", "prefill_chunk_size", "prefill_tokens_per_step", "n_batch", "prefix_cache", "llama_cpp_source"}
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -76,6 +86,7 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the KV cache
     pending: int = -1  # the last sampled token, not yet in the KV cache
     kv_len: int = 0  # positions of this sequence in the KV cache
+    adapter: int = 0  # the key of its LoRA adapter (0: the base model)
 
     @property
     def position(self) -> int:
@@ -83,7 +94,7 @@ class _Sequence:
         return len(self.prompt) + len(self.sampler.generated) - 1
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, Backend):
     """GGUF models through llama-cpp-python's low-level API, continuously batched."""
 
     name = "llamacpp"
@@ -93,6 +104,8 @@ class LlamaCppBackend(Backend):
         | {
             "max_sequence_length",
             "prefill_chunk_size",
+            "loras",
+            "max_loras",
         }
     )
     backend_options: ClassVar[frozenset[str] | None] = KNOWN_OPTIONS
@@ -110,6 +123,8 @@ class LlamaCppBackend(Backend):
         self._free = list(range(self.capacity))
         self._prefix_cache = flag(self.options.get("prefix_cache"), default=True)
         self._kept: list[list[int]] = [[] for _ in range(self.capacity)]  # tokens left in each free slot's KV
+        self._kept_adapter = [0] * self.capacity  # the adapter those tokens were computed under
+        self.loras: LlamaLoras | None = None  # the LoRA adapters; None until the first is added
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in total
         self._prefilling: list[_Sequence] = []  # admission order
         self._eog: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
@@ -130,11 +145,6 @@ class LlamaCppBackend(Backend):
             raise RuntimeError(
                 f"the llamacpp backend runs on CPU only (this llama-cpp-python has no {self.config.device} "
                 "support); use the transformers backend for GGUF models on that device"
-            )
-        if self.config.loras:
-            raise RuntimeError(
-                "loras: the llamacpp backend does not load LoRA adapters yet; serve them with backend: transformers "
-                "(it dequantizes a GGUF once), or remove loras"
             )
         resolved = self.context.model
         if resolved is None or resolved.format != "gguf":
@@ -158,11 +168,20 @@ class LlamaCppBackend(Backend):
         self.grammars = Grammars(
             lambda: Vocabulary(model.pieces), model.eog, model.n_vocab, limits=GrammarLimits.of(self.config)
         )
+        try:
+            for name, source in lora_entries(self.config.loras):
+                self.install_lora(self.load_lora(name, source))
+        except BaseException:
+            self.close()
+            raise
         progress(1.0)
 
     def close(self) -> None:
         for request_id in list(self._sequences):
             self.abort(request_id)
+        if self.loras is not None:
+            self.loras.close()
+            self.loras = None
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
@@ -184,11 +203,7 @@ class LlamaCppBackend(Backend):
 
     def admit(self, request_id: str, text: str, params: GenerationParams) -> None:
         model, _ = self._loaded()
-        if params.lora_id:
-            raise NotSupportedError(
-                "the llamacpp backend does not load LoRA adapters yet; serve them with backend: transformers",
-                param="lora_id",
-            )
+        adapter = self._adapter_key(params.lora_id)
         if not self._free:
             raise RuntimeError(f"the llamacpp backend is full ({self.capacity} sequences)")
         ids = self._prompt_ids(model, text, params)
@@ -200,8 +215,10 @@ class LlamaCppBackend(Backend):
             budget = min(budget, (self._context_length or budget + 1) - 1)
         assert self.grammars is not None
         sampler = SamplerState(params, prompt, constraint=self.grammars.constraint(params))
-        slot, reused = self._take_slot(prompt)
-        seq = _Sequence(request_id, slot, prompt, budget, sampler, Utf8Stream())
+        slot, reused = self._take_slot(prompt, adapter)
+        seq = _Sequence(request_id, slot, prompt, budget, sampler, Utf8Stream(), adapter=adapter)
+        if self.loras is not None:
+            self.loras.acquire(adapter)
         seq.prefilled = seq.kv_len = reused
         self.reused_tokens += reused
         self._sequences[request_id] = seq
@@ -218,8 +235,9 @@ class LlamaCppBackend(Backend):
     def active(self) -> int:
         return len(self._sequences)
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """A free slot for ``prompt``, and how many of its first tokens that slot's KV already holds.
+    def _take_slot(self, prompt: list[int], adapter: int) -> tuple[int, int]:
+        """A free slot for ``prompt`` (under LoRA ``adapter``), and how many of its first tokens that slot's KV
+        already holds (tokens kept under another adapter are no prefix of it).
 
         Without a prefix to reuse, the lowest free slot (decode rows in slot order make fewer micro-batches). At
         least the last prompt token is always prefilled again: its logits choose the first output token.
@@ -227,6 +245,8 @@ class LlamaCppBackend(Backend):
         slot, reused = self._free[0], 0
         if self._prefix_cache:
             for candidate in self._free:
+                if self._kept_adapter[candidate] != adapter:
+                    continue
                 shared = shared_prefix(self._kept[candidate], prompt)
                 if shared > reused:
                     slot, reused = candidate, shared
@@ -238,11 +258,14 @@ class LlamaCppBackend(Backend):
             ctx.forget(slot)
             reused = 0
         self._kept[slot] = []
+        self._kept_adapter[slot] = adapter
         return slot, reused
 
     def _release(self, seq: _Sequence) -> None:
         del self._sequences[seq.request_id]
         self._slots[seq.slot] = None
+        if self.loras is not None:
+            self.loras.release(seq.adapter)
         if seq.prefilled < len(seq.prompt):
             self._prefilling.remove(seq)
         if self._ctx is not None:
@@ -260,18 +283,27 @@ class LlamaCppBackend(Backend):
         for seq in [seq for seq in self._prefilling if seq.budget <= 0]:
             outputs.append(self._finish(seq, FinishReason.LENGTH, ""))
         running = [seq for seq in self._slots if seq is not None and seq.pending >= 0]  # by slot: fewer micro-batches
-        if running:
-            batch = ctx.batch
-            batch.token[: len(running)] = [seq.pending for seq in running]
-            batch.pos[: len(running)] = [seq.position for seq in running]
-            batch.seq_ptr[: len(running)] = batch.seq_address[[seq.slot for seq in running]]
-            batch.logits[: len(running)] = 1
-            ctx.decode(len(running))
-            for seq in running:
-                seq.kv_len = seq.position + 1
-            self._sample(ctx, running, outputs)
+        if self.loras is None:
+            if running:
+                self._decode(ctx, running, outputs)
+        else:  # one decode per adapter: llama.cpp puts adapters on the whole context
+            for key, rows in self.loras.groups(running, [seq.adapter for seq in running]):
+                self.loras.use(key)
+                self._decode(ctx, rows, outputs)
         self._prefill(ctx, outputs, limit=self._prefill_per_step if running else None)
         return outputs
+
+    def _decode(self, ctx: NativeContext, running: list[_Sequence], outputs: list[StepOutput]) -> None:
+        """One decode of the pending token of every sequence in ``running``, and their next tokens."""
+        batch = ctx.batch
+        batch.token[: len(running)] = [seq.pending for seq in running]
+        batch.pos[: len(running)] = [seq.position for seq in running]
+        batch.seq_ptr[: len(running)] = batch.seq_address[[seq.slot for seq in running]]
+        batch.logits[: len(running)] = 1
+        ctx.decode(len(running))
+        for seq in running:
+            seq.kv_len = seq.position + 1
+        self._sample(ctx, running, outputs)
 
     def _prefill(self, ctx: NativeContext, outputs: list[StepOutput], *, limit: int | None) -> None:
         """Prefill waiting prompts in rounds of one chunk per prompt, up to ``limit`` tokens (at least one chunk)."""
@@ -286,21 +318,23 @@ class LlamaCppBackend(Backend):
                 chunks.append((seq, start, end))
                 spent += end - start
             spent_all = len(chunks) < len(self._prefilling)
-            self._run_chunks(ctx, sorted(chunks, key=lambda chunk: chunk[0].slot), outputs)
+            self._run_chunks(ctx, sorted(chunks, key=lambda chunk: (chunk[0].adapter, chunk[0].slot)), outputs)
             if spent_all:
                 return
 
     def _run_chunks(self, ctx: NativeContext, chunks: list[tuple[_Sequence, int, int]], out: list[StepOutput]) -> None:
         """Run prompt chunks (at most one per prompt): small ones together, each of ``ROW_WISE_LIMIT`` or more alone.
 
-        A call never holds two chunks of one prompt, so no sequence gets more rows in a call than its chunk.
+        A call never holds two chunks of one prompt, so no sequence gets more rows in a call than its chunk, nor
+        prompts of two LoRA adapters (``chunks`` come sorted by adapter).
         """
-        row, ready = 0, list[_Sequence]()
+        row, ready, adapter = 0, list[_Sequence](), 0
         for seq, start, end in chunks:
             alone = end - start >= ROW_WISE_LIMIT
-            if row and (alone or row + end - start > ctx.batch.size):
-                self._run_call(ctx, row, ready, out)
+            if row and (alone or row + end - start > ctx.batch.size or seq.adapter != adapter):
+                self._run_call(ctx, row, ready, out, adapter)
                 row, ready = 0, []
+            adapter = seq.adapter
             last = end == len(seq.prompt)
             row = ctx.batch.put_span(row, seq.prompt[start:end], start, seq.slot, last_logits=last)
             seq.prefilled = seq.kv_len = end
@@ -308,13 +342,17 @@ class LlamaCppBackend(Backend):
                 ready.append(seq)
                 self._prefilling.remove(seq)
             if alone:
-                self._run_call(ctx, row, ready, out)
+                self._run_call(ctx, row, ready, out, adapter)
                 row, ready = 0, []
-        self._run_call(ctx, row, ready, out)
+        self._run_call(ctx, row, ready, out, adapter)
 
-    def _run_call(self, ctx: NativeContext, rows: int, ready: list[_Sequence], outputs: list[StepOutput]) -> None:
+    def _run_call(
+        self, ctx: NativeContext, rows: int, ready: list[_Sequence], outputs: list[StepOutput], adapter: int
+    ) -> None:
         if not rows:
             return
+        if self.loras is not None:
+            self.loras.use(adapter)
         ctx.decode(rows)
         if ready:
             self._sample(ctx, ready, outputs)
@@ -351,58 +389,4 @@ class LlamaCppBackend(Backend):
             finish_reason=reason,
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.sampler.generated),
-        )
-
-    # ---- tokenizer services (any thread: model and vocabulary only) ----------------------------------------------
-
-    def _prompt_ids(self, model: NativeModel, text: str, params: GenerationParams) -> list[int]:
-        """A request's prompt as the model sees it (chat template, ``messages``), before truncation."""
-        return self._encode(
-            model, text, use_chat_template=params.use_chat_template, add_special=True, messages=params.messages
-        )
-
-    def _encode(
-        self,
-        model: NativeModel,
-        text: str,
-        *,
-        use_chat_template: bool,
-        add_special: bool,
-        messages: tuple[tuple[str, str], ...] = (),
-    ) -> list[int]:
-        if not (use_chat_template or messages):
-            return model.tokenize(text, add_special=add_special, parse_special=False)
-        rendered = self.apply_chat_template(conversation(text, messages), add_generation_prompt=True)
-        has_bos = bool(model.bos_text) and rendered.startswith(model.bos_text)  # no second BOS
-        return model.tokenize(rendered, add_special=add_special and not has_bos, parse_special=True)
-
-    def prompt_length(self, text: str, params: GenerationParams) -> int:
-        model, _ = self._loaded()
-        return len(self._prompt_ids(model, text, params)) or 1  # an empty prompt starts from BOS
-
-    def tokenize(self, text: str, *, use_chat_template: bool = False, add_special_tokens: bool = True) -> list[str]:
-        model, _ = self._loaded()
-        ids = self._encode(model, text, use_chat_template=use_chat_template, add_special=add_special_tokens)
-        return [model.token_text(token) for token in ids]
-
-    def detokenize(self, tokens: list[int] | list[str], *, skip_special_tokens: bool = True) -> str:
-        model, _ = self._loaded()
-        if all(isinstance(token, int) for token in tokens):
-            ids = [int(token) for token in tokens]
-        elif all(isinstance(token, str) for token in tokens):
-            ids = model.ids_of([str(token) for token in tokens])
-        else:
-            raise InvalidRequestError("pass either token ids or token strings, not both", param="tokens")
-        return model.detokenize(ids, render_special=not skip_special_tokens)
-
-    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-        model, _ = self._loaded()
-        if model.chat_template is None:
-            raise NotSupportedError(f"the model {self.config.model_name!r} has no chat template in its GGUF file")
-        return render_chat_template(
-            model.chat_template,
-            conversation,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=model.bos_text,
-            eos_token=model.eos_text,
         )

@@ -259,15 +259,16 @@ def _split_groups(value: Any) -> Any:
 
 def lora_entries(loras: str | None) -> list[tuple[str, str]]:
     """A reader's ``loras`` as (name, source) pairs, in order: ``name=source``, or a source whose last path
-    component is the name. Raises ValueError (saying what to write instead) for a bad or repeated name."""
+    component is the name (a ``.gguf`` file: without the extension). Raises ValueError (saying what to write
+    instead) for a bad or repeated name."""
     pairs: list[tuple[str, str]] = []
     for entry in (loras or "").split(","):
         entry = entry.strip()
         if not entry:
             continue
         name, sep, source = entry.partition("=")
-        if not sep:
-            name, source = entry.rstrip("/").rsplit("/", 1)[-1], entry
+        if not sep:  # the last path component, without the extension of a GGUF adapter file
+            name, source = entry.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf"), entry
         name, source = name.strip(), source.strip()
         if not source:
             raise ValueError(f"LoRA entry {entry!r} has no path: write 'name=path' or a path")
@@ -370,9 +371,10 @@ class ReaderConfig(BaseModel):
     )
     loras: Annotated[str | None, WithJsonSchema(_LORAS_SCHEMA)] = Field(
         None,
-        description="LoRA adapters to load (transformers backend): comma-separated or a list; each 'name=path' or a "
-        "path (or Hugging Face id) whose last part is the name; relative paths are under repository_path. A "
-        "request picks one with lora_id (OpenAI: model 'group:name').",
+        description="LoRA adapters to load: comma-separated or a list; each 'name=path' or a path (or Hugging Face "
+        "id) whose last part is the name; relative paths are under repository_path. PEFT adapter directories "
+        "(both backends) or GGUF LoRA files (llamacpp). A request picks one with lora_id (OpenAI: model "
+        "'group:name').",
     )
     max_loras: int | None = Field(
         None,
