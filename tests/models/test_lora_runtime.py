@@ -250,3 +250,26 @@ def test_adapters_change_through_redis(
     finally:
         instance.close()
         redis.stop()
+
+
+def test_a_llamacpp_reader_takes_adapters_at_runtime(
+    tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Path]
+) -> None:
+    """The same routes on a llama.cpp reader (the bundled model, no loras at start): the PEFT adapter is converted
+    off the engine thread, then answers with its lora_id only, and is refused once removed."""
+    pytest.importorskip("llama_cpp")
+    reader = {"model_name": "smollm2-135m-instruct", "device": "cpu", "consumer_group": "cpp", "max_batch_size": 2,
+              "backend_options": {"n_threads": 1}}  # fmt: skip
+    instance = LiftoffServer(workdir=tmp_path_factory.mktemp("lora-cpp"), readers={"cpp": reader})
+    try:
+        into_repository(instance, {"alpha": adapters["alpha"]})
+        instance.start(timeout=300)
+        base = text(generate(instance, group="cpp"))
+        assert add(instance, "cpp", "alpha", "adapters/alpha").json() == {"reader_id": "cpp", "loras": ["alpha"]}
+        assert WORDS["alpha"] in text(generate(instance, "alpha", group="cpp"))
+        assert text(generate(instance, group="cpp")) == base
+        assert instance.readers()["cpp"]["loras"] == "alpha"
+        assert instance.http.delete(instance.mgmt + "/reader/cpp/loras/alpha").json()["loras"] == []
+        assert generate(instance, "alpha", group="cpp").status_code == 400
+    finally:
+        instance.close()
