@@ -18,6 +18,7 @@ reader answered, so that a restart keeps the adapters. One lock per reader order
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -139,7 +140,8 @@ class ReaderManager:
             try:
                 await self._record_loras(record, names, (name, source), "the adapter was not added")
             except LiftoffError:
-                await ask(RequestKind.REMOVE_LORA, {"name": name}, ANSWER_GRACE_S)  # as it was before
+                with contextlib.suppress(LiftoffError):  # the first error is the one to tell
+                    await ask(RequestKind.REMOVE_LORA, {"name": name}, ANSWER_GRACE_S)  # as it was before
                 raise
         logger.info("reader %s: LoRA adapter %r added from %s", reader_id, name, source)
         return names
