@@ -266,3 +266,17 @@ def test_processes_writing_at_once_lose_nothing(path: Path) -> None:
     expected = {"r1"} | {f"{prefix}{index}" for prefix in "abc" for index in range(0, 12, 2)}
     assert set(parsed(path)["takeoff"]["readers_config"]) == expected
     assert leftovers(path.parent) == []
+
+
+def test_set_reader_loras_writes_and_drops_the_key(path: Path) -> None:
+    from liftoff.config.manifest import set_reader_loras
+
+    set_reader_loras(path, "r1", ["sql=/adapters/sql", "chat=org/chat-lora"])
+    assert "# the first reader" in path.read_text(encoding="utf-8")
+    loaded = load_config(config_path=str(path), env={})
+    assert loaded.readers["r1"].loras == "sql=/adapters/sql,chat=org/chat-lora"
+    set_reader_loras(path, "r1", [])
+    assert "loras" not in parsed(path)["takeoff"]["readers_config"]["r1"]
+    before = path.read_text(encoding="utf-8")
+    set_reader_loras(path, "headless", ["x=/y"])  # a reader the manifest does not hold: left alone
+    assert path.read_text(encoding="utf-8") == before

@@ -359,3 +359,23 @@ async def test_a_group_mixing_model_types_takes_what_any_of_them_serves(
     with pytest.raises(InvalidRequestError):
         dispatcher.submit([RequestFrame(request_id="y", consumer_group="mixed", kind=RequestKind.CLASSIFY)])
     assert len(broker.submitted) == 2
+
+
+async def test_adapter_changes_go_to_generative_readers_with_their_own_deadline(
+    parts: tuple[Dispatcher, FakeBroker, ReaderRegistry],
+) -> None:
+    """An API or encoder reader is told at once that it holds no adapters; a generative one gets the change, with
+    the deadline the management API gives (lora_load_timeout_s and a grace), not request_timeout_s."""
+    dispatcher, broker, registry = parts
+    add_reader(registry, "api1", "hosted", live=True, kind="API")
+    add_reader(registry, "e1", "vectors", live=True, kind="EMBEDDING")
+    add_reader(registry, "g1", "gen", live=True)
+    for reader_id, kind in (("api1", "API"), ("e1", "EMBEDDING")):
+        frame = RequestFrame(request_id=f"add-{reader_id}", consumer_group="", kind=RequestKind.ADD_LORA,
+                             reader_id=reader_id, payload={"name": "a", "source": "/a"})  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=f"LoRA adapters need a text generation reader .* {kind} model"):
+            dispatcher.submit_to_reader(frame)
+    frame = RequestFrame(request_id="add-g1", consumer_group="", kind=RequestKind.ADD_LORA, reader_id="g1")
+    collector = dispatcher.submit_to_reader(frame, timeout_s=130)
+    assert [sent.request_id for sent, _ in broker.submitted] == ["add-g1"]
+    assert 129 < collector.deadline - monotonic() <= 130

@@ -97,3 +97,33 @@ def test_an_openai_model_names_a_group_or_one_of_its_adapters() -> None:
     assert _target(registry, "primary:nope") == ("primary", "nope")  # the reader says which it has
     assert _target(registry, "gamma") == ("side", "gamma")  # an adapter's name alone, when one group has it
     assert _target(registry, "unknown") == ("unknown", None)  # a group that does not exist: the usual 404
+
+
+def test_a_runtime_adapter_is_checked_as_an_entry_of_loras() -> None:
+    from liftoff.config.models import join_loras, lora_entry
+
+    assert lora_entry("sql", " adapters/sql ") == ("sql", "adapters/sql")
+    for name, source, says in (("my adapter", "/x", "not a valid adapter name"), ("a=b", "/x", "not a valid"),
+                               ("a", "/x,/y", "has a comma"), ("a", "  ", "has no path")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            lora_entry(name, source)
+    joined = join_loras([("sql", "adapters/sql"), ("chat", "org/chat-lora")])
+    assert joined == "sql=adapters/sql,chat=org/chat-lora"
+    assert lora_entries(joined) == [("sql", "adapters/sql"), ("chat", "org/chat-lora")]
+    assert join_loras([]) is None
+
+
+def test_heartbeats_carry_the_readers_adapters_unless_a_change_was_just_answered() -> None:
+    from liftoff.core.frames import HeartbeatFrame
+
+    registry = _registry()
+    registry.on_reader_heartbeat("r2", HeartbeatFrame(timestamp_ms=1, loras="delta"))  # added elsewhere
+    assert registry.masked_status()["live_readers"]["r2"]["loras"] == "delta"
+    assert registry.live_loras("plain") == ["delta"]
+    registry.on_reader_heartbeat("r2", HeartbeatFrame(timestamp_ms=2))  # a reader that tells nothing: kept
+    assert registry.live_loras("plain") == ["delta"]
+    registry.on_reader_heartbeat("r2", HeartbeatFrame(timestamp_ms=3, loras=""))  # its last one removed
+    assert "loras" not in registry.status([])["live_readers"]["r2"]
+    registry.set_loras("r1", ["alpha"])  # this gateway's change was answered
+    registry.on_reader_heartbeat("r1", HeartbeatFrame(timestamp_ms=4, loras="alpha,beta"))  # sent before it
+    assert registry.live_loras("primary") == ["alpha"]

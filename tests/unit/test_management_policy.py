@@ -148,3 +148,40 @@ def test_an_api_reader_may_not_send_a_file_as_its_key(repository: Path) -> None:
     with pytest.raises(InvalidRequestError, match="access_token") as info:
         check_new_reader(api_reader(api_base="http://gpu-3:8000/v1", access_token_file="/etc/shadow"), allowed, 0)
     assert info.value.param == "access_token_file"
+
+
+# ---- LoRA adapters: POST /reader's loras and POST /reader/{id}/loras ----------------------------------------------
+
+
+def test_loras_follow_the_readers_own_rule_for_hub_ids(repository: Path) -> None:
+    """An adapter on the hub is org/name, for the check and for the reader alike: a single name that passes the
+    check would fail at load (the reader's find_adapter looks it up with the same is_lora_hub_id)."""
+    from liftoff.backends.lora_files import LoraLoadError, find_adapter
+    from liftoff.config.models import is_lora_hub_id
+    from liftoff.management.policy import check_lora, check_loras
+
+    allowed = ReaderLimits(repository_path=repository, allowed_models=("*",), allow_downloads=True)
+    check_model(reader("single-name-model"), allowed)  # models may still be single names
+    with pytest.raises(InvalidRequestError, match=r"LoRA 'solo' \('solo'\) is not an adapter POST /reader may load"):
+        check_loras(reader("echo", loras="solo"), allowed)
+    with pytest.raises(InvalidRequestError, match=r"org/name"):
+        check_lora("solo", "solo", allowed, "POST /reader/{reader_id}/loras", "path")
+    assert not is_lora_hub_id("solo")
+    with pytest.raises(LoraLoadError, match="no adapter directory at solo"):  # what the reader would answer
+        find_adapter("solo", "solo", repository)
+    check_lora("chat", "org/chat-lora", allowed, "POST /reader/{reader_id}/loras", "path")  # org/name passes both
+    assert is_lora_hub_id("org/chat-lora")
+    assert not is_lora_hub_id("org/../x")
+
+
+def test_runtime_adapters_are_checked_like_loras(repository: Path) -> None:
+    from liftoff.management.policy import check_lora
+
+    (repository / "adapters" / "sql").mkdir(parents=True)
+    check_lora("sql", str(repository / "adapters" / "sql"), limits(repository), "POST /reader/{id}/loras", "path")
+    check_lora("sql", "adapters/sql", limits(repository), "POST /reader/{id}/loras", "path")
+    for source in (str(repository.parent / "outside"), "../outside", "other/adapter", "/etc"):
+        with pytest.raises(InvalidRequestError, match=re.escape("is not an adapter POST /reader/{id}/loras may load")):
+            check_lora("x", source, limits(repository), "POST /reader/{id}/loras", "path")
+    with pytest.raises(InvalidRequestError, match="allow_downloads is false"):
+        check_lora("x", "org/not-cached", limits(repository), "POST /reader/{id}/loras", "path")

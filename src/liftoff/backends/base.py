@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
-from liftoff.core.errors import LiftoffError, NotSupportedError
+from liftoff.core.errors import LiftoffError, NotFoundError, NotSupportedError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 
 ProgressCallback = Callable[[float], None]
@@ -194,6 +194,30 @@ class Backend(ModelBackend):
     @abc.abstractmethod
     def active(self) -> int:
         """Number of sequences in the batch."""
+
+    # ---- LoRA adapters added and removed at runtime (the management API's /reader/{id}/loras) -------------------
+
+    def load_lora(self, name: str, source: str) -> object:
+        """Any thread, may be slow: find and read adapter ``name`` from ``source`` (as one entry of ``loras``),
+        ready to install. Raises a :class:`LiftoffError` subclass (400-type, naming the adapter) when it cannot be
+        served on this model. The default: this backend holds no LoRA adapters."""
+        raise NotSupportedError(f"LoRA {name[:128]!r}: the {self.name} backend holds no LoRA adapters (serve them "
+                                "with backend: transformers)", param="name")  # fmt: skip
+
+    def install_lora(self, loaded: object) -> None:
+        """Engine thread, between steps, cheap: make the adapter :meth:`load_lora` returned selectable by
+        ``lora_id``. A name the reader already holds is an :class:`InvalidRequestError`."""
+        raise NotSupportedError(f"the {self.name} backend holds no LoRA adapters")
+
+    def remove_lora(self, name: str) -> None:
+        """Engine thread: new requests naming ``name`` are refused from now on; sequences already running under it
+        finish under it, and its memory is freed when the last of them ends. An unknown name is a
+        :class:`NotFoundError` that lists the adapters."""
+        raise NotFoundError(f"LoRA {name[:128]!r} is not an adapter of this reader; it has none", param="name")
+
+    def lora_names(self) -> list[str]:
+        """The adapters a request may name now, in order (any thread)."""
+        return []
 
 
 class EncoderBackend(ModelBackend):

@@ -14,90 +14,35 @@ and one product by their stacked ``B`` matrices (scale folded in) gives every ro
 matrices are rebuilt only when the set of adapters in the step changes. Different ranks are zero-padded to the
 largest, which changes nothing. A step whose rows use no adapter skips all of this, so the base model's output is
 bit for bit what it is without ``loras``; a row without an adapter in a mixed step gets ``+ 0.0``.
+
+Adapters come and go at runtime (``POST`` and ``DELETE /reader/{id}/loras``): :func:`prepare_adapter` does the
+slow part anywhere (reading, checking against the model, converting to its device and dtype), then
+:meth:`LoraSet.add` installs it on the engine thread between steps, into a free slot (the buffers grow by a slot,
+and to a larger rank, when needed; layers no adapter targeted before are wrapped then). :meth:`LoraSet.remove`
+makes a name unknown to new requests at once, while the rows already running under it keep its slot; the slot is
+zeroed and freed (:meth:`LoraSet.release`) when the last of them ends, and the buffers shrink back to what the
+remaining adapters need. Each installed adapter has a serial number of its own (:meth:`LoraSet.mark`), which keys
+the prefix cache, so that a slot used again by another adapter never reuses the keys and values of the first.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from liftoff.backends.lora_files import CONFIG_FILE, WEIGHTS_FILE, LoraLoadError, find_adapter
-from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig, lora_entries
-from liftoff.core.errors import InvalidRequestError, NotSupportedError
+from liftoff.backends.hf_lora_files import Adapter, read_adapter
+from liftoff.backends.lora_files import LoraLoadError, find_adapter
+from liftoff.config.models import DEFAULT_MAX_LORAS, MAX_LORAS, ReaderConfig, lora_entries
+from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
+
+__all__ = ["Adapter", "LoraLinear", "LoraLoadError", "LoraSet", "PreparedAdapter", "attach_loras", "find_adapter",
+           "fits", "lora_slot", "prefix_key", "prepare_adapter", "read_adapter"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """One adapter read from disk: per targeted module (its path in the model), ``A`` [r, in] and ``scale * B``."""
-
-    name: str
-    path: Path
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.modules.values())
-
-
-def read_adapter(name: str, path: Path) -> Adapter:
-    """Read a PEFT LoRA adapter; refuse (naming the adapter) what this code does not apply exactly."""
-    alpha, rslora = _read_config(name, path)
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except Exception as exc:
-        raise LoraLoadError(f"LoRA {name!r}: cannot read {path / WEIGHTS_FILE}: {exc}") from exc
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise LoraLoadError(f"LoRA {name!r}: weight {key!r} is not a lora_A/lora_B matrix; it cannot be applied")
-        parts.setdefault(match["module"], {})[match["which"]] = tensor
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in parts.items():
-        a, b = pair.get("A"), pair.get("B")
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise LoraLoadError(f"LoRA {name!r}: {module} lacks a matching lora_A [r, in] and lora_B [out, r]")
-        rank = a.shape[0]  # rank_pattern gives some modules their own rank: the matrices say which
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        modules[module] = (a.float(), b.float() * scale)
-    if not modules:
-        raise LoraLoadError(f"LoRA {name!r}: {path / WEIGHTS_FILE} holds no LoRA weights")
-    return Adapter(name, path, modules)
-
-
-# adapter_config.json keys whose features this code does not apply: set (truthy), the adapter is refused
-_UNSUPPORTED = ("use_dora", "modules_to_save", "alpha_pattern", "layer_replication", "lora_bias",
-                "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora")  # fmt: skip
-
-
-def _read_config(name: str, path: Path) -> tuple[float, bool]:
-    """``lora_alpha`` and ``use_rslora`` of an adapter's config, after refusing what is not plain LoRA."""
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LoraLoadError(f"LoRA {name!r}: cannot read {path / CONFIG_FILE}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise LoraLoadError(f"LoRA {name!r}: {path / CONFIG_FILE} is not a JSON object")
-    kind = config.get("peft_type", "LORA")
-    if kind != "LORA":
-        raise LoraLoadError(f"LoRA {name!r}: peft_type {kind!r} is not LORA; only LoRA adapters are served")
-    refused = [key for key in _UNSUPPORTED if config.get(key)]
-    if config.get("bias", "none") not in (None, "none"):
-        refused.append(f"bias={config['bias']!r}")
-    if refused:
-        raise LoraLoadError(f"LoRA {name!r}: {', '.join(refused)} in {CONFIG_FILE} is not supported; retrain without")
-    return float(config.get("lora_alpha") or config.get("r") or 8), bool(config.get("use_rslora"))
 
 
 class LoraLinear(torch.nn.Module):
@@ -131,6 +76,75 @@ class LoraLinear(torch.nn.Module):
         delta = ((x @ self._a_cat) * mask) @ self._b_cat
         return out + delta
 
+    def resize(self, slots: int, rank: int) -> None:
+        """Reallocate the buffers for ``slots`` slots of rank ``rank``, keeping what fits (engine thread)."""
+        keep_s, keep_r = min(slots, int(self.a.shape[0])), min(rank, int(self.a.shape[2]))
+        a = self.a.new_zeros(slots, self.in_features, rank)
+        b = self.b.new_zeros(slots, rank, self.out_features)
+        a[:keep_s, :, :keep_r] = self.a[:keep_s, :, :keep_r]
+        b[:keep_s, :keep_r, :] = self.b[:keep_s, :keep_r, :]
+        self.a, self.b = a, b
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the side-by-side matrices: a slot's contents changed."""
+        self._key = ()
+        self._a_cat = self._b_cat = torch.empty(0)
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter checked against a model and converted to its device and dtype: per module ``A.T`` [in, r] and
+    ``scale * B.T`` [r, out], ready for :meth:`LoraSet.add` (which only copies them into place)."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a slot holds: the adapter's name, rank and modules (to shrink the buffers when it leaves)."""
+
+    name: str
+    rank: int
+    modules: frozenset[str]
+    mark: int
+
+
+def _features(module: torch.nn.Module) -> tuple[int | None, int | None]:
+    """A linear layer's input and output sizes (of the layer a :class:`LoraLinear` wraps)."""
+    if isinstance(module, LoraLinear):
+        return module.in_features, module.out_features
+    size_in, size_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (int(size_in) if size_in is not None else None), (int(size_out) if size_out is not None else None)
+
+
+def prepare_adapter(model: torch.nn.Module, adapter: Adapter) -> PreparedAdapter:
+    """Check ``adapter`` against ``model`` (its layers and their shapes) and convert its matrices (any thread)."""
+    param = next(model.parameters())
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module_name, (lora_a, lora_b) in sorted(adapter.modules.items()):
+        try:
+            base = model.get_submodule(module_name)
+        except AttributeError:
+            raise LoraLoadError(
+                f"LoRA {adapter.name!r} targets {module_name}, which this model does not have: the adapter was "
+                "trained on another architecture"
+            ) from None
+        size_in, size_out = _features(base)
+        size_in = int(lora_a.shape[1]) if size_in is None else size_in
+        size_out = int(lora_b.shape[0]) if size_out is None else size_out
+        if lora_a.shape[1] != size_in or lora_b.shape[0] != size_out:
+            raise LoraLoadError(
+                f"LoRA {adapter.name!r}: {module_name} is {size_in} -> {size_out} in this model but "
+                f"{lora_a.shape[1]} -> {lora_b.shape[0]} in the adapter: it was trained on another base model"
+            )
+        a_t = lora_a.t().to(device=param.device, dtype=param.dtype).contiguous()
+        b_t = lora_b.t().to(device=param.device, dtype=param.dtype).contiguous()
+        modules[module_name] = (a_t, b_t)
+    return PreparedAdapter(adapter.name, modules, adapter.rank)
+
 
 @dataclass(frozen=True)
 class _Step:
@@ -141,49 +155,116 @@ class _Step:
 
 
 class LoraSet:
-    """The adapters of one reader, wrapped into its model: names to slots, and the rows' slots for each forward."""
+    """The adapters of one reader, wrapped into its model: names to slots, and the rows' slots for each forward.
 
-    def __init__(self, model: torch.nn.Module, adapters: list[Adapter], max_loras: int) -> None:
-        self.names = [adapter.name for adapter in adapters]
+    Changed only on the engine thread; ``names`` is replaced, never changed in place, so other threads may read it.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_loras: int) -> None:
+        self.model = model
+        self.names: list[str] = []
         self.max_loras = max_loras
         self.step: _Step | None = None
-        self._slots = {adapter.name: slot for slot, adapter in enumerate(adapters, start=1)}
-        self.rank = max(adapter.rank for adapter in adapters)
+        self.rank = 0
+        self._slots: dict[str, int] = {}  # the adapters a request may name
+        self._held: dict[int, _Held] = {}  # every slot in memory: those and the removed ones still running
+        self._wrapped: dict[str, LoraLinear] = {}
+        self._size = 1  # slots in the buffers, slot 0 (no adapter) included
+        self._serial = 0
+        self.retiring: set[int] = set()  # removed, waiting for their last rows to end
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
-        targets = sorted({module for adapter in adapters for module in adapter.modules})
-        for module_name in targets:
-            self._wrap(model, module_name, adapters)
-        self.wrapped = len(targets)
 
-    def _wrap(self, model: torch.nn.Module, module_name: str, adapters: list[Adapter]) -> None:
-        users = [adapter for adapter in adapters if module_name in adapter.modules]
-        try:
-            base = model.get_submodule(module_name)
-        except AttributeError:
-            raise LoraLoadError(
-                f"LoRA {users[0].name!r} targets {module_name}, which this model does not have: the adapter was "
-                "trained on another architecture"
-            ) from None
-        first_a, first_b = users[0].modules[module_name]
-        size_in = int(getattr(base, "in_features", first_a.shape[1]))
-        size_out = int(getattr(base, "out_features", first_b.shape[0]))
-        a = torch.zeros(len(adapters) + 1, size_in, self.rank, dtype=self._dtype)
-        b = torch.zeros(len(adapters) + 1, self.rank, size_out, dtype=self._dtype)
-        for slot, adapter in enumerate(adapters, start=1):
-            if module_name not in adapter.modules:
-                continue
-            lora_a, lora_b = adapter.modules[module_name]
-            if lora_a.shape[1] != size_in or lora_b.shape[0] != size_out:
-                raise LoraLoadError(
-                    f"LoRA {adapter.name!r}: {module_name} is {size_in} -> {size_out} in this model but "
-                    f"{lora_a.shape[1]} -> {lora_b.shape[0]} in the adapter: it was trained on another base model"
-                )
-            a[slot, :, : lora_a.shape[0]] = lora_a.t()
-            b[slot, : lora_b.shape[1], :] = lora_b.t()
+    @property
+    def wrapped(self) -> int:
+        """How many layers are wrapped."""
+        return len(self._wrapped)
+
+    def add(self, adapter: PreparedAdapter) -> int:
+        """Install a prepared adapter in a free slot (engine thread, between steps); its slot."""
+        if adapter.name in self._slots:
+            raise InvalidRequestError(f"LoRA {adapter.name!r} is already an adapter of this reader; remove it first, "
+                                      "or give the new one another name", param="name")  # fmt: skip
+        if len(self._slots) >= MAX_LORAS:
+            raise InvalidRequestError(f"this reader holds {MAX_LORAS} LoRA adapters, the most it may; remove one first",
+                                      param="name")  # fmt: skip
+        slot = next(s for s in itertools.count(1) if s not in self._held)
+        self._fit(max(self._size, slot + 1), max(self.rank, adapter.rank))
+        for module_name in adapter.modules:
+            if module_name not in self._wrapped:
+                self._wrap(module_name)
+        for module_name, wrapper in self._wrapped.items():
+            pair = adapter.modules.get(module_name)
+            if pair is not None:
+                a_t, b_t = pair
+                wrapper.a[slot, :, : a_t.shape[1]] = a_t
+                wrapper.b[slot, : b_t.shape[0], :] = b_t
+            wrapper.forget()
+        self._serial += 1
+        self._held[slot] = _Held(adapter.name, adapter.rank, frozenset(adapter.modules), self._serial)
+        self._slots[adapter.name] = slot
+        self.names = [*self.names, adapter.name]
+        return slot
+
+    def remove(self, name: str) -> int:
+        """Make ``name`` unknown to new requests (engine thread); its slot stays until :meth:`release` frees it."""
+        slot = self._slots.pop(name, None)
+        if slot is None:
+            held = ", ".join(self.names) or "none"
+            raise NotFoundError(f"LoRA {name[:128]!r} is not an adapter of this reader; it has: {held}", param="name")
+        self.names = [other for other in self.names if other != name]
+        self.retiring.add(slot)
+        return slot
+
+    def release(self, in_use: set[int]) -> None:
+        """Free the removed adapters' slots that no row in ``in_use`` runs under any more, and shrink the buffers
+        to what the adapters left need (engine thread, between steps)."""
+        freed = {slot for slot in self.retiring if slot not in in_use}
+        if not freed:
+            return
+        self.retiring -= freed
+        for slot in freed:
+            del self._held[slot]
+            for wrapper in self._wrapped.values():
+                wrapper.a[slot].zero_()
+                wrapper.b[slot].zero_()
+                wrapper.forget()
+        targeted = {module for held in self._held.values() for module in held.modules}
+        for module_name in [name for name in self._wrapped if name not in targeted]:
+            self._unwrap(module_name)
+        self._fit(max(self._held, default=0) + 1, max((held.rank for held in self._held.values()), default=0))
+
+    def _fit(self, size: int, rank: int) -> None:
+        """Give every wrapper ``size`` slots of rank ``rank``."""
+        if (size, rank) == (self._size, self.rank):
+            return
+        self._size, self.rank = size, rank
+        for wrapper in self._wrapped.values():
+            wrapper.resize(size, rank)
+
+    def _wrap(self, module_name: str) -> None:
+        base = self.model.get_submodule(module_name)
+        size_in, size_out = _features(base)
+        if size_in is None or size_out is None:
+            raise LoraLoadError(f"{module_name} has no in_features and out_features: it cannot take a LoRA adapter")
+        a = torch.zeros(self._size, size_in, self.rank, dtype=self._dtype, device=self._device)
+        b = torch.zeros(self._size, self.rank, size_out, dtype=self._dtype, device=self._device)
+        wrapper = LoraLinear(base, self, a, b)
+        self._replace(module_name, wrapper)
+        self._wrapped[module_name] = wrapper
+
+    def _unwrap(self, module_name: str) -> None:
+        self._replace(module_name, self._wrapped.pop(module_name).base)
+
+    def _replace(self, module_name: str, module: torch.nn.Module) -> None:
         parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(base, self, a.to(self._device), b.to(self._device)))
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, module)
+
+    def mark(self, slot: int) -> int:
+        """The serial number of the adapter in ``slot`` (0: none), unique for the life of the reader."""
+        held = self._held.get(slot) if slot else None
+        return held.mark if held is not None else 0
 
     def slot(self, lora_id: str | None) -> int:
         """The slot of ``lora_id`` (0: none); an unknown id is a 400 that lists the adapters."""
@@ -191,6 +272,9 @@ class LoraSet:
             return 0
         slot = self._slots.get(lora_id)
         if slot is None:
+            if not self.names:
+                raise NotSupportedError(f"lora_id {lora_id[:128]!r}: this reader has no LoRA adapters now",
+                                        param="lora_id")  # fmt: skip
             raise InvalidRequestError(
                 f"lora_id {lora_id[:128]!r} is not an adapter of this reader; it has: {', '.join(self.names)}",
                 param="lora_id",
@@ -223,7 +307,9 @@ def attach_loras(model: torch.nn.Module, config: ReaderConfig, repository_path: 
         return None
     token = config.access_token
     adapters = [read_adapter(name, find_adapter(name, source, repository_path, token)) for name, source in entries]
-    lora = LoraSet(model, adapters, config.max_loras or DEFAULT_MAX_LORAS)
+    lora = LoraSet(model, config.max_loras or DEFAULT_MAX_LORAS)
+    for adapter in adapters:
+        lora.add(prepare_adapter(model, adapter))
     logger.info("LoRA adapters %s on %d layers (rank up to %d)", ", ".join(lora.names), lora.wrapped, lora.rank)
     return lora
 
@@ -246,5 +332,6 @@ def fits(lora: LoraSet | None, active: set[int], slot: int) -> bool:
 
 def prefix_key(lora: LoraSet | None, slot: int, tokens: list[int]) -> list[int]:
     """``tokens`` as the prefix cache matches them: behind a mark of their adapter when the reader has LoRA
-    adapters (keys and values computed under one adapter are no prefix of another's, nor of the base model's)."""
-    return tokens if lora is None else [-1 - slot, *tokens]
+    adapters (keys and values computed under one adapter are no prefix of another's, nor of the base model's).
+    The mark is the adapter's serial number, not its slot: a slot used again holds another adapter."""
+    return tokens if lora is None else [-1 - lora.mark(slot), *tokens]

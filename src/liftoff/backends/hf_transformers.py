@@ -60,6 +60,7 @@ from liftoff.backends.hf_load import (
     set_threads as set_torch_threads,
 )
 from liftoff.backends.hf_lora import LoraSet, attach_loras, fits, lora_slot, prefix_key
+from liftoff.backends.hf_lora_runtime import LoraRuntime
 from liftoff.backends.hf_quant import calibration_ids, check_int8, quantize_linears, wants_int8
 from liftoff.backends.hf_sequence import HFSequence, account, finish
 from liftoff.backends.hf_tokens import HFTokenizer
@@ -78,8 +79,9 @@ DEFAULT_PREFILL_PER_STEP = 128
 BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step", "quantize"})
 
 
-class TransformersBackend(Backend):
-    """Causal LMs through ``transformers`` + ``torch``, continuously batched."""
+class TransformersBackend(LoraRuntime, Backend):
+    """Causal LMs through ``transformers`` + ``torch``, continuously batched; LoRA adapters come and go at runtime
+    (:mod:`liftoff.backends.hf_lora_runtime`)."""
 
     name = "transformers"
     honoured_options = COMMON_OPTIONS | GRAMMAR_OPTIONS | {"max_sequence_length", "prefill_chunk_size", "loras",
@@ -187,6 +189,16 @@ class TransformersBackend(Backend):
             raise RuntimeError("the transformers backend is not loaded")
         return self._loaded
 
+    def _lora_model(self) -> torch.nn.Module:
+        return self._model().model
+
+    def _lora_slots_in_use(self) -> set[int]:
+        held = [*self._waiting, *self._rows, *self._empty, *([self._chunking] if self._chunking else [])]
+        return {seq.adapter for seq in held}
+
+    def _lora_started(self) -> None:
+        self._prefixes.clear()  # their keys carry no adapter mark
+
     # ---- admission ----------------------------------------------------------------------------------------------
 
     def preparation(self, params: GenerationParams) -> Preparation | None:
@@ -211,6 +223,11 @@ class TransformersBackend(Backend):
             self._waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
+        found = self._abort(request_id)
+        self._release_loras()  # it may have been the last sequence of a removed adapter
+        return found
+
+    def _abort(self, request_id: str) -> bool:
         for queue in (self._waiting, self._empty):
             for seq in queue:
                 if seq.request_id == request_id:
@@ -241,6 +258,7 @@ class TransformersBackend(Backend):
                 self._prefill(out)
             for index in sorted((i for i, seq in enumerate(self._rows) if seq.done), reverse=True):
                 self._remove_row(index)
+        self._release_loras()
         return out
 
     def _decode(self, out: list[StepOutput]) -> None:

@@ -1,17 +1,18 @@
 """Where a LoRA adapter's files are, for every backend: a PEFT directory given as a path, a path under
-``repository_path``, or a Hugging Face id. Free of torch, so a llama.cpp reader imports it cheaply.
+``repository_path``, or a Hugging Face id (``org/name``: the one rule, :func:`liftoff.config.models.is_lora_hub_id`,
+that the management API's check of what it may load applies too). Free of torch, so a llama.cpp reader imports it
+cheaply.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from liftoff.backends.resolve import hub_snapshot
+from liftoff.config.models import is_lora_hub_id
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class LoraLoadError(Exception):
@@ -26,7 +27,7 @@ def find_adapter(name: str, source: str, repository_path: Path, token: str | Non
             return candidate
         if candidate.exists():
             raise LoraLoadError(f"LoRA {name!r}: {candidate} has no {CONFIG_FILE} (a PEFT adapter directory)")
-    if not _HUB_ID.match(source) or ".." in source:
+    if not is_lora_hub_id(source):
         raise LoraLoadError(
             f"LoRA {name!r}: no adapter directory at {source} (nor under repository_path {repository_path}); "
             f"an adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"

@@ -169,3 +169,20 @@ def remove_reader(path: Path, reader_id: str) -> None:
         return readers.pop(reader_id, None) is not None
 
     _rewrite(path, change)
+
+
+def set_reader_loras(path: Path, reader_id: str, loras: list[str]) -> None:
+    """Write reader ``reader_id``'s ``loras`` (``name=source`` entries; none: the key goes) after an adapter was
+    added to it or removed at runtime. A reader the manifest does not hold (a headless one) is left alone."""
+
+    def change(readers: Any) -> bool:
+        entry = readers.get(reader_id)
+        if not isinstance(entry, dict):
+            return False
+        if loras:
+            entry["loras"] = list(loras)
+        else:
+            entry.pop("loras", None)
+        return True
+
+    _rewrite(path, change)

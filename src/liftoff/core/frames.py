@@ -104,6 +104,7 @@ class HeartbeatFrame(_Frame, tag="hb"):
     stats: dict[str, float] = msgspec.field(default_factory=dict)  # the reader's running totals, for /metrics
     quiet_ms: int = 0
     unhealthy: str = ""  # why the reader cannot serve now (an API reader's upstream is down); "" when it can
+    loras: str | None = None  # its LoRA adapters now, comma-separated ("": none; None: not told), as they change
 
 
 MAX_QUIET_MS = 60_000  # the longest silence a reader may announce

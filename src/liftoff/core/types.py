@@ -38,14 +38,18 @@ class RequestKind(enum.StrEnum):
     CHAT_TEMPLATE = "chat_template"
     EMBED = "embed"
     CLASSIFY = "classify"
+    ADD_LORA = "add_lora"  # management: load a LoRA adapter into one reader (payload: name, source, timeout_s)
+    REMOVE_LORA = "remove_lora"  # management: take one out (payload: name)
 
 
 _TOKENIZER = frozenset({RequestKind.TOKENIZE, RequestKind.DETOKENIZE})
+# Adapter changes go to generative readers; whether the backend holds adapters is its own answer (a 400 if not).
+LORA_KINDS = frozenset({RequestKind.ADD_LORA, RequestKind.REMOVE_LORA})
 
 # The request kinds a reader of each model type can serve (a request of another kind is a client error: 400).
 SERVES: dict[str, frozenset[RequestKind]] = {
-    ModelType.CAUSAL: _TOKENIZER | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
-    ModelType.IMAGE_TO_TEXT: _TOKENIZER | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
+    ModelType.CAUSAL: _TOKENIZER | LORA_KINDS | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
+    ModelType.IMAGE_TO_TEXT: _TOKENIZER | LORA_KINDS | {RequestKind.GENERATE, RequestKind.CHAT_TEMPLATE},
     ModelType.EMBEDDING: _TOKENIZER | {RequestKind.EMBED},
     ModelType.CLASSIFICATION: _TOKENIZER | {RequestKind.CLASSIFY},
     # An API reader forwards; it answers tokenizer services itself where its upstream offers them (else a 400).
@@ -60,6 +64,8 @@ NEEDS: dict[RequestKind, str] = {
     RequestKind.CHAT_TEMPLATE: "chat templates belong to CAUSAL (text generation) readers",
     RequestKind.TOKENIZE: "tokenizing needs a reader with a tokenizer",
     RequestKind.DETOKENIZE: "detokenizing needs a reader with a tokenizer",
+    RequestKind.ADD_LORA: "LoRA adapters need a text generation reader of the transformers backend",
+    RequestKind.REMOVE_LORA: "LoRA adapters need a text generation reader of the transformers backend",
 }
 
 

@@ -256,8 +256,9 @@ class Dispatcher:
             self.metrics.user_batch.observe((group,), len(frames))
         return collector
 
-    def submit_to_reader(self, frame: RequestFrame) -> Collector:
-        """Send a request to one reader (``frame.reader_id``): 404 if unknown, 503 if not live."""
+    def submit_to_reader(self, frame: RequestFrame, timeout_s: float | None = None) -> Collector:
+        """Send a request to one reader (``frame.reader_id``): 404 if unknown, 503 if not live; it must end within
+        ``timeout_s`` (default ``request_timeout_s``)."""
         if self.closing:
             raise ShuttingDownError("the server is shutting down")
         record = self.registry.get(frame.reader_id)
@@ -270,7 +271,7 @@ class Dispatcher:
                 f"{NEEDS[frame.kind]}, and reader {frame.reader_id!r} serves a {record.info.model_type} model",
                 param="reader_id",
             )
-        deadline = monotonic() + self.config.request_timeout_s
+        deadline = monotonic() + (self.config.request_timeout_s if timeout_s is None else timeout_s)
         return self._enqueue([frame], deadline, deadline)
 
     def _enqueue(

@@ -69,6 +69,12 @@ class Healer:
         """A reader process was started by ``create``: look after it from now on (a new history)."""
         self.readers[reader_id] = Supervised(config, RestartBook(config.restart_policy, self.limits), pid)
 
+    def reconfigure(self, reader_id: str, config: ReaderConfig) -> None:
+        """The reader's configuration changed while it runs (its LoRA adapters): a restart uses the new one."""
+        supervised = self.readers.get(reader_id)
+        if supervised is not None:
+            supervised.config = config
+
     def forget(self, reader_id: str) -> None:
         """The reader is deleted: never restart it; its groups stop buffering for it."""
         supervised = self.readers.pop(reader_id, None)

@@ -7,29 +7,42 @@ that fails, the manifest entry is taken back). ``DELETE /reader/{id}`` takes the
 first (if that fails, the reader keeps running and the client is told), then evicts it from the broker
 (unstarted requests go elsewhere), forgets it and stops its process. One lock orders these changes, so that
 concurrent calls cannot pass ``max_readers`` together. Readers that fail are restarted by the :class:`Healer`.
+
+``POST /reader/{id}/loras`` and ``DELETE /reader/{id}/loras/{name}`` (:meth:`ReaderManager.add_lora`,
+:meth:`ReaderManager.remove_lora`) change a live reader's LoRA adapters: the adapter is checked as ``POST
+/reader``'s ``loras`` are (a 400 and nothing loaded), the reader makes the change (the gateway's ``ask``: a
+request to that one reader), then its record, its restart configuration and its manifest entry follow what the
+reader answered, so that a restart keeps the adapters. One lock per reader orders its changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from liftoff.broker.base import GatewayBroker
 from liftoff.config import manifest
 from liftoff.config.manifest import ManifestError
-from liftoff.config.models import ReaderConfig
+from liftoff.config.models import ReaderConfig, join_loras, lora_entries, lora_entry
 from liftoff.core.errors import InvalidRequestError, LiftoffError, NotFoundError
 from liftoff.core.frames import LoadedFrame
 from liftoff.core.ids import new_reader_id
-from liftoff.core.types import ReaderState
+from liftoff.core.types import ReaderState, RequestKind
 from liftoff.management.healer import Healer
-from liftoff.management.policy import ReaderLimits, check_new_reader
+from liftoff.management.policy import ReaderLimits, check_lora, check_new_reader
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
 from liftoff.management.restarts import RestartLimits
 from liftoff.management.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
+
+# Sends one request to the reader being changed and returns its result's data: (kind, payload, timeout in seconds).
+Ask = Callable[[RequestKind, dict[str, Any], float], Awaitable[dict[str, Any]]]
+ANSWER_GRACE_S = 10.0  # what the gateway waits beyond the reader's own deadline for its answer
 
 
 class ReaderManager:
@@ -53,6 +66,7 @@ class ReaderManager:
         self.healer = Healer(registry, broker, supervisor, limits or RestartLimits())
         self.reader_limits = reader_limits or ReaderLimits()
         self._changing = asyncio.Lock()
+        self._lora_locks: dict[str, asyncio.Lock] = {}
 
     async def create_from_api(self, config: ReaderConfig) -> str:
         """``POST /reader``: check, write into the manifest, then start (see the module docstring)."""
@@ -107,8 +121,69 @@ class ReaderManager:
             self.registry.remove(reader_id)
             self.healer.forget(reader_id)
             self.supervisor.restrict(reader_id, False)
+            self._lora_locks.pop(reader_id, None)
         await self.supervisor.stop(reader_id, self.stop_timeout_s)
         logger.info("reader %s deleted", reader_id)
+
+    async def add_lora(self, reader_id: str, name: str, source: str, ask: Ask, timeout_s: float) -> list[str]:
+        """``POST /reader/{id}/loras``: check, have the reader load the adapter (within ``timeout_s``), record it;
+        the reader's adapters after the change."""
+        record = self._changeable(reader_id)
+        try:
+            name, source = lora_entry(name, source)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="name") from None
+        check_lora(name, source, self.reader_limits, "POST /reader/{reader_id}/loras", "path")
+        async with self._lora_locks.setdefault(reader_id, asyncio.Lock()):
+            payload = {"name": name, "source": source, "timeout_s": timeout_s}
+            names = _names(await ask(RequestKind.ADD_LORA, payload, timeout_s + ANSWER_GRACE_S))
+            try:
+                await self._record_loras(record, names, (name, source), "the adapter was not added")
+            except LiftoffError:
+                with contextlib.suppress(LiftoffError):  # the first error is the one to tell
+                    await ask(RequestKind.REMOVE_LORA, {"name": name}, ANSWER_GRACE_S)  # as it was before
+                raise
+        logger.info("reader %s: LoRA adapter %r added from %s", reader_id, name, source)
+        return names
+
+    async def remove_lora(self, reader_id: str, name: str, ask: Ask) -> list[str]:
+        """``DELETE /reader/{id}/loras/{name}``: the reader refuses the adapter to new requests at once (those
+        running under it finish), then the records follow; the reader's adapters after the change."""
+        record = self._changeable(reader_id)
+        async with self._lora_locks.setdefault(reader_id, asyncio.Lock()):
+            names = _names(await ask(RequestKind.REMOVE_LORA, {"name": name}, ANSWER_GRACE_S))
+            await self._record_loras(record, names, None, f"the reader no longer serves {name!r}, but a restart "
+                                     "would load it again")  # fmt: skip
+        logger.info("reader %s: LoRA adapter %r removed", reader_id, name)
+        return names
+
+    def _changeable(self, reader_id: str) -> ReaderRecord:
+        """The record of a live reader whose adapters may change: 404 unknown, 400 not live."""
+        record = self.registry.get(reader_id)
+        if record is None:
+            raise NotFoundError(f"reader {reader_id!r} does not exist", param="reader_id")
+        if record.state is not ReaderState.LIVE:
+            raise InvalidRequestError(
+                f"reader {reader_id!r} is {record.state.value}: LoRA adapters are added and removed on a live reader "
+                "only; wait until GET /reader/{reader_id} says live",
+                param="reader_id",
+            )
+        return record
+
+    async def _record_loras(self, record: ReaderRecord, names: list[str], added: tuple[str, str] | None,
+                            failure: str) -> None:  # fmt: skip
+        """Make the reader's record, restart configuration and manifest entry hold its adapters ``names``."""
+        sources = dict(lora_entries(record.config.loras))
+        if added is not None:
+            sources[added[0]] = added[1]
+        entries = [(name, sources[name]) for name in names if name in sources]
+        config = record.config.model_copy(update={"loras": join_loras(entries)})
+        if self.manifest_path is not None and record.managed:
+            await self._persist(manifest.set_reader_loras, record.reader_id, [f"{n}={s}" for n, s in entries],
+                                failure=failure)  # fmt: skip
+        record.config = config
+        self.registry.set_loras(record.reader_id, names)
+        self.healer.reconfigure(record.reader_id, config)
 
     def forget_dead(self, reader_id: str, reason: str) -> None:
         """Forget a dead reader this gateway did not start (pruning; see management/prune.py)."""
@@ -157,3 +232,11 @@ class ReaderManager:
                 self.broker.stop_reader(reader_id, "the gateway is shutting down")
         await self.supervisor.stop_all(self.stop_timeout_s)
         await self.healer.join()
+
+
+def _names(result: dict[str, Any]) -> list[str]:
+    """The adapter names of a reader's answer to a change."""
+    names = result.get("loras")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise LiftoffError(f"the reader answered the LoRA change with {result!r}, not a list of adapter names")
+    return names

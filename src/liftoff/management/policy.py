@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from liftoff.config.models import BUNDLED_ALIASES, DEFAULT_API_BASE, AppConfig, ReaderConfig, lora_entries
+from liftoff.config.models import (
+    BUNDLED_ALIASES,
+    DEFAULT_API_BASE,
+    AppConfig,
+    ReaderConfig,
+    is_lora_hub_id,
+    lora_entries,
+)
 from liftoff.core.errors import InvalidRequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -131,26 +139,36 @@ def check_model(config: ReaderConfig, limits: ReaderLimits) -> None:
 
 def check_loras(config: ReaderConfig, limits: ReaderLimits) -> None:
     """Refuse LoRA adapters (``loras``) outside what the management API may load: as for ``model_name``, a
-    directory under ``repository_path`` or a Hugging Face id that ``allowed_models`` lists."""
+    directory under ``repository_path`` or a Hugging Face id (``org/name``) that ``allowed_models`` lists."""
     for name, source in lora_entries(config.loras):
-        refused = InvalidRequestError(
-            f"LoRA {name!r} ({source!r}) is not an adapter POST /reader may load: name a directory under "
-            "repository_path, or a Hugging Face id that allowed_models lists",
-            param="loras",
-        )
-        _check_source(source, limits, "loras", refused)
+        check_lora(name, source, limits, "POST /reader", "loras")
 
 
-def _check_source(name: str, limits: ReaderLimits, param: str, refused: InvalidRequestError) -> None:
+def check_lora(name: str, source: str, limits: ReaderLimits, route: str, param: str) -> None:
+    """Refuse one adapter ``source`` that ``route`` may not load (see :func:`check_loras`)."""
+    refused = InvalidRequestError(
+        f"LoRA {name!r} ({source[:256]!r}) is not an adapter {route} may load: name a directory under "
+        "repository_path, or a Hugging Face id (org/name) that allowed_models lists",
+        param=param,
+    )
+    _check_source(source, limits, param, refused, is_lora_hub_id)
+
+
+def _is_model_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def _check_source(name: str, limits: ReaderLimits, param: str, refused: InvalidRequestError,
+                  hub_id: Callable[[str], bool] = _is_model_hub_id) -> None:  # fmt: skip
     """Refuse (with ``refused``) a model or adapter ``name`` that is neither under ``repository_path`` nor an
-    allowed Hugging Face id (already downloaded, unless ``allow_downloads``)."""
+    allowed Hugging Face id (``hub_id`` says what one looks like; already downloaded, unless ``allow_downloads``)."""
     root = limits.repository_path.expanduser().resolve()
     for candidate in (Path(name).expanduser(), root / name):  # the reader's order (backends.resolve)
         if _exists(candidate):
             if _inside(candidate, root):
                 return
             raise refused
-    if not _HUB_ID.match(name) or ".." in name:
+    if not hub_id(name):
         raise refused
     if not any(fnmatchcase(name, pattern) for pattern in limits.allowed_models):
         raise refused

@@ -41,6 +41,12 @@ class ReaderRecord:
     state_since_ms: int = field(default_factory=now_ms)
     stats: dict[str, float] = field(default_factory=dict)  # the reader's running totals (its last heartbeat's)
     unhealthy: bool = False  # dead only because it said it cannot serve (its upstream is down): it may come back
+    lora_changed_at: float = 0.0  # when a change of its adapters was answered (heartbeats sent before may follow)
+
+    def lora_change_fresh(self) -> bool:
+        """Whether its adapters changed so recently that a heartbeat may still tell the ones before (under Redis a
+        heartbeat and an answer travel apart): such heartbeats do not undo the change."""
+        return monotonic() - self.lora_changed_at < 3 * self.heartbeat_interval_ms / 1000.0
 
     def set_state(self, state: ReaderState, error: str | None = None) -> None:
         """Move to ``state``; a dead reader keeps the reason."""
@@ -188,6 +194,12 @@ class ReaderRegistry:
                 record.stats = frame.stats
             if frame.progress >= 0:
                 record.progress = frame.progress
+            if (
+                frame.loras is not None
+                and (frame.loras or None) != record.info.loras
+                and not record.lora_change_fresh()
+            ):
+                self.set_loras(reader_id, frame.loras.split(",") if frame.loras else [], changed=False)
             self._on_health(record, frame.unhealthy)
 
     def _on_health(self, record: ReaderRecord, unhealthy: str) -> None:
@@ -203,6 +215,17 @@ class ReaderRegistry:
             record.unhealthy = False
             record.error = None
             record.set_state(ReaderState.LIVE)
+            self._touch()
+
+    def set_loras(self, reader_id: str, names: list[str], *, changed: bool = True) -> None:
+        """The reader's LoRA adapters are ``names``: it answered a change (POST or DELETE /reader/{id}/loras), or
+        its heartbeat says so (``changed`` False: the heartbeats catch up with a change another gateway made, or
+        one whose answer came too late)."""
+        record = self.records.get(reader_id)
+        if record is not None:
+            record.info.loras = ",".join(names) or None
+            if changed:
+                record.lora_changed_at = monotonic()
             self._touch()
 
     def on_reader_lost(self, reader_id: str, reason: str) -> None:

@@ -1,8 +1,9 @@
-"""Wire schemas of the management API (port 3001): ``/status``, ``/reader_groups``, ``/reader``, ``/config``."""
+"""Wire schemas of the management API (port 3001): ``/status``, ``/reader_groups``, ``/reader``, ``/config``,
+``/reader/{id}/loras``."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ReaderInfoModel(BaseModel):
@@ -78,3 +79,25 @@ class CreatedReader(BaseModel):
     """Answer of ``POST /reader``."""
 
     reader_id: str
+
+
+class AddLoraRequest(BaseModel):
+    """Body of ``POST /reader/{reader_id}/loras`` (a Liftoff addition)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., min_length=1, max_length=128, description="The adapter's name: what lora_id picks.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="Where it is, as an entry of loras: a PEFT directory (under repository_path for readers this API "
+        "may change), a path relative to repository_path, or a Hugging Face id org/name.",
+    )
+
+
+class ReaderLoras(BaseModel):
+    """Answer of ``POST /reader/{reader_id}/loras`` and ``DELETE /reader/{reader_id}/loras/{name}``."""
+
+    reader_id: str
+    loras: list[str] = Field(..., description="The reader's adapters after the change, in order.")

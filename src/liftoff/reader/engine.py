@@ -26,7 +26,8 @@ from liftoff.backends.base import Backend, Preparation, StepOutput
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
 from liftoff.core.frames import ErrorFrame, FinalFrame, HeartbeatFrame, RequestFrame, TokenFrame, error_frame
-from liftoff.core.types import FinishReason
+from liftoff.core.types import LORA_KINDS, FinishReason
+from liftoff.reader.lora_changes import LoraChanges, LoraLoaded
 from liftoff.reader.preparer import Preparer
 from liftoff.reader.stops import StopScanner
 from liftoff.reader.worker import InboxWorker
@@ -78,6 +79,7 @@ class Engine(InboxWorker):
         self._waiting: deque[RequestFrame] = deque()
         self._preparing: dict[str, _Preparing] = {}
         self._preparer = Preparer(lambda request_id, error: self._inbox.put(_Prepared(request_id, error)))
+        self._loras = LoraChanges(backend, emit, self._inbox.put)  # adapters added and removed at runtime
         self._seq: dict[str, int] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._totals = {"steps": 0.0, "step_rows": 0.0, "step_seconds": 0.0, "tokens": 0.0}
@@ -88,8 +90,8 @@ class Engine(InboxWorker):
 
     @property
     def in_flight(self) -> int:
-        """Requests admitted or waiting (read from another thread: approximate)."""
-        return len(self._seq)
+        """Requests admitted or waiting, and adapter changes (read from another thread: approximate)."""
+        return len(self._seq) + len(self._loras.pending)
 
     # ---- engine thread ------------------------------------------------------------------------------------------
 
@@ -102,6 +104,8 @@ class Engine(InboxWorker):
         while self._collect(block=not (self._waiting or self._backend.active())):
             if self._preparing:
                 self._expire_preparations()
+            if self._loras.pending:
+                self._loras.expire()
             self._admit_waiting()
             if self._backend.active():
                 self._step()
@@ -116,18 +120,27 @@ class Engine(InboxWorker):
         return self._apply_all(command)
 
     def _idle_wait_s(self) -> float:
-        if not self._preparing:
+        deadlines = [entry.deadline for entry in self._preparing.values()]
+        lora = self._loras.next_deadline()
+        if lora is not None:
+            deadlines.append(lora)
+        if not deadlines:
             return 1.0
-        soonest = min(entry.deadline for entry in self._preparing.values())
-        return min(1.0, max(0.001, soonest - monotonic()))
+        return min(1.0, max(0.001, min(deadlines) - monotonic()))
 
     def _apply(self, command: object) -> bool:
         if isinstance(command, _Prepared):
             self._on_prepared(command)
             return True
+        if isinstance(command, LoraLoaded):
+            self._loras.on_loaded(command)
+            return True
         return super()._apply(command)
 
     def _accept(self, frame: RequestFrame) -> None:
+        if frame.kind in LORA_KINDS:
+            self._loras.accept(frame)
+            return
         self._seq[frame.request_id] = 0
         if frame.params.stop or frame.params.running_counts:
             self._tracked[frame.request_id] = _Tracked(frame)
@@ -176,11 +189,12 @@ class Engine(InboxWorker):
             self._emit([self._error_frame(request_id, error)])
 
     def _cancel_all(self) -> None:
+        self._loras.cancel_all()
         for request_id in list(self._seq):
             self._cancel(request_id)
 
     def _cancel(self, request_id: str) -> None:
-        if request_id not in self._seq:
+        if self._loras.cancel(request_id) or request_id not in self._seq:
             return
         if self._preparing.pop(request_id, None) is not None:
             self._preparer.cancel(request_id)

@@ -47,7 +47,7 @@ from liftoff.core.frames import (
     error_frame,
 )
 from liftoff.core.runtime import tune_gc
-from liftoff.core.types import NEEDS, SERVES, ReaderInfo, RequestKind
+from liftoff.core.types import LORA_KINDS, NEEDS, SERVES, ReaderInfo, RequestKind
 from liftoff.reader import services
 from liftoff.reader.batcher import Batcher
 from liftoff.reader.engine import Emit, Engine
@@ -59,8 +59,8 @@ logger = logging.getLogger(__name__)
 LinkFactory = Callable[[], ReaderLink]
 T = TypeVar("T")
 
-# Requests a worker thread runs (the others are tokenizer services).
-_WORKER_KINDS = frozenset({RequestKind.GENERATE, RequestKind.EMBED, RequestKind.CLASSIFY})
+# Requests a worker thread runs (the others are tokenizer services); adapter changes go to the engine too.
+_WORKER_KINDS = frozenset({RequestKind.GENERATE, RequestKind.EMBED, RequestKind.CLASSIFY}) | LORA_KINDS
 
 
 def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> InboxWorker:
@@ -200,6 +200,7 @@ class ReaderProcess:
     def _register_frame(self) -> RegisterFrame:
         config = self.options.config
         model_type = self._backend.model_type.value if self._backend else "CAUSAL"
+        loras = self._loras()  # once loaded: what it holds now, which runtime changes may have made differ
         info = ReaderInfo(
             consumer_groups=list(config.consumer_group),
             consumer_name=self._consumer_name,
@@ -207,7 +208,7 @@ class ReaderProcess:
             model_name=config.model_name,
             model_type=model_type,
             pids=[os.getpid()],
-            loras=lora_names(config.loras),
+            loras=lora_names(config.loras) if loras is None else (loras or None),
         )
         return RegisterFrame(
             reader_id=self.options.reader_id,
@@ -217,6 +218,14 @@ class ReaderProcess:
             loaded=self._loaded,
             capacity=self._backend.capacity if self._backend and self._loaded else 0,
         )
+
+    def _loras(self) -> str | None:
+        """The adapters a request may name now, comma-separated ("" for none), once a generative model is loaded
+        (they change at runtime: POST /reader/{id}/loras); None before."""
+        backend = self._backend
+        if not self._loaded or not isinstance(backend, Backend):
+            return None
+        return ",".join(backend.lora_names())
 
     def _set_progress(self, fraction: float) -> None:
         """Loading progress from the backend (any thread): kept for heartbeats; a bar on a terminal, else logged
@@ -360,7 +369,7 @@ class ReaderProcess:
                 progress = 1.0 if self._loaded else self._progress
                 stats = self._engine.stats() if self._engine else {}
                 link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress, stats=stats,
-                                          unhealthy=unhealthy)])  # fmt: skip
+                                          unhealthy=unhealthy, loras=self._loras())])  # fmt: skip
             await asyncio.sleep(keepalive)
 
     async def _drain(self, link: ReaderLink) -> None:

@@ -3,10 +3,14 @@
 ``GET /status`` matches Takeoff's schema field for field (takeoff-spec §2.2.1); ``GET /reader/{id}`` is a
 Liftoff extension that shows a reader's state, the reason it died, the options its backend ignores and its
 restarts.
-``GET /metrics`` is the Prometheus exposition (:mod:`liftoff.gateway.metrics`).
+``GET /metrics`` is the Prometheus exposition (:mod:`liftoff.gateway.metrics`). ``POST /reader/{id}/loras`` and
+``DELETE /reader/{id}/loras/{name}`` (Liftoff additions) add and remove a live reader's LoRA adapters: the request
+goes to that one reader, as the tokenizer services do (:mod:`liftoff.gateway.surfaces.tokens`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,10 +18,15 @@ from starlette.responses import PlainTextResponse, Response
 
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import NotFoundError
+from liftoff.core.frames import RequestFrame
+from liftoff.core.ids import new_request_id
+from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
-from liftoff.protocol.management import CreatedReader, ReaderGroupEntry, StatusResponse
+from liftoff.gateway.surfaces.native import collect_result
+from liftoff.management.manager import Ask
+from liftoff.protocol.management import AddLoraRequest, CreatedReader, ReaderGroupEntry, ReaderLoras, StatusResponse
 from liftoff.protocol.native import ERROR_RESPONSES
 
 router = APIRouter(tags=["management"])
@@ -55,6 +64,38 @@ async def delete_reader(request: Request, reader_id: str) -> Response:
     """Stop a reader's processes and forget it."""
     await get_state(request).manager.delete(reader_id)
     return Response(status_code=204)
+
+
+def _asker(request: Request, reader_id: str) -> Ask:
+    """How the manager asks reader ``reader_id`` to change its adapters: one request to it, and its result."""
+    state = get_state(request)
+
+    async def ask(kind: RequestKind, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        frame = RequestFrame(request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id,
+                             payload=payload)  # fmt: skip
+        collector = state.dispatcher.submit_to_reader(frame, timeout_s)
+        return await collect_result(request, state, collector)
+
+    return ask
+
+
+@router.post("/reader/{reader_id}/loras", response_model=ReaderLoras, responses=ERROR_RESPONSES,
+             openapi_extra=json_body(AddLoraRequest))  # fmt: skip
+async def add_lora(request: Request, reader_id: str) -> Response:
+    """[Liftoff] Load a LoRA adapter into a live reader: requests may name it as lora_id when this answers."""
+    state = get_state(request)
+    body = await read_model(request, AddLoraRequest)
+    names = await state.manager.add_lora(reader_id, body.name, body.path, _asker(request, reader_id),
+                                         state.config.lora_load_timeout_s)  # fmt: skip
+    return json_response({"reader_id": reader_id, "loras": names})
+
+
+@router.delete("/reader/{reader_id}/loras/{name}", response_model=ReaderLoras, responses=ERROR_RESPONSES)
+async def remove_lora(request: Request, reader_id: str, name: str) -> Response:
+    """[Liftoff] Take a LoRA adapter out of a live reader: new requests naming it get a 400 at once; those running
+    under it finish."""
+    names = await get_state(request).manager.remove_lora(reader_id, name, _asker(request, reader_id))
+    return json_response({"reader_id": reader_id, "loras": names})
 
 
 @router.get("/config/{reader_id}", responses={404: ERROR_RESPONSES[404]})
