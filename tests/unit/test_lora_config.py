@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from liftoff.config.models import ReaderConfig, lora_entries, lora_names
+from liftoff.config.loras import lora_entries, lora_names
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import ReaderState
 from liftoff.gateway.surfaces.openai import _target
@@ -100,7 +101,7 @@ def test_an_openai_model_names_a_group_or_one_of_its_adapters() -> None:
 
 
 def test_a_runtime_adapter_is_checked_as_an_entry_of_loras() -> None:
-    from liftoff.config.models import join_loras, lora_entry
+    from liftoff.config.loras import join_loras, lora_entry
 
     assert lora_entry("sql", " adapters/sql ") == ("sql", "adapters/sql")
     for name, source, says in (("my adapter", "/x", "not a valid adapter name"), ("a=b", "/x", "not a valid"),

@@ -157,7 +157,7 @@ def test_loras_follow_the_readers_own_rule_for_hub_ids(repository: Path) -> None
     """An adapter on the hub is org/name, for the check and for the reader alike: a single name that passes the
     check would fail at load (the reader's find_adapter looks it up with the same is_lora_hub_id)."""
     from liftoff.backends.lora_files import LoraLoadError, find_adapter
-    from liftoff.config.models import is_lora_hub_id
+    from liftoff.config.loras import is_lora_hub_id
     from liftoff.management.policy import check_lora, check_loras
 
     allowed = ReaderLimits(repository_path=repository, allowed_models=("*",), allow_downloads=True)

@@ -36,7 +36,8 @@ import torch
 
 from liftoff.backends.hf_lora_files import Adapter, read_adapter
 from liftoff.backends.lora_files import LoraLoadError, find_adapter
-from liftoff.config.models import DEFAULT_MAX_LORAS, MAX_LORAS, ReaderConfig, lora_entries
+from liftoff.config.loras import DEFAULT_MAX_LORAS, MAX_LORAS, lora_entries
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
 
 __all__ = ["Adapter", "LoraLinear", "LoraLoadError", "LoraSet", "PreparedAdapter", "attach_loras", "find_adapter",

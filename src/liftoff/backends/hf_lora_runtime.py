@@ -15,7 +15,8 @@ import torch
 from liftoff.backends.base import BackendContext
 from liftoff.backends.hf_lora import LoraSet, PreparedAdapter, find_adapter, prepare_adapter, read_adapter
 from liftoff.backends.lora_files import LoraLoadError
-from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig
+from liftoff.config.loras import DEFAULT_MAX_LORAS
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError
 
 

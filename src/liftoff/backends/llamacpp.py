@@ -62,7 +62,8 @@ from liftoff.backends.llamacpp_text import LlamaCppTokenizer
 from liftoff.backends.prefix import flag, shared_prefix
 from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sample, sequence_failure
 from liftoff.backends.text import Utf8Stream, fit_prompt
-from liftoff.config.models import ReaderConfig, lora_entries
+from liftoff.config.loras import lora_entries
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
 

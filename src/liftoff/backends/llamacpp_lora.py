@@ -36,7 +36,8 @@ import llama_cpp as llama
 from liftoff.backends.base import BackendContext
 from liftoff.backends.llamacpp_native import NativeContext, NativeModel
 from liftoff.backends.lora_files import LoraLoadError, find_adapter
-from liftoff.config.models import DEFAULT_MAX_LORAS, ReaderConfig
+from liftoff.config.loras import DEFAULT_MAX_LORAS
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
 
 logger = logging.getLogger(__name__)

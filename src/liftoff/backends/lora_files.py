@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from liftoff.backends.resolve import hub_snapshot
-from liftoff.config.models import is_lora_hub_id
+from liftoff.config.loras import is_lora_hub_id
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

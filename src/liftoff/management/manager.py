@@ -26,8 +26,9 @@ from typing import Any
 
 from liftoff.broker.base import GatewayBroker
 from liftoff.config import manifest
+from liftoff.config.loras import join_loras, lora_entries, lora_entry
 from liftoff.config.manifest import ManifestError
-from liftoff.config.models import ReaderConfig, join_loras, lora_entries, lora_entry
+from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, LiftoffError, NotFoundError
 from liftoff.core.frames import LoadedFrame
 from liftoff.core.ids import new_reader_id

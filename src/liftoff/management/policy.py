@@ -20,14 +20,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from liftoff.config.models import (
-    BUNDLED_ALIASES,
-    DEFAULT_API_BASE,
-    AppConfig,
-    ReaderConfig,
-    is_lora_hub_id,
-    lora_entries,
-)
+from liftoff.config.loras import is_lora_hub_id, lora_entries
+from liftoff.config.models import BUNDLED_ALIASES, DEFAULT_API_BASE, AppConfig, ReaderConfig
 from liftoff.core.errors import InvalidRequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

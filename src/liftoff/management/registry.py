@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from liftoff.config.models import ReaderConfig, lora_names
+from liftoff.config.loras import lora_names
+from liftoff.config.models import ReaderConfig
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame, RegisterFrame
 from liftoff.core.types import ReaderInfo, ReaderState

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend, RemoteBackend
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
-from liftoff.config.models import ReaderConfig, lora_names
+from liftoff.config.loras import lora_names
+from liftoff.config.models import ReaderConfig
 from liftoff.core import ids
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import InvalidRequestError
