@@ -1,5 +1,5 @@
 """Where a LoRA adapter's files are, for every backend: a PEFT directory given as a path, a path under
-``repository_path``, or a Hugging Face id (``org/name``: the one rule, :func:`liftoff.config.models.is_lora_hub_id`,
+``repository_path``, or a Hugging Face id (``org/name``: the one rule, :func:`liftoff.config.loras.is_lora_hub_id`,
 that the management API's check of what it may load applies too). Free of torch, so a llama.cpp reader imports it
 cheaply.
 """
