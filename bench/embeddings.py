@@ -35,16 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import (
-    LIFTOFF_PORT_KEYS,
-    Phase,
-    Settings,
-    free_ports,
-    launch_liftoff,
-    log,
-    machine_info,
-    run_phase,
-)
+from common.gateways import launch_liftoff, liftoff_ports
+from common.load import Phase, Settings, run_phase
+from common.log import log
+from common.report import machine_info
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."  # 16 tokens with [CLS] and [SEP]
 TARGET = 0.8
@@ -104,7 +98,7 @@ def measure_liftoff(args: argparse.Namespace, batch: int) -> dict[str, dict[str,
         if args.keep_log:
             stack.callback(shutil.copy, Path(tmp) / "liftoff.log", args.keep_log)
         workdir = Path(tmp)
-        ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
+        ports = liftoff_ports()
         server = launch_liftoff(workdir, liftoff_config(ports, workdir, batch, args), ports, stack,
                                 timeout=120)  # fmt: skip
         cpu = {"client": [os.getpid()], "gateway": [server.pid], "readers": server.track_children()}

@@ -23,7 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import gateway as bench
+from common.gateways import SHORT_GENERATE, start_echo_liftoff
+from common.load import Phase, Settings, run_async, run_phase
+from common.procs import terminate_on_sigterm
+from common.report import run_lines, run_meta
 
 KEY = "bench-key-0123456789abcdefghij"
 TARGET = 0.95
@@ -38,18 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start(name: str, key: str, workdir: Path, args: argparse.Namespace, stack: contextlib.ExitStack) -> bench.Phase:
+def start(name: str, key: str, workdir: Path, args: argparse.Namespace, stack: contextlib.ExitStack) -> Phase:
     """A gateway with one echo reader (``api_keys`` = ``key`` when given) and its phase."""
-    options = ["--readers", "1"] + (["--api-key", key] if key else [])
-    managed, ports = bench.start_liftoff(workdir, bench.parse_args(options), stack)
+    managed, ports = start_echo_liftoff(workdir, stack, readers=1, api_key=key)
     cpu = {"client": [os.getpid()], "gateway": [managed.pid], "readers": managed.track_children()}
-    short = {"text": bench.PROMPT, "max_new_tokens": bench.SHORT_TOKENS, "min_new_tokens": bench.SHORT_TOKENS}
-    return bench.Phase(name, name, ports["port"], "/generate", short, args.concurrency, None, cpu, api_key=key)
+    return Phase(name, name, ports["port"], "/generate", SHORT_GENERATE, args.concurrency, None, cpu, api_key=key)
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     """(requests/s, gateway CPU %) of every phase, by gateway."""
-    settings = bench.Settings(args.warmup, args.duration, 30.0)
+    settings = Settings(args.warmup, args.duration, 30.0)
     with tempfile.TemporaryDirectory(prefix="liftoff-bench-keys-") as tmp, contextlib.ExitStack() as stack:
         phases = {}
         for name, key in (("open", ""), ("keyed", KEY)):
@@ -58,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
         results: dict[str, list[tuple[float, float]]] = {"open": [], "keyed": []}
         for index in range(args.pairs):
             for name in ("open", "keyed") if index % 2 == 0 else ("keyed", "open"):
-                outcome: dict[str, Any] = bench.run_async(bench.run_phase(phases[name], settings))
+                outcome: dict[str, Any] = run_async(run_phase(phases[name], settings))
                 if outcome["errors"]:
                     raise RuntimeError(f"{name}: {outcome['errors']} errors: {outcome['error_kinds']}")
                 results[name].append((outcome["requests_per_s"], outcome["cpu"]["gateway"]))
@@ -75,14 +76,14 @@ def report(results: dict[str, list[tuple[float, float]]], meta: dict[str, Any]) 
         f"keyed requests/s: {[round(rps) for rps, _ in results['keyed']]}",
         f"median keyed/open requests/s: {ratio:.3f}; per second of gateway CPU: {per_cpu:.3f} "
         f"(target >= {TARGET}): {mark}",
-        *bench.run_lines(meta),
+        *run_lines(meta),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    meta = bench.run_meta(pairs=args.pairs, duration_s=args.duration, concurrency=args.concurrency)
-    with bench.terminate_on_sigterm():
+    meta = run_meta(pairs=args.pairs, duration_s=args.duration, concurrency=args.concurrency)
+    with terminate_on_sigterm():
         results = measure(args)
     meta["loadavg_after"] = [round(value, 2) for value in os.getloadavg()]
     print("\n".join(report(results, meta)))

@@ -1,8 +1,9 @@
 """``bench/gateway.py --broker redis``: the embedded broker against the Redis broker, and two gateways on one Redis.
 
 The script's docstring says what is measured. This module starts the ``redis-server`` and the gateways, runs the
-``POST /generate`` phases with the load generator of ``bench/gateway.py``, counts the Redis commands each phase
-made (``INFO commandstats`` before and after it), and writes the report.
+``POST /generate`` phases with the load generator of the gateway benches (``common.load``), counts the Redis
+commands each phase made (``INFO commandstats`` before and after it), and writes the report. It imports only
+``common``, never bench/gateway.py, which imports it for ``--broker redis``.
 """
 
 from __future__ import annotations
@@ -18,29 +19,13 @@ from typing import Any
 
 import redis
 
-from gateway import (
-    HOST,
-    LIFTOFF_PORT_KEYS,
-    PROMPT,
-    SHORT_TOKENS,
-    Managed,
-    Phase,
-    Settings,
-    _get_json,
-    _mark,
-    _num,
-    cpu_table,
-    error_lines,
-    free_ports,
-    launch_liftoff,
-    liftoff_config,
-    log,
-    run_async,
-    run_lines,
-    run_meta,
-    run_phase,
-    wait_for,
-)
+from common.gateways import SHORT_GENERATE, echo_config, launch_liftoff, liftoff_ports
+from common.http_json import get_json
+from common.load import Phase, Settings, run_async, run_phase
+from common.log import log
+from common.ports import HOST, free_ports
+from common.procs import Managed, wait_for
+from common.report import cpu_table, error_lines, mark, num, run_lines, run_meta
 
 TARGET_DELTA_MS = 1.0  # Redis adds no more than this to p50
 CPU_COLUMNS = (("client", "load generator"), ("gateway", "gateway 1"), ("gateway2", "gateway 2"),
@@ -104,8 +89,9 @@ def start_gateway(
     it sees ``--readers`` live readers through the broker); returns it and its ports."""
     gateway_dir = workdir / name
     gateway_dir.mkdir()
-    ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
-    config = liftoff_config(ports, gateway_dir, args)
+    ports = liftoff_ports()
+    config = echo_config(ports, gateway_dir, readers=args.readers, batch_size=args.batch_size,
+                         paced_token_delay_ms=args.paced_token_delay_ms, api_key=args.api_key)  # fmt: skip
     config["takeoff"]["server_config"]["broker"] = broker
     if args.reader_message_timeout_ms is not None:
         config["takeoff"]["server_config"]["reader_message_timeout_ms"] = args.reader_message_timeout_ms
@@ -117,7 +103,7 @@ def start_gateway(
 
 # ---- phases ------------------------------------------------------------------------------------------------------
 
-SHORT = {"text": PROMPT, "max_new_tokens": SHORT_TOKENS, "min_new_tokens": SHORT_TOKENS}
+SHORT = SHORT_GENERATE
 
 
 def cpu_groups(redis_server: Managed, *gateways: Managed) -> dict[str, list[int]]:
@@ -196,7 +182,7 @@ class Stage:
 
     def still_live(self) -> bool:
         """Whether the last gateway still has every reader live (a second gateway could not see them otherwise)."""
-        status, body = _get_json(f"http://{HOST}:{self.management_ports[-1]}/healthz")
+        status, body = get_json(f"http://{HOST}:{self.management_ports[-1]}/healthz")
         if status == 200 and int(body["live_readers"]) >= self.args.readers:
             return True
         name = self.servers[-1].name
@@ -279,9 +265,9 @@ def report_redis(outcome: dict[str, Any]) -> list[str]:
         if result is None:
             lines.append(f"| {broker} | {gateways} | not run (see below) | | | | | |")
             continue
-        calls = "—" if broker == "embedded" else _num(result["redis_calls_per_request"], 1)
-        cells = [broker, gateways, _clients(result), _num(result["requests_per_s"]), _num(result["p50_ms"], 2),
-                 _num(result["p99_ms"], 2), result["errors"], calls]  # fmt: skip
+        calls = "—" if broker == "embedded" else num(result["redis_calls_per_request"], 1)
+        cells = [broker, gateways, _clients(result), num(result["requests_per_s"]), num(result["p50_ms"], 2),
+                 num(result["p99_ms"], 2), result["errors"], calls]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     errors = sum(result["errors"] for result in results.values())
     lines += [
@@ -292,11 +278,11 @@ def report_redis(outcome: dict[str, Any]) -> list[str]:
     for name, keys in DELTAS.items():
         low, high = (results.get(key, {}).get("p50_ms") for key in keys)
         clients = meta["clients"][name]
-        lines.append(f"| {clients} client{'s' * (clients > 1)} | {_num(low, 2)} | {_num(high, 2)} "
+        lines.append(f"| {clients} client{'s' * (clients > 1)} | {num(low, 2)} | {num(high, 2)} "
                      f"| {_signed(summary['p50_delta_ms'][name])} | ≤ {TARGET_DELTA_MS:g} ms "
-                     f"| {_mark(summary['pass'][name])} |")  # fmt: skip
+                     f"| {mark(summary['pass'][name])} |")  # fmt: skip
     good = errors == 0 and len(results) == len(ROWS)
-    lines.append(f"| errors, all phases | — | — | {errors} | 0, every phase run | {_mark(good)} |")
+    lines.append(f"| errors, all phases | — | — | {errors} | 0, every phase run | {mark(good)} |")
     stops = ", ".join(f"{p['name']} {p['exit_code']} in {p['stop_s']:.1f} s" for p in meta["processes"])
     problems = ", ".join(f"{p['name']} {len(p['log_problems'])}" for p in meta["processes"])
     lines += [

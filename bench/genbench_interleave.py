@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from gateway import log
+from common.log import log
 from genbench_load import PromptCycle
 from genbench_measure import one_phase, probe, with_retries
 from genbench_servers import Running, start_liftoff_api, start_llama_server

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import _die_with_parent, cpu_snapshot, cpu_usage, log, machine_busy_s, run_async
+from common.load import run_async
+from common.log import log
+from common.procs import cpu_snapshot, cpu_usage, die_with_parent, machine_busy_s
 from genbench_load import LoadSettings, PromptCycle, run_load, summarize
 from genbench_servers import Running
 
@@ -132,7 +134,7 @@ def raw_batch(engine: str, model: Path, prompts_file: Path, batch: int, args: ar
     wall, busy, child, own = time.monotonic(), machine_busy_s(), _children_cpu_s(), _self_cpu_s()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.raw_timeout, check=False,
-                              start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                              start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"error": f"took over {args.raw_timeout:g} s"}
     if done.returncode != 0:

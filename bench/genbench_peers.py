@@ -37,6 +37,8 @@ DEQUANT_DIR_NAME = "smollm2-135m-instruct-bf16"
 
 
 def log(message: str) -> None:
+    """``common.log.log``'s line, written out here: tests/llama_server.py loads this file by path, without
+    ``bench/`` on ``sys.path``, so it imports nothing from ``common``."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 

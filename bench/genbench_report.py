@@ -6,19 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import run_lines
+from common.report import num, run_lines
 
 ROW_ORDER = ["liftoff-llamacpp", "liftoff-transformers", "liftoff-echo", "llama-server", "liftoff-api",
              "transformers-serve", "raw-llamacpp", "raw-torch", "engine-llamacpp", "engine-transformers"]  # fmt: skip
 RAW_OF_BACKEND = {"liftoff-llamacpp": "raw-llamacpp", "liftoff-transformers": "raw-torch"}
 
 
-def _num(value: float | None, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
-
-
 def _pair(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None else f"{_num(a)} / {_num(b)}"
+    return "n/a" if a is None else f"{num(a)} / {num(b)}"
 
 
 def phase(results: dict[str, Any], key: str, concurrency: int) -> dict[str, Any] | None:
@@ -37,7 +33,7 @@ def _cells(figures: dict[str, Any] | None) -> list[str]:
     if figures is None:
         return ["—"] * 4
     counts = f"{figures['requests']} / {figures['errors']} / {figures['exact']}"
-    rate = _num(figures["tokens_per_s"], 1) + (" †" if figures.get("noisy") else "")
+    rate = num(figures["tokens_per_s"], 1) + (" †" if figures.get("noisy") else "")
     ttft = _pair(figures["ttft_p50_ms"], figures["ttft_p99_ms"])
     return [rate, ttft, _pair(figures["itl_p50_ms"], figures["itl_p99_ms"]), counts]
 
@@ -123,7 +119,7 @@ def api_checks(results: dict[str, Any], concurrency: list[int]) -> list[str]:
     mine, ref = phase(results, "liftoff-api", 32), phase(results, "llama-server", 32)
     if mine and ref and ref.get("tokens_per_s"):
         ratio = mine["tokens_per_s"] / ref["tokens_per_s"]
-        lines.append(f"| {API_TOKENS.name} | {_num(mine['tokens_per_s'], 1)} | {_num(ref['tokens_per_s'], 1)} | "
+        lines.append(f"| {API_TOKENS.name} | {num(mine['tokens_per_s'], 1)} | {num(ref['tokens_per_s'], 1)} | "
                      f"{ratio:.3f}x | {'PASS' if ratio >= API_TOKENS.factor else 'MISS'} |")  # fmt: skip
     for c in concurrency:
         mine, ref = phase(results, "liftoff-api", c), phase(results, "llama-server", c)
@@ -131,8 +127,8 @@ def api_checks(results: dict[str, Any], concurrency: list[int]) -> list[str]:
             continue
         added = mine["ttft_p50_ms"] - ref["ttft_p50_ms"]
         verdict = ("PASS" if added <= API_TTFT_ADDED_MS else "MISS") if c == 1 else "(reported)"
-        lines.append(f"| c={c} TTFT p50 added <= {API_TTFT_ADDED_MS:g} ms | {_num(mine['ttft_p50_ms'], 1)} ms | "
-                     f"{_num(ref['ttft_p50_ms'], 1)} ms | {added:+.1f} ms | {verdict} |")  # fmt: skip
+        lines.append(f"| c={c} TTFT p50 added <= {API_TTFT_ADDED_MS:g} ms | {num(mine['ttft_p50_ms'], 1)} ms | "
+                     f"{num(ref['ttft_p50_ms'], 1)} ms | {added:+.1f} ms | {verdict} |")  # fmt: skip
     return lines
 
 
@@ -146,8 +142,8 @@ def checks_table(checks: list[dict[str, Any]]) -> list[str]:
         ratio = f"{c['ratio']:.2f}" + (" (ref/Liftoff)" if unit else "")
         verdict = ("PASS" if c["passed"] else "MISS") + ("" if c["clean"] else " (errors or wrong lengths)")
         verdict += " (noisy †)" if c["noisy"] else ""
-        lines.append(f"| {c['check']} | {c['backend'].removeprefix('liftoff-')} | {_num(c['value'], 1)}{unit} | "
-                     f"{_num(c['reference_value'], 1)}{unit} ({c['reference']}) | {ratio} | "
+        lines.append(f"| {c['check']} | {c['backend'].removeprefix('liftoff-')} | {num(c['value'], 1)}{unit} | "
+                     f"{num(c['reference_value'], 1)}{unit} ({c['reference']}) | {ratio} | "
                      f"{verdict} |")  # fmt: skip
     return lines
 
@@ -165,7 +161,7 @@ def notes(results: dict[str, Any]) -> list[str]:
                                                                if "error" in result else ""))  # fmt: skip
             for batch, figures in (result.get("results") or {}).items():
                 cpu = figures.get("cpu") or {}
-                lines.append(f"  - batch {batch}: CPU loop {_num(cpu.get('loop'))} %, other {_num(cpu.get('other'))} %"
+                lines.append(f"  - batch {batch}: CPU loop {num(cpu.get('loop'))} %, other {num(cpu.get('other'))} %"
                              f"; tries {figures.get('attempts', 1)}")  # fmt: skip
             continue
         parts = [result.get("notes", "")]
@@ -182,11 +178,11 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 def _phase_notes(label: str, concurrency: str, figures: dict[str, Any]) -> list[str]:
     cpu = figures.get("cpu") or {}
-    extra = [f"prompt tokens {_num(figures.get('prompt_tokens'), 1)}",
-             f"tokens per stream {_num(figures.get('server_tokens_per_stream'), 1)} (server) / "
-             f"{_num(figures.get('events_per_stream'), 1)} (events)",
-             f"CPU client {_num(cpu.get('client'))} %, server {_num(cpu.get('server'))} %, "
-             f"other {_num(cpu.get('other'))} %", f"tries {figures.get('attempts', 1)}"]  # fmt: skip
+    extra = [f"prompt tokens {num(figures.get('prompt_tokens'), 1)}",
+             f"tokens per stream {num(figures.get('server_tokens_per_stream'), 1)} (server) / "
+             f"{num(figures.get('events_per_stream'), 1)} (events)",
+             f"CPU client {num(cpu.get('client'))} %, server {num(cpu.get('server'))} %, "
+             f"other {num(cpu.get('other'))} %", f"tries {figures.get('attempts', 1)}"]  # fmt: skip
     if figures.get("problems"):
         extra.append(f"problems {figures['problems']}")
     if figures.get("warmup_problems"):

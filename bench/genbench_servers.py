@@ -1,5 +1,5 @@
 """Servers of ``bench/generation.py``: start each on free loopback ports in its own process group, wait until it
-answers, and hand back how to talk to it; the caller's ``ExitStack`` stops it (``gateway.Managed``)."""
+answers, and hand back how to talk to it; the caller's ``ExitStack`` stops it (``common.procs.Managed``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import LIFTOFF_PORT_KEYS, Managed, _get_json, free_ports, wait_for
+from common.gateways import liftoff_ports
+from common.http_json import get_json
+from common.ports import free_ports
+from common.procs import Managed, wait_for
 from genbench_load import HOST, Api
 
 MODEL_ALIAS = "smollm2-135m-instruct"
@@ -54,7 +57,7 @@ def liftoff_config(
 
 def _reader_error(mgmt: int) -> str:
     with contextlib.suppress(OSError, ValueError):
-        status, body = _get_json(f"http://{HOST}:{mgmt}/reader/r1")
+        status, body = get_json(f"http://{HOST}:{mgmt}/reader/r1")
         if status == 200:
             return str(body.get("error") or body.get("state"))
     return "unknown"
@@ -70,7 +73,7 @@ def start_liftoff(
     options: dict[str, str] | None = None,
 ) -> Running:
     """``python -m liftoff serve --config cfg.yaml`` with one reader; live, or an error naming the reader's."""
-    ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
+    ports = liftoff_ports()
     folder = workdir / f"liftoff-{backend}"
     folder.mkdir(parents=True, exist_ok=True)
     repository.mkdir(parents=True, exist_ok=True)
@@ -82,7 +85,7 @@ def start_liftoff(
     health = f"http://{HOST}:{ports['management_port']}/healthz?state=loading"
 
     def live() -> bool:
-        status, body = _get_json(health)
+        status, body = get_json(health)
         if int(body.get("dead_readers") or 0):
             raise RuntimeError(f"liftoff-{backend}: the reader died: {_reader_error(ports['management_port'])}")
         return status == 200 and int(body.get("live_readers") or 0) >= 1
@@ -108,7 +111,7 @@ def liftoff_api_config(ports: dict[str, int], upstream_port: int, batch: int) ->
 def start_liftoff_api(upstream: Running, workdir: Path, batch: int, stack: contextlib.ExitStack) -> Running:
     """Liftoff with an API reader in front of a running llama-server (``upstream``, started as the llama-server
     peer is), asked exactly what the llama-server peer is asked, on Liftoff's OpenAI port."""
-    ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
+    ports = liftoff_ports()
     folder = workdir / "liftoff-api"
     folder.mkdir(parents=True, exist_ok=True)
     config = liftoff_api_config(ports, upstream.api.port, batch)
@@ -117,7 +120,7 @@ def start_liftoff_api(upstream: Running, workdir: Path, batch: int, stack: conte
     server = Managed("liftoff-api", command, folder, folder / "liftoff.log")
     stack.callback(server.stop)
     health = f"http://{HOST}:{ports['management_port']}/healthz"
-    wait_for(server, lambda: _get_json(health)[0] == 200, LOAD_TIMEOUT_S)
+    wait_for(server, lambda: get_json(health)[0] == 200, LOAD_TIMEOUT_S)
     server.track_children()
     make_upstream_body = upstream.api.make_body
 
@@ -138,7 +141,7 @@ def start_llama_server(
     command = [str(binary), "-m", str(gguf), "--host", HOST, "--port", str(port), *flags]
     server = Managed("llama-server", command, workdir, workdir / "llama-server.log")
     stack.callback(server.stop)
-    wait_for(server, lambda: _get_json(f"http://{HOST}:{port}/health")[0] == 200, LOAD_TIMEOUT_S)
+    wait_for(server, lambda: get_json(f"http://{HOST}:{port}/health")[0] == 200, LOAD_TIMEOUT_S)
 
     def body(text: str) -> dict[str, Any]:
         return {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": text}], "stream": True,
@@ -160,7 +163,7 @@ def start_transformers_serve(
     command = [str(cli), "serve", str(checkpoint), "--host", HOST, "--port", str(port), *flags]
     server = Managed("transformers-serve", command, workdir, workdir / "transformers-serve.log")
     stack.callback(server.stop)
-    wait_for(server, lambda: _get_json(f"http://{HOST}:{port}/health")[0] == 200, LOAD_TIMEOUT_S)
+    wait_for(server, lambda: get_json(f"http://{HOST}:{port}/health")[0] == 200, LOAD_TIMEOUT_S)
     config = json.dumps({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
                          "eos_token_id": 2, "pad_token_id": 2})  # fmt: skip
 

@@ -69,7 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 import genbench_peers as peers
-from gateway import Managed, log, run_meta, terminate_on_sigterm
+from common.log import log
+from common.procs import Managed, terminate_on_sigterm
+from common.report import run_meta
 from genbench_interleave import run_interleaved
 from genbench_load import chat_render, make_prompts, token_counter
 from genbench_measure import measure_server, run_raw

@@ -24,12 +24,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from common.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "liftoff"
@@ -43,18 +44,6 @@ PORT_FLAGS = (
     "--sagemaker-port",
 )
 DEFAULT_TOKENIZER = CACHE / "bench-repository/dequantized/SmolLM2-135M-Instruct.Q4_1-98362432-bfloat16"
-
-
-def free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct TCP ports that are free on localhost right now."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def live_readers(management_port: int) -> int:

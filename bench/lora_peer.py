@@ -17,7 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from gateway import Managed, _get_json, free_ports, wait_for
+from common.http_json import get_json
+from common.ports import free_ports
+from common.procs import Managed, wait_for
 from transformers_engine import Result
 
 HOST = "127.0.0.1"
@@ -36,7 +38,7 @@ class LlamaServerLoras:
         self.flags = " ".join(flags[:6])
         self.server = Managed("llama-server", command, workdir, workdir / "llama-server-lora.log")
         try:
-            wait_for(self.server, lambda: _get_json(f"http://{HOST}:{self.port}/health")[0] == 200, 300.0)
+            wait_for(self.server, lambda: get_json(f"http://{HOST}:{self.port}/health")[0] == 200, 300.0)
         except BaseException:
             self.server.stop()
             raise

@@ -40,16 +40,11 @@ from typing import Any
 
 import httpx
 
-from gateway import (
-    LIFTOFF_PORT_KEYS,
-    free_ports,
-    launch_liftoff,
-    log,
-    percentile_ms,
-    run_lines,
-    run_meta,
-    terminate_on_sigterm as stop_on_sigterm,
-)
+from common.gateways import launch_liftoff, liftoff_ports
+from common.load import percentile_ms
+from common.log import log
+from common.procs import terminate_on_sigterm as stop_on_sigterm
+from common.report import run_lines, run_meta
 from soak_traffic import DEFAULT_MIX, Ledger, Plan, Target, bad_requests, run_traffic
 
 HOST = "127.0.0.1"
@@ -171,7 +166,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                     sample_interval_s=args.sample_interval)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="liftoff-soak-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        ports = dict(zip(LIFTOFF_PORT_KEYS, free_ports(len(LIFTOFF_PORT_KEYS)), strict=True))
+        ports = liftoff_ports()
         server = launch_liftoff(workdir, liftoff_config(ports, workdir, args), ports, stack, timeout=args.start_timeout)
         native, openai = f"http://{HOST}:{ports['port']}", f"http://{HOST}:{ports['openai_port']}"
         management = f"http://{HOST}:{ports['management_port']}"

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import httpx
 import yaml
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PORT_KEYS = ("port", "management_port", "vertex_port", "openai_port", "snowflake_port", "sagemaker_port",
              "internal_port")  # fmt: skip
@@ -34,18 +37,19 @@ def stop_process(process: subprocess.Popen[Any] | None, grace_s: float = 10.0) -
         process.wait()
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on loopback."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+def _bench_ports() -> ModuleType:
+    """``bench/common/ports.py``, loaded by path: the one ``free_ports`` of the repository, which the bench scripts
+    import as ``common.ports``. The tests do not need ``bench/`` to be importable (it is not a package and is not on
+    ``sys.path``); that file imports only the standard library."""
+    spec = importlib.util.spec_from_file_location("liftoff_bench_ports", ROOT / "bench" / "common" / "ports.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+free_ports: Callable[[int], list[int]] = _bench_ports().free_ports  # ``count`` distinct free TCP ports on loopback
 
 
 class PortKeys(httpx.Auth):
