@@ -170,6 +170,9 @@ def main() -> int:
     """``python bench/genbench_peers.py [--llama-server-only] [PEERS_DIR]``: build and install every peer now (no
     benchmark); ``--llama-server-only`` builds just llama-server (``make llama-server``, for the tests)."""
     args = [arg for arg in sys.argv[1:] if arg != "--llama-server-only"]
+    if len(args) > 1 or any(arg.startswith("-") for arg in args):  # never take an option (--help) for a folder
+        print(main.__doc__)
+        return 0 if args in (["--help"], ["-h"]) else 2
     peers_dir = Path(args[0]) if args else DEFAULT_PEERS_DIR
     print(ensure_llama_server(peers_dir))
     if "--llama-server-only" in sys.argv:  # needs nothing but pip and cmake: runs while the venv installs
