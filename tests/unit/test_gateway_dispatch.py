@@ -21,6 +21,7 @@ from liftoff.core.errors import (
 )
 from liftoff.core.frames import ErrorFrame, FinalFrame, LoadedFrame, RequestFrame, TokenFrame
 from liftoff.core.types import ReaderState, RequestKind
+from liftoff.gateway.accounting import Accounting
 from liftoff.gateway.dispatch import Collector, Dispatcher, Item, is_final, raise_if_error
 from liftoff.gateway.metrics import GatewayMetrics
 from liftoff.management.registry import ReaderRecord, ReaderRegistry, info_for
@@ -284,7 +285,7 @@ async def test_unknown_group_is_not_found(parts: tuple[Dispatcher, FakeBroker, R
 async def test_unknown_groups_share_one_metric_label(parts: tuple[Dispatcher, FakeBroker, ReaderRegistry]) -> None:
     dispatcher, _, registry = parts
     metrics = GatewayMetrics(registry, FakeBroker())
-    dispatcher.metrics = metrics
+    dispatcher.accounting = Accounting(metrics)
     add_reader(registry, "r1", "gen", live=True)
     for name in ("ghost", "x" * 100_000, "evil\nforged"):
         with pytest.raises(NotFoundError) as caught:

@@ -2,7 +2,8 @@
 
 A collector gathers the frames of one user request (a user batch is several broker requests, one per prompt) in
 a single buffer with one wake-up event, so a surface reads everything that arrived in one go. Errors travel as
-frames, like data. Deadlines are enforced here as well as in the broker: no wait is unbounded.
+frames, like data. Deadlines are enforced here as well as in the broker: no wait is unbounded. What requests and
+frames count for (metrics, the request log) is :mod:`liftoff.gateway.accounting`'s business: dispatch only tells it.
 """
 
 from __future__ import annotations
@@ -37,12 +38,10 @@ from liftoff.core.frames import (
     encode_frame,
 )
 from liftoff.core.types import NEEDS, SERVES, ReaderState, RequestKind
-from liftoff.gateway.metrics import GatewayMetrics
-from liftoff.gateway.observe import current_request
+from liftoff.gateway.accounting import MAX_GROUP_SHOWN, Accounting, Tally
 from liftoff.management.registry import ReaderRegistry
 
 UNKNOWN_GROUP = "unknown"  # the metric label of every consumer group no reader serves
-MAX_GROUP_SHOWN = 100  # characters of a consumer group name that error messages and request logs show
 
 
 def shown(group: str) -> str:
@@ -64,19 +63,14 @@ class Collector:
     Waiting costs one future per wake-up and one timer per request (the deadline), no tasks.
     """
 
-    __slots__ = ("_finished", "_loop", "_next_seq", "_timer", "_waiter", "cancelled", "deadline", "expired", "group",
-                 "last_frame", "metrics", "pending", "record", "remaining", "request_ids", "started")  # fmt: skip
+    __slots__ = ("_finished", "_loop", "_next_seq", "_timer", "_waiter", "cancelled", "deadline", "expired", "pending",
+                 "remaining", "request_ids", "tally")  # fmt: skip
 
-    def __init__(self, request_ids: list[str], deadline: float, group: str = "",
-                 metrics: GatewayMetrics | None = None) -> None:  # fmt: skip
+    def __init__(self, request_ids: list[str], deadline: float, tally: Tally | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.request_ids = request_ids
         self.deadline = deadline
-        self.group = group
-        self.metrics = metrics
-        self.record = current_request.get()  # the HTTP request's log record (None outside a request)
-        self.started = monotonic()
-        self.last_frame = 0.0  # when the last token frame arrived (0: none yet)
+        self.tally = tally  # what its frames count for (None: nothing)
         self.pending: deque[Item] = deque()
         self.remaining = len(request_ids)
         self.cancelled = False
@@ -138,9 +132,8 @@ class Collector:
             if self.remaining == 0:
                 return []
             if self.expired or monotonic() >= self.deadline:
-                if self.metrics is not None:
-                    self.metrics.timeouts[(self.group,)] += 1
-                    self.metrics = None  # counted once
+                if self.tally is not None:
+                    self.tally.timed_out()
                 raise RequestTimeoutError("the request did not finish before its deadline")
             if self._timer is None:
                 self._timer = self._loop.call_later(self.deadline - monotonic(), self._expire)
@@ -190,11 +183,11 @@ class Dispatcher:
     """Submits requests to the broker and routes their frames to collectors."""
 
     def __init__(self, broker: GatewayBroker, registry: ReaderRegistry, config: AppConfig,
-                 metrics: GatewayMetrics | None = None) -> None:  # fmt: skip
+                 accounting: Accounting | None = None) -> None:  # fmt: skip
         self.broker = broker
         self.registry = registry
         self.config = config
-        self.metrics = metrics
+        self.accounting = accounting or Accounting()
         self.closing = False
         self._routes: dict[str, tuple[Collector, int]] = {}
 
@@ -240,20 +233,15 @@ class Dispatcher:
             raise ShuttingDownError("the server is shutting down")
         deadline = monotonic() + self.config.request_timeout_s
         group = frames[0].consumer_group
-        record = current_request.get()
-        if record is not None:
-            record.consumer_group = group[:MAX_GROUP_SHOWN]
-            record.prompts += len(frames)
+        self.accounting.submitting(group, len(frames))
         try:
             queue_deadline = self._queue_deadline(group, deadline)
             self._check_kind(group, frames[0].kind)
             collector = self._enqueue(frames, deadline, queue_deadline, group)
         except LiftoffError as exc:
-            if self.metrics is not None:
-                self.metrics.rejections[(self._label(group), exc.error_type)] += 1
+            self.accounting.refused(self._label(group), exc.error_type)
             raise
-        if self.metrics is not None:
-            self.metrics.user_batch.observe((group,), len(frames))
+        self.accounting.accepted(group, len(frames))
         return collector
 
     def submit_to_reader(self, frame: RequestFrame, timeout_s: float | None = None) -> Collector:
@@ -278,10 +266,9 @@ class Dispatcher:
         self, frames: list[RequestFrame], deadline: float, queue_deadline: float, group: str = ""
     ) -> Collector:
         """Route every frame to one new collector and hand it to the broker; on a refusal, abort them all."""
-        metrics = self.metrics if group else None
         for frame in frames:
             _check_encodable(frame)
-        collector = Collector([frame.request_id for frame in frames], deadline, group, metrics)
+        collector = Collector([frame.request_id for frame in frames], deadline, self.accounting.tally(group))
         for index, frame in enumerate(frames):
             self._routes[frame.request_id] = (collector, index)
             try:
@@ -306,8 +293,8 @@ class Dispatcher:
             if route is None:
                 continue
             collector, index = route
-            if collector.record is not None or collector.metrics is not None:
-                observe(collector, frame)
+            if collector.tally is not None:
+                collector.tally.frame(frame)
             if collector.push(index, frame):
                 del routes[frame.request_id]
 
@@ -318,37 +305,6 @@ def _check_encodable(frame: RequestFrame) -> None:
         encode_frame(frame)
     except ENCODE_ERRORS as exc:
         raise InvalidRequestError(f"the request holds a value that cannot be sent to a reader: {exc}") from None
-
-
-def observe(collector: Collector, frame: OutputFrame) -> None:
-    """Count a frame in the metrics and in the request's log record."""
-    if isinstance(frame, TokenFrame):
-        _observe_token(collector, frame)
-    elif isinstance(frame, FinalFrame):
-        record = collector.record
-        if record is not None:
-            record.reader_id = frame.reader_id or record.reader_id
-            record.prompt_tokens += frame.prompt_tokens
-            record.completion_tokens += frame.completion_tokens
-        if collector.metrics is not None:
-            collector.metrics.prompt_tokens[(collector.group,)] += frame.prompt_tokens
-    elif isinstance(frame, ErrorFrame) and collector.metrics is not None:
-        collector.metrics.errors[(collector.group, frame.error_type)] += 1
-
-
-def _observe_token(collector: Collector, frame: TokenFrame) -> None:
-    metrics, key, now = collector.metrics, (collector.group,), monotonic()
-    if collector.last_frame:
-        if metrics is not None:
-            metrics.token_gap.observe(key, now - collector.last_frame)
-    else:
-        if collector.record is not None:
-            collector.record.first_token_ms = round((now - collector.started) * 1000, 1)
-        if metrics is not None:
-            metrics.first_token.observe(key, now - collector.started)
-    collector.last_frame = now
-    if metrics is not None:
-        metrics.generate_tokens[key] += frame.n_tokens
 
 
 def is_final(frame: OutputFrame) -> bool:

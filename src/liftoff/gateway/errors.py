@@ -152,27 +152,25 @@ def from_validation_error(
     return ValidationFailedError(f"invalid request body: {message}", errors=listed)
 
 
-def install_error_handlers(app: FastAPI, render: Renderer) -> None:
-    """Register the handlers of every error kind on ``app``, rendering with ``render``."""
-
-    async def liftoff_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, LiftoffError)
+def error_response(render: Renderer, exc: Exception, method: str, path: str) -> Response:
+    """Any exception as the response ``render`` gives it: a Liftoff error as it is, a validation error as the 400
+    or 422 that names the fields, a routing error with its status, anything else as a 500 whose details go to the
+    log only. The one catch-all: FastAPI's handlers and the fast routes (gateway/fastpath.py) both end here."""
+    if isinstance(exc, LiftoffError):
         return render(exc)
-
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError | ValidationError)
+    if isinstance(exc, RequestValidationError | ValidationError):
         return render(from_validation_error(exc))
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, StarletteHTTPException):
         return render(HTTPStatusError(exc.status_code, str(exc.detail)))
+    logger.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return render(LiftoffError("internal server error; see the server log"))
 
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return render(LiftoffError("internal server error; see the server log"))
 
-    app.add_exception_handler(LiftoffError, liftoff_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+def install_error_handlers(app: FastAPI, render: Renderer) -> None:
+    """Register :func:`error_response` on ``app`` for every error kind, rendering with ``render``."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        return error_response(render, exc, request.method, request.url.path)
+
+    for kind in (LiftoffError, RequestValidationError, ValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handler)

@@ -2,12 +2,12 @@
 
 Their handlers are the same functions FastAPI routes to (so OpenAPI documents them), but requests reach them
 straight from this pure-ASGI layer, skipping FastAPI's routing, dependency and middleware stack, which costs
-about as much per request as the rest of the gateway. Errors are rendered by the same renderer.
+about as much per request as the rest of the gateway. Errors go through the same catch-all
+(:func:`liftoff.gateway.errors.error_response`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
@@ -15,10 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from liftoff.core.errors import LiftoffError
-from liftoff.gateway.errors import Renderer
-
-logger = logging.getLogger(__name__)
+from liftoff.gateway.errors import Renderer, error_response
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -39,9 +36,6 @@ class FastRoutes:
         scope["app"] = self.app
         try:
             response = await handler(Request(scope, receive))
-        except LiftoffError as exc:
-            response = self.render(exc)
-        except Exception:
-            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            response = self.render(LiftoffError("internal server error; see the server log"))
+        except Exception as exc:
+            response = error_response(self.render, exc, scope["method"], scope["path"])
         await response(scope, receive, send)

@@ -25,6 +25,7 @@ from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
 from liftoff.core.ids import new_gateway_id
 from liftoff.core.runtime import tune_gc
+from liftoff.gateway.accounting import Accounting
 from liftoff.gateway.apps import PORT_SURFACES, RENDERERS, build_app
 from liftoff.gateway.connections import guarded_protocol
 from liftoff.gateway.dispatch import Dispatcher
@@ -164,7 +165,7 @@ class Gateway:
         manager_ref.append(manager)
         broker.holding = manager.healer.holds
         metrics = GatewayMetrics(registry, broker, manager.healer.restart_counts) if config.enable_metrics else None
-        dispatcher = Dispatcher(broker, registry, config, metrics)
+        dispatcher = Dispatcher(broker, registry, config, Accounting(metrics))
         if metrics is not None:
             broker.queue_time_observer = metrics.observe_queue_time
         broker.bind(BrokerEventRouter(dispatcher, registry, manager))
