@@ -19,18 +19,17 @@ from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from liftoff.config.models import AppConfig
-from liftoff.core.errors import InvalidRequestError, LiftoffError, RequestCancelledError
+from liftoff.core.errors import LiftoffError, RequestCancelledError
 from liftoff.gateway.dispatch import Collector
-from liftoff.gateway.errors import from_validation_error, json_response
+from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
 from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
-from liftoff.gateway.translate.native import prompt_count
+from liftoff.gateway.translate.snowflake import Parsed, error_cell, parse_rows, result_cell
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
+from liftoff.protocol.snowflake import SnowflakeRequest, SnowflakeResponse
 
 router = APIRouter(tags=["snowflake"])
 
@@ -38,22 +37,7 @@ BATCH_HEADER = "sf-external-function-query-batch-id"
 REMEMBERED_BATCHES = 256
 
 Row = tuple[int, Any]
-Parsed = GenerateRequest | LiftoffError
 Started = tuple[GenerateRequest, Collector] | LiftoffError
-
-
-class SnowflakeRequest(BaseModel):
-    """A batch of rows: ``[row_number, argument]`` each."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    data: list[tuple[int, dict[str, Any] | str]] = Field(..., description="Rows: [row number, GenerateRequest].")
-
-
-class SnowflakeResponse(BaseModel):
-    """One ``[row_number, result]`` per row, same numbers."""
-
-    data: list[tuple[int, Any]]
 
 
 class _Answers:
@@ -75,35 +59,6 @@ class _Answers:
 _ANSWERS = _Answers(REMEMBERED_BATCHES)
 
 
-def _error_cell(exc: LiftoffError) -> dict[str, str]:
-    return {"error": exc.message, "error_type": exc.error_type}
-
-
-def _row_request(argument: dict[str, Any] | str) -> GenerateRequest | LiftoffError:
-    fields = {"text": argument} if isinstance(argument, str) else argument
-    try:
-        return GenerateRequest.model_validate(fields)
-    except ValidationError as exc:
-        return from_validation_error(exc, GenerateRequest)
-
-
-def _parse(rows: list[tuple[int, dict[str, Any] | str]], config: AppConfig) -> list[tuple[int, Parsed]]:
-    """Every row's request (or its error), after ``max_user_batch_size`` was checked on the rows and on their
-    prompts together: nothing is started for a batch that is too large."""
-    if len(rows) > config.max_user_batch_size:
-        raise InvalidRequestError(
-            f"data has {len(rows)} rows, more than max_user_batch_size ({config.max_user_batch_size})", param="data"
-        )
-    parsed = [(number, _row_request(argument)) for number, argument in rows]
-    count = sum(prompt_count(run.text) for _, run in parsed if isinstance(run, GenerateRequest))
-    if count > config.max_user_batch_size:
-        raise InvalidRequestError(
-            f"the rows hold {count} prompts, more than max_user_batch_size ({config.max_user_batch_size})",
-            param="data",
-        )
-    return parsed
-
-
 def _start(state: GatewayState, run: Parsed) -> Started:
     if isinstance(run, LiftoffError):
         return run
@@ -121,16 +76,16 @@ async def _finish(request: Request, state: GatewayState, started: tuple[Generate
     except RequestCancelledError:
         raise
     except LiftoffError as exc:
-        return _error_cell(exc)
-    return result if body.return_metadata else result["text"]
+        return error_cell(exc)
+    return result_cell(body, result)
 
 
 async def _rows(request: Request, state: GatewayState, rows: list[tuple[int, dict[str, Any] | str]]) -> list[Row]:
-    started = [(number, _start(state, run)) for number, run in _parse(rows, state.config)]
+    started = [(number, _start(state, run)) for number, run in parse_rows(rows, state.config)]
     answers: list[Row] = []
     try:
         for number, run in started:
-            cell = _error_cell(run) if isinstance(run, LiftoffError) else await _finish(request, state, run)
+            cell = error_cell(run) if isinstance(run, LiftoffError) else await _finish(request, state, run)
             answers.append((number, cell))
     finally:
         for _, run in started:

@@ -14,90 +14,31 @@ ones.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from liftoff.config.models import AppConfig
-from liftoff.core.errors import InvalidRequestError, LiftoffError, ValidationFailedError
+from liftoff.core.errors import LiftoffError
 from liftoff.core.types import ModelType, RequestKind
 from liftoff.gateway.dispatch import Collector
-from liftoff.gateway.errors import from_validation_error, json_response
+from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
 from liftoff.gateway.surfaces import health
 from liftoff.gateway.surfaces.encoders import run_encoder
 from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
-from liftoff.gateway.translate.encode import encode_frame, floats
-from liftoff.gateway.translate.native import DEFAULT_GROUP, prompt_count, prompts_of, utf8_size
-from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest, GenerateResponse
+from liftoff.gateway.translate.encode import encode_frame
+from liftoff.gateway.translate.vertex import (
+    check_instances,
+    check_prompts,
+    embedding_predictions,
+    embedding_texts,
+    group_of,
+    instances,
+)
+from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
+from liftoff.protocol.vertex import VertexRequest, VertexResponse
 
 router = APIRouter(tags=["vertex"])
-
-
-class VertexRequest(BaseModel):
-    """A Vertex AI prediction request."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    instances: list[dict[str, Any]] = Field(..., min_length=1, description="One GenerateRequest per prediction.")
-    parameters: dict[str, Any] | None = Field(None, description="Defaults of every instance's fields.")
-
-
-class VertexResponse(BaseModel):
-    """One prediction per instance, in order."""
-
-    predictions: list[GenerateResponse]
-
-
-def _fields(body: VertexRequest, instance: dict[str, Any]) -> dict[str, Any]:
-    """An instance's fields over the shared parameters (an explicit ``null`` keeps the parameter)."""
-    return {**(body.parameters or {}), **{key: value for key, value in instance.items() if value is not None}}
-
-
-def _instances(body: VertexRequest) -> list[GenerateRequest]:
-    """Each instance over the shared parameters, validated; errors name the instance (``instances.2.text``)."""
-    requests = []
-    for index, instance in enumerate(body.instances):
-        try:
-            requests.append(GenerateRequest.model_validate(_fields(body, instance)))
-        except ValidationError as exc:
-            error = from_validation_error(exc, GenerateRequest)
-            if not isinstance(error, ValidationFailedError):
-                where = f"instances.{index}" + (f".{error.param}" if error.param else "")
-                raise InvalidRequestError(f"instances.{index}: {error.message}", param=where) from None
-            errors = [{**item, "loc": f"instances.{index}.{item['loc']}"} for item in error.errors]
-            raise ValidationFailedError(f"instances.{index}: {error.message}", errors=errors) from None
-    return requests
-
-
-def _check_instances(body: VertexRequest, config: AppConfig) -> None:
-    """``max_user_batch_size`` counts instances before any is expanded (each may take the shared parameters)."""
-    if len(body.instances) > config.max_user_batch_size:
-        raise InvalidRequestError(
-            f"instances has {len(body.instances)} items, more than max_user_batch_size ({config.max_user_batch_size})",
-            param="instances",
-        )
-
-
-def _check_prompts(requests: list[GenerateRequest], config: AppConfig) -> None:
-    """All instances' prompts together against ``max_user_batch_size``, and their bytes against the body limit
-    (shared ``parameters`` may repeat one text in every instance: what the readers get stays what a body holds)."""
-    count = sum(prompt_count(request.text) for request in requests)
-    if count > config.max_user_batch_size:
-        raise InvalidRequestError(
-            f"the instances hold {count} prompts, more than max_user_batch_size ({config.max_user_batch_size})",
-            param="instances",
-        )
-    size = sum(utf8_size(text) for request in requests for text in prompts_of(request.text, config))
-    if size > config.body_size_limit_bytes:
-        raise InvalidRequestError(
-            f"the instances hold {size} bytes of prompts, more than body_size_limit_bytes "
-            f"({config.body_size_limit_bytes}); send fewer or shorter prompts",
-            param="instances",
-        )
 
 
 def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Collector]:
@@ -112,44 +53,23 @@ def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Col
     return collectors
 
 
-def _group(body: VertexRequest) -> str:
-    """The consumer group the instances name (the first instance's, else the parameters', else the default)."""
-    group = _fields(body, body.instances[0]).get("consumer_group")
-    return group if isinstance(group, str) and group else DEFAULT_GROUP
-
-
-def _content(instance: dict[str, Any], index: int) -> str:
-    text = instance.get("content", instance.get("text"))
-    if not isinstance(text, str):
-        raise ValidationFailedError(
-            f"instances.{index}: an embedding instance needs a string 'content' (or 'text')",
-            errors=[{"loc": f"instances.{index}.content", "msg": "a string is required", "type": "string_type"}],
-        )
-    return text
-
-
 async def _predict_embeddings(request: Request, state: GatewayState, body: VertexRequest, group: str) -> Response:
     """Vertex's text-embedding shape: ``{"embeddings": {"values": [...], "statistics": {...}}}`` per instance."""
-    texts = [_content(instance, index) for index, instance in enumerate(body.instances)]
+    texts = embedding_texts(body)
     out = await run_encoder(request, state, encode_frame(RequestKind.EMBED, texts, group, state.config))
-    truncated = set(out.truncated)
-    predictions = [
-        {"embeddings": {"values": floats(row), "statistics": {"token_count": tokens, "truncated": i in truncated}}}
-        for i, (row, tokens) in enumerate(zip(out.rows, out.tokens, strict=True))
-    ]
-    return json_response({"predictions": predictions})
+    return json_response({"predictions": embedding_predictions(out)})
 
 
 async def predict(request: Request) -> Response:
     """Run every instance; answer their predictions in order, or the first error."""
     state = get_state(request)
     body = await read_model(request, VertexRequest)
-    _check_instances(body, state.config)
-    group = _group(body)
+    check_instances(body, state.config)
+    group = group_of(body)
     if ModelType.EMBEDDING in state.registry.live_model_types(group):
         return await _predict_embeddings(request, state, body, group)
-    requests = _instances(body)
-    _check_prompts(requests, state.config)
+    requests = instances(body)
+    check_prompts(requests, state.config)
     collectors = _start_all(state, requests)
     predictions = []
     try:
