@@ -88,7 +88,7 @@ def build_app(port_key: str, state: GatewayState, names: HostNames | None = None
     for router in routers:
         app.include_router(router)
     if port_key == "vertex_port":
-        vertex.add_aip_routes(app, state.config.vertex_health_route, state.config.vertex_predict_route)
+        vertex.add_aip_routes(app, state.config.vertex_health_route, state.config.vertex_predict_route, health.healthz)
     render = RENDERERS.get(port_key, render_native)
     install_error_handlers(app, render)
     asgi: ASGIApp = app

@@ -17,10 +17,11 @@ from liftoff.core.errors import NotSupportedError
 from liftoff.core.frames import RequestFrame
 from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
-from liftoff.gateway.surfaces.native import collect_result
-from liftoff.gateway.translate.encode import Encoded, encode_frame, encoded, floats, relevance
+from liftoff.gateway.translate.encode import Encoded, encode_frame, floats, relevance
+from liftoff.gateway.translate.openai import input_usage
 from liftoff.protocol.native import (
     ERROR_RESPONSES,
     ClassifyRequest,
@@ -38,9 +39,9 @@ openai_router = APIRouter(tags=["rerank"])
 
 
 async def run_encoder(request: Request, state: GatewayState, frame: RequestFrame) -> Encoded:
-    """Submit one encoder request and wait for its rows."""
-    collector = state.dispatcher.submit([frame])
-    return encoded(await collect_result(request, state, collector))
+    """Run one encoder request and read its rows."""
+    async with Generation(request, state) as generation:
+        return await generation.encode(frame)
 
 
 def _answer(result: object, out: Encoded, metadata: bool | None) -> dict[str, Any]:
@@ -95,7 +96,7 @@ async def rerank(request: Request) -> Response:
         {"index": index, "relevance_score": scores[index]} | ({"document": {"text": texts[index]}} if keep else {})
         for index in order
     ]
-    usage = {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}
+    usage = input_usage(out.prompt_tokens)
     return json_response({"id": frame.request_id, "model": frame.consumer_group, "results": results,
                           "usage": usage, "meta": {"billed_units": {"search_units": 1}}})  # fmt: skip
 

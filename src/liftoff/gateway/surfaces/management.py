@@ -22,9 +22,9 @@ from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
-from liftoff.gateway.surfaces.native import collect_result
 from liftoff.management.manager import Ask
 from liftoff.protocol.management import AddLoraRequest, CreatedReader, ReaderGroupEntry, ReaderLoras, StatusResponse
 from liftoff.protocol.native import ERROR_RESPONSES
@@ -73,8 +73,8 @@ def _asker(request: Request, reader_id: str) -> Ask:
     async def ask(kind: RequestKind, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         frame = RequestFrame(request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id,
                              payload=payload)  # fmt: skip
-        collector = state.dispatcher.submit_to_reader(frame, timeout_s)
-        return await collect_result(request, state, collector)
+        async with Generation(request, state) as generation:
+            return await generation.result(generation.submit_to_reader(frame, timeout_s))
 
     return ask
 

@@ -2,8 +2,8 @@
 
 ``model`` is a consumer group, or ``group:adapter`` for one of its readers' LoRA adapters (as vLLM names them:
 the adapter's name alone also works when one group has it). Requests are translated in
-``gateway/translate/openai.py``; buffered answers are built here, streams in ``openai_stream.py``. Token counts
-are the reader's.
+``gateway/translate/openai.py``, which also builds the buffered answers and the streams' chunks; the generation
+service (``gateway/generation.py``) runs them. Token counts are the reader's.
 """
 
 from __future__ import annotations
@@ -15,17 +15,22 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from liftoff.core.errors import NotFoundError, NotSupportedError
-from liftoff.core.frames import FinalFrame
 from liftoff.core.types import RequestKind
 from liftoff.gateway.dispatch import shown
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation, log_request
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
-from liftoff.gateway.surfaces.encoders import run_encoder
-from liftoff.gateway.surfaces.native import collect, echo
-from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
 from liftoff.gateway.translate.encode import base64_row, encode_frame, floats
-from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
+from liftoff.gateway.translate.openai import (
+    Call,
+    OpenAIEvents,
+    Plan,
+    chat_plan,
+    completion_answer,
+    completion_plan,
+    input_usage,
+)
 from liftoff.management.registry import ReaderRegistry
 from liftoff.protocol.openai import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -35,14 +40,6 @@ _STARTED = int(time.time())
 _SSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "JSON, or server-sent events when stream is true", "content": {"text/event-stream": {}}}
 }
-
-
-def _choice(call: Call, index: int, text: str, final: FinalFrame | None) -> dict[str, Any]:
-    reason = finish_reason(final)
-    if call.chat:
-        message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "text": text, "logprobs": None, "finish_reason": reason}
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
 
 def _call(body: ChatCompletionRequest | CompletionRequest, plan: Plan, *, chat: bool) -> Call:
@@ -57,19 +54,13 @@ async def _serve(
 ) -> Response:
     state = get_state(request)
     call = _call(body, plan, chat=chat)
-    collector = state.dispatcher.submit(plan.frames)
-    if body.stream:
-        echo(state, request.url.path, body, "(streamed)")
-        return await stream(request, state, collector, call)
-    texts, finals = await collect(request, state, collector)
-    choices = []
-    for index, (parts, final) in enumerate(zip(texts, finals, strict=True)):
-        if final is not None:
-            call.count(index, final)
-        choices.append(_choice(call, index, "".join(parts), final))
-    kind = "chat.completion" if call.chat else "text_completion"
-    result = call.head(kind) | {"choices": choices, "usage": call.usage()}
-    echo(state, request.url.path, body, result)
+    async with Generation(request, state) as generation:
+        collector = generation.submit(plan.frames)
+        if body.stream:
+            log_request(state, request.url.path, body, "(streamed)")
+            return await generation.stream(collector, OpenAIEvents(call, len(collector.request_ids)))
+        result = completion_answer(call, *await generation.collect(collector))
+    log_request(state, request.url.path, body, result)
     return json_response(result)
 
 
@@ -104,7 +95,8 @@ async def embeddings(request: Request) -> Response:
     body = await read_model(request, EmbeddingRequest)
     texts = _texts(body.input)
     frame = encode_frame(RequestKind.EMBED, texts, body.model, state.config)
-    out = await run_encoder(request, state, frame)
+    async with Generation(request, state) as generation:
+        out = await generation.encode(frame)
     if body.dimensions is not None and out.rows and body.dimensions != len(out.rows[0]) // 4:
         raise NotSupportedError(
             f"dimensions={body.dimensions}: the model's embeddings have {len(out.rows[0]) // 4} dimensions and "
@@ -113,9 +105,8 @@ async def embeddings(request: Request) -> Response:
     encode = base64_row if body.encoding_format == "base64" else floats
     vectors: list[Any] = [encode(row) for row in out.rows]
     data = [{"object": "embedding", "index": index, "embedding": vector} for index, vector in enumerate(vectors)]
-    usage = {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}
-    result: dict[str, Any] = {"object": "list", "data": data, "model": body.model, "usage": usage,
-                              "truncated": out.truncated}  # fmt: skip
+    result: dict[str, Any] = {"object": "list", "data": data, "model": body.model,
+                              "usage": input_usage(out.prompt_tokens), "truncated": out.truncated}  # fmt: skip
     if body.encoding_format is None:  # Takeoff's clients (takeoff-client, LangChain's TitanTakeoffEmbed) read this
         result["result"] = vectors[0] if isinstance(texts, str) else vectors
     return json_response(result)

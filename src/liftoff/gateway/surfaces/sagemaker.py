@@ -14,18 +14,18 @@ from starlette.responses import Response
 
 from liftoff.core.types import ReaderState
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import GENERATE_BODY, generate_buffered
 from liftoff.gateway.state import get_state
-from liftoff.gateway.surfaces import native
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateResponse
 
 router = APIRouter(tags=["sagemaker"])
 
 
 @router.post("/invocations", response_model=GenerateResponse, responses=ERROR_RESPONSES,
-             openapi_extra=native.generate_body())  # fmt: skip
+             openapi_extra=GENERATE_BODY)  # fmt: skip
 async def invocations(request: Request) -> Response:
     """``/generate`` under SageMaker's path."""
-    return await native.generate(request)
+    return await generate_buffered(request, "/invocations")
 
 
 @router.get("/ping", responses={503: {"description": "No reader is live yet"}})

@@ -24,9 +24,9 @@ from starlette.responses import Response
 from liftoff.core.errors import LiftoffError, RequestCancelledError
 from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation, log_request
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
-from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
 from liftoff.gateway.translate.snowflake import Parsed, error_cell, parse_rows, result_cell
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
 from liftoff.protocol.snowflake import SnowflakeRequest, SnowflakeResponse
@@ -59,20 +59,22 @@ class _Answers:
 _ANSWERS = _Answers(REMEMBERED_BATCHES)
 
 
-def _start(state: GatewayState, run: Parsed) -> Started:
+def _start(generation: Generation, run: Parsed) -> Started:
     if isinstance(run, LiftoffError):
         return run
     try:
-        return run, start_generate(state, run)
+        return run, generation.start_generate(run)
     except LiftoffError as exc:
         return exc
 
 
-async def _finish(request: Request, state: GatewayState, started: tuple[GenerateRequest, Collector]) -> Any:
+async def _finish(generation: Generation, started: Started) -> Any:
     """A row's cell: its text (or answer), or its error. A client that has gone cancels the whole batch."""
+    if isinstance(started, LiftoffError):
+        return error_cell(started)
     body, collector = started
     try:
-        result = await finish_generate(request, state, body, collector)
+        result = await generation.generate_answer(body, collector)
     except RequestCancelledError:
         raise
     except LiftoffError as exc:
@@ -81,17 +83,10 @@ async def _finish(request: Request, state: GatewayState, started: tuple[Generate
 
 
 async def _rows(request: Request, state: GatewayState, rows: list[tuple[int, dict[str, Any] | str]]) -> list[Row]:
-    started = [(number, _start(state, run)) for number, run in parse_rows(rows, state.config)]
-    answers: list[Row] = []
-    try:
-        for number, run in started:
-            cell = error_cell(run) if isinstance(run, LiftoffError) else await _finish(request, state, run)
-            answers.append((number, cell))
-    finally:
-        for _, run in started:
-            if not isinstance(run, LiftoffError) and not run[1].done:
-                state.dispatcher.abort(run[1])
-    return answers
+    """Every row started at once, then each one's cell in order (a row that fails leaves the others running)."""
+    async with Generation(request, state) as generation:
+        started = [(number, _start(generation, run)) for number, run in parse_rows(rows, state.config)]
+        return [(number, await _finish(generation, run)) for number, run in started]
 
 
 @router.post("/generate_snowflake", response_model=SnowflakeResponse, responses=ERROR_RESPONSES,
@@ -106,7 +101,7 @@ async def generate_snowflake(request: Request) -> Response:
         return Response(answer, media_type="application/json", headers=headers)
     body = await read_model(request, SnowflakeRequest)
     result = {"data": await _rows(request, state, body.data)}
-    echo(state, "/generate_snowflake", body, result)
+    log_request(state, "/generate_snowflake", body, result)
     response = json_response(result, headers=headers)
     if key is not None:
         _ANSWERS.put(key, bytes(response.body))

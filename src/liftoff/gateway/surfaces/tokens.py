@@ -17,9 +17,9 @@ from liftoff.core.frames import RequestFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import RequestKind
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
-from liftoff.gateway.surfaces.native import collect_result
 from liftoff.gateway.translate.native import check_batch, prompts_of, utf8_size
 from liftoff.protocol.native import (
     ERROR_RESPONSES,
@@ -39,8 +39,8 @@ async def _ask(request: Request, reader_id: str, kind: RequestKind, payload: dic
     frame = RequestFrame(
         request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id, payload=payload
     )
-    collector = state.dispatcher.submit_to_reader(frame)
-    return json_response(await collect_result(request, state, collector))
+    async with Generation(request, state) as generation:
+        return json_response(await generation.result(generation.submit_to_reader(frame)))
 
 
 def _payload(body: BaseModel) -> dict[str, Any]:

@@ -14,18 +14,16 @@ ones.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
-from liftoff.core.errors import LiftoffError
 from liftoff.core.types import ModelType, RequestKind
-from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import json_response
+from liftoff.gateway.generation import Generation, log_request
 from liftoff.gateway.http import json_body, read_model
-from liftoff.gateway.state import GatewayState, get_state
-from liftoff.gateway.surfaces import health
-from liftoff.gateway.surfaces.encoders import run_encoder
-from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.gateway.state import get_state
 from liftoff.gateway.translate.encode import encode_frame
 from liftoff.gateway.translate.vertex import (
     check_instances,
@@ -35,52 +33,31 @@ from liftoff.gateway.translate.vertex import (
     group_of,
     instances,
 )
-from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
+from liftoff.protocol.native import ERROR_RESPONSES
 from liftoff.protocol.vertex import VertexRequest, VertexResponse
 
 router = APIRouter(tags=["vertex"])
 
 
-def _start_all(state: GatewayState, requests: list[GenerateRequest]) -> list[Collector]:
-    collectors: list[Collector] = []
-    try:
-        for request in requests:
-            collectors.append(start_generate(state, request))
-    except LiftoffError:
-        for collector in collectors:
-            state.dispatcher.abort(collector)
-        raise
-    return collectors
-
-
-async def _predict_embeddings(request: Request, state: GatewayState, body: VertexRequest, group: str) -> Response:
-    """Vertex's text-embedding shape: ``{"embeddings": {"values": [...], "statistics": {...}}}`` per instance."""
-    texts = embedding_texts(body)
-    out = await run_encoder(request, state, encode_frame(RequestKind.EMBED, texts, group, state.config))
-    return json_response({"predictions": embedding_predictions(out)})
-
-
 async def predict(request: Request) -> Response:
-    """Run every instance; answer their predictions in order, or the first error."""
+    """Run every instance; answer their predictions in order, or the first error (the others are aborted)."""
     state = get_state(request)
     body = await read_model(request, VertexRequest)
     check_instances(body, state.config)
     group = group_of(body)
-    if ModelType.EMBEDDING in state.registry.live_model_types(group):
-        return await _predict_embeddings(request, state, body, group)
-    requests = instances(body)
-    check_prompts(requests, state.config)
-    collectors = _start_all(state, requests)
-    predictions = []
-    try:
-        for instance, collector in zip(requests, collectors, strict=True):
-            predictions.append(await finish_generate(request, state, instance, collector))
-    finally:
-        for collector in collectors:
-            if not collector.done:
-                state.dispatcher.abort(collector)
+    async with Generation(request, state) as generation:
+        if ModelType.EMBEDDING in state.registry.live_model_types(group):
+            frame = encode_frame(RequestKind.EMBED, embedding_texts(body), group, state.config)
+            return json_response({"predictions": embedding_predictions(await generation.encode(frame))})
+        requests = instances(body)
+        check_prompts(requests, state.config)
+        collectors = [generation.start_generate(instance) for instance in requests]  # all start at once
+        predictions = [
+            await generation.generate_answer(instance, collector)
+            for instance, collector in zip(requests, collectors, strict=True)
+        ]
     result = {"predictions": predictions}
-    echo(state, "/generate_vertex", body, result)
+    log_request(state, "/generate_vertex", body, result)
     return json_response(result)
 
 
@@ -95,10 +72,13 @@ router.add_api_route(
 )
 
 
-def add_aip_routes(app: FastAPI, health_route: str | None, predict_route: str | None) -> None:
-    """Serve health and predict at the paths Vertex AI assigned too (when they are set)."""
+def add_aip_routes(
+    app: FastAPI, health_route: str | None, predict_route: str | None, healthz: Callable[[Request], Awaitable[Response]]
+) -> None:
+    """Serve health (``healthz``, the health surface's handler) and predict at the paths Vertex AI assigned too
+    (when they are set)."""
     if health_route and health_route != "/healthz":
-        app.add_api_route(health_route, health.healthz, methods=["GET"], tags=["vertex"])
+        app.add_api_route(health_route, healthz, methods=["GET"], tags=["vertex"])
     if predict_route and predict_route != "/generate_vertex":
         app.add_api_route(
             predict_route, predict, methods=["POST"], response_model=VertexResponse, responses=ERROR_RESPONSES,

@@ -1,14 +1,21 @@
-"""Native API ↔ core: ``GenerateRequest`` → one :class:`RequestFrame` per prompt, after the gateway's limits."""
+"""Native API ↔ core both ways: ``GenerateRequest`` → one :class:`RequestFrame` per prompt, after the gateway's
+limits; and back, the frames → ``/generate``'s answer (:func:`generate_answer`) or ``/generate_stream``'s events
+(:class:`NativeEvents`)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import msgspec
 
 from liftoff.config.models import AppConfig
-from liftoff.core.errors import InvalidRequestError, NotSupportedError
-from liftoff.core.frames import RequestFrame
+from liftoff.core.errors import InvalidRequestError, LiftoffError, NotSupportedError
+from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import GenerationParams
+from liftoff.gateway.dispatch import Item
+from liftoff.gateway.http import sse_event
 from liftoff.protocol.native import GenerateRequest
 
 DEFAULT_GROUP = "primary"
@@ -104,3 +111,71 @@ def generate_frames(body: GenerateRequest, config: AppConfig) -> list[RequestFra
         RequestFrame(request_id=new_request_id(), consumer_group=group, text=prompt, params=params)
         for prompt in prompts
     ]
+
+
+# ---- answers ----------------------------------------------------------------------------------------------------
+
+
+def metadata(frame: FinalFrame) -> dict[str, Any]:
+    """A prompt's ``metadata`` (``return_metadata``): its token counts, why it ended, which reader ran it."""
+    return {
+        "prompt_tokens": frame.prompt_tokens,
+        "completion_tokens": frame.completion_tokens,
+        "finish_reason": frame.finish_reason,
+        "reader_id": frame.reader_id,
+    }
+
+
+def generate_answer(body: GenerateRequest, texts: list[list[str]], finals: list[FinalFrame | None]) -> dict[str, Any]:
+    """``/generate``'s answer: the text (a list for a list of prompts), and the metadata when asked for."""
+    joined = ["".join(parts) for parts in texts]
+    result: dict[str, Any] = {"text": joined[0] if isinstance(body.text, str) else joined}
+    if body.return_metadata:
+        metas = [metadata(final) for final in finals if final is not None]
+        result["metadata"] = metas[0] if isinstance(body.text, str) else metas
+    return result
+
+
+class NativeEvents:
+    """``/generate_stream``'s server-sent events: one per token; ``{"text", "batch_id"}`` events for a list of
+    prompts; ``event: metadata`` with ``return_metadata``; a prompt's error is an ``event: error`` and the other
+    prompts of a list go on."""
+
+    __slots__ = ("batch", "metadata")
+
+    def __init__(self, body: GenerateRequest) -> None:
+        self.batch = not isinstance(body.text, str)
+        self.metadata = bool(body.return_metadata)
+
+    def opening(self) -> str:
+        return ""
+
+    def frames(self, items: list[Item]) -> tuple[str, LiftoffError | None]:
+        return "".join(self._render(item) for item in items), None
+
+    def _render(self, item: Item) -> str:
+        frame = item.frame
+        if isinstance(frame, TokenFrame):
+            if not frame.text:
+                return ""
+            if self.batch:
+                return sse_event(msgspec.json.encode({"text": frame.text, "batch_id": item.index}).decode())
+            return sse_event(frame.text)
+        if isinstance(frame, FinalFrame):
+            if not self.metadata:
+                return ""
+            meta = metadata(frame) | ({"batch_id": item.index} if self.batch else {})
+            return sse_event(msgspec.json.encode(meta).decode(), event="metadata")
+        if not isinstance(frame, ErrorFrame):
+            return ""
+        error = {"detail": frame.message, "error_type": frame.error_type}
+        return sse_event(msgspec.json.encode(error | self._where(item.index)).decode(), event="error")
+
+    def _where(self, index: int) -> dict[str, int]:
+        return {"batch_id": index} if self.batch else {}
+
+    def error(self, exc: LiftoffError) -> str:
+        return sse_event(msgspec.json.encode({"detail": exc.message, "error_type": exc.error_type}).decode(), "error")
+
+    def closing(self) -> str:
+        return ""

@@ -1,4 +1,5 @@
-"""OpenAI API ↔ core: chat and completion requests → one :class:`RequestFrame` per (prompt, choice).
+"""OpenAI API ↔ core both ways: chat and completion requests → one :class:`RequestFrame` per (prompt, choice);
+and back, the frames → a buffered answer (:func:`completion_answer`) or a stream's chunks (:class:`OpenAIEvents`).
 
 ``model`` is the consumer group, or ``group:adapter`` for one of its LoRA adapters (the surface resolves it into a
 group and a ``lora_id``). A field Liftoff does not implement is refused with a 400 that names it, never
@@ -11,16 +12,21 @@ Stop strings, ``seed``, ``ignore_eos`` and ``min_tokens`` go to the reader with 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from liftoff.config.models import AppConfig
-from liftoff.core.errors import InvalidRequestError, NotSupportedError
-from liftoff.core.frames import RequestFrame
+from liftoff.core.errors import InvalidRequestError, LiftoffError, NotSupportedError, error_from_type
+from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.ids import new_request_id
 from liftoff.core.types import GenerationParams
+from liftoff.gateway.dispatch import Item
+from liftoff.gateway.errors import openai_error
 from liftoff.gateway.translate.native import prompts_of
 from liftoff.protocol.limits import MAX_STOPS, SEED_MAX
 from liftoff.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
@@ -226,3 +232,151 @@ def completion_plan(body: CompletionRequest, config: AppConfig, group: str | Non
     prompts = _prompts(body.prompt, config, "prompt")
     params = _adapter(_params(body, body.max_tokens or COMPLETION_MAX_TOKENS, chat=False), lora_id)
     return _frames(prompts, params, group or body.model, body.n or 1, config)
+
+
+# ---- answers ----------------------------------------------------------------------------------------------------
+# A stream is ``data: {chunk}`` events: for chat, first each choice's role, then one chunk per choice and batch of
+# text, then a chunk with the choice's ``finish_reason``; with ``stream_options.include_usage`` a last chunk with
+# ``"choices": []`` and the usage; then ``data: [DONE]``. With ``stream_options.continuous_usage_stats`` (vLLM's
+# extension, sent by GuideLLM) every text and finish chunk carries its choice's counts so far. An error after the
+# first event is ``data: {"error": {...}}`` followed by ``data: [DONE]``.
+
+DONE = "data: [DONE]\n\n"
+_FINISH = {"stop": "stop", "length": "length", "aborted": "abort"}
+
+
+def input_usage(prompt_tokens: int) -> dict[str, int]:
+    """The ``usage`` of an answer that generates nothing (embeddings, rerank): OpenAI's and Cohere's shape."""
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """An OpenAI ``usage`` object."""
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+@dataclass
+class Call:
+    """One OpenAI request being served: what every response object repeats, and its token counts."""
+
+    model: str
+    chat: bool
+    n: int
+    include_usage: bool = False
+    continuous_usage: bool = False
+    ident: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.ident = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def count(self, index: int, final: FinalFrame) -> None:
+        """Add a choice's tokens; a prompt is counted once, however many choices it has."""
+        if index % self.n == 0:
+            self.prompt_tokens += final.prompt_tokens
+        self.completion_tokens += final.completion_tokens
+
+    def usage(self) -> dict[str, int]:
+        """The request's token counts."""
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+    def head(self, kind: str) -> dict[str, Any]:
+        """The fields every response object of this request starts with."""
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.model}
+
+
+def finish_reason(final: FinalFrame | None) -> str:
+    """OpenAI's ``finish_reason`` of a final frame."""
+    return _FINISH.get(final.finish_reason, final.finish_reason) if final is not None else "stop"
+
+
+def choice(call: Call, index: int, text: str, final: FinalFrame | None) -> dict[str, Any]:
+    """One choice of a buffered answer."""
+    reason = finish_reason(final)
+    if call.chat:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def completion_answer(call: Call, texts: list[list[str]], finals: list[FinalFrame | None]) -> dict[str, Any]:
+    """A buffered ``chat.completion`` (or ``text_completion``): every choice, and the request's usage."""
+    choices = []
+    for index, (parts, final) in enumerate(zip(texts, finals, strict=True)):
+        if final is not None:
+            call.count(index, final)
+        choices.append(choice(call, index, "".join(parts), final))
+    kind = "chat.completion" if call.chat else "text_completion"
+    return call.head(kind) | {"choices": choices, "usage": call.usage()}
+
+
+class OpenAIEvents:
+    """A stream's events: ``chat.completion.chunk`` (or ``text_completion``) chunks, then ``[DONE]`` (the
+    :class:`liftoff.gateway.generation.StreamRenderer` of the OpenAI surface)."""
+
+    def __init__(self, call: Call, choices: int) -> None:
+        self.call = call
+        kind = "chat.completion.chunk" if call.chat else "text_completion"
+        with_usage = call.include_usage or call.continuous_usage
+        self.head = call.head(kind) | ({"usage": None} if with_usage else {})
+        self.render: Callable[[int, str | None, str | None], dict[str, Any]] = (
+            self._chat if call.chat else self._completion
+        )
+        self.choices = choices
+
+    def event(self, choices: list[dict[str, Any]], counts: dict[str, int] | None = None) -> str:
+        body = self.head | {"choices": choices} | ({"usage": counts} if counts is not None else {})
+        return f"data: {msgspec.json.encode(body).decode()}\n\n"
+
+    @staticmethod
+    def _chat(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    @staticmethod
+    def _completion(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    def _running(self, frame: TokenFrame | FinalFrame) -> dict[str, int] | None:
+        """A choice's counts so far, when the client asked for them in every chunk."""
+        return usage(frame.prompt_tokens, frame.completion_tokens) if self.call.continuous_usage else None
+
+    def opening(self) -> str:
+        """Chat streams start with each choice's role (as OpenAI's do)."""
+        if not self.call.chat:
+            return ""
+        roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                 for i in range(self.choices)]  # fmt: skip
+        return self.event(roles)
+
+    def frames(self, items: list[Item]) -> tuple[str, LiftoffError | None]:
+        """The events of a batch of frames (one chunk per choice and event), and the error that ends the stream."""
+        texts: dict[int, list[str]] = {}
+        last: dict[int, TokenFrame] = {}
+        finals: list[str] = []
+        error: LiftoffError | None = None
+        for item in items:
+            frame = item.frame
+            if isinstance(frame, TokenFrame) and frame.text:
+                texts.setdefault(item.index, []).append(frame.text)
+                last[item.index] = frame
+            elif isinstance(frame, FinalFrame):
+                self.call.count(item.index, frame)
+                finals.append(self.event([self.render(item.index, None, finish_reason(frame))], self._running(frame)))
+            elif isinstance(frame, ErrorFrame) and error is None:
+                error = error_from_type(frame.error_type, frame.message)
+        events = [self.event([self.render(index, "".join(parts), None)], self._running(last[index]))
+                  for index, parts in texts.items()]  # fmt: skip
+        return "".join(events + finals), error
+
+    def closing(self) -> str:
+        tail = self.event([], self.call.usage()) if self.call.include_usage else ""
+        return tail + DONE
+
+    def error(self, exc: LiftoffError) -> str:
+        """``data: {"error": {...}}`` then ``[DONE]``."""
+        _, body = openai_error(exc)
+        return f"data: {msgspec.json.encode(body).decode()}\n\n{DONE}"
