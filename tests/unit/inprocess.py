@@ -34,8 +34,8 @@ from tests.unit.fake_broker import FakeBroker
 
 
 class FakeSupervisor(Supervisor):
-    """A :class:`Supervisor` that starts no process: a spawned reader connects to the fake broker at once (as its
-    process would), unless ``connect_spawned`` is false."""
+    """A :class:`Supervisor` that starts no process: it records what it was asked, and a reader it "spawns" connects
+    to the fake broker on the next loop turn (``on_spawn``), as its process would."""
 
     def __init__(self, settings: SpawnSettings, on_exit: Callable[[str, int, int], None]) -> None:
         super().__init__(settings, on_exit)
@@ -66,6 +66,8 @@ class InProcessGateway:
     """Every port's app of one gateway over a :class:`FakeBroker` and a :class:`FakeSupervisor`."""
 
     def __init__(self, config: AppConfig) -> None:
+        # The gateway's own composition (Gateway._build_state), with the two doubles in place of the broker it would
+        # make and the supervisor it would start reader processes with.
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(server, "make_broker", lambda _config, settings: FakeBroker(settings))
             patch.setattr(server, "Supervisor", FakeSupervisor)
@@ -82,11 +84,11 @@ class InProcessGateway:
         groups = tuple(config.consumer_group)
         self.broker.connect(reader_id, groups, model_name=config.model_name, config=config.public_dict())
 
-    def client(self, port_key: str = "port", **kwargs: Any) -> httpx.AsyncClient:
-        """A client of the app of ``port_key``, addressed as ``http://localhost:<that port>``."""
+    def client(self, port_key: str = "port", *, host: str = "localhost", **kwargs: Any) -> httpx.AsyncClient:
+        """A client of the app of ``port_key``, addressed as ``http://<host>:<that port>``."""
         port = getattr(self.config, port_key)
-        transport = httpx.ASGITransport(app=self.apps[port_key])
-        return httpx.AsyncClient(transport=transport, base_url=f"http://localhost:{port}", timeout=30, **kwargs)
+        transport = httpx.ASGITransport(app=cast(Any, self.apps[port_key]))  # httpx types the ASGI app narrowly
+        return httpx.AsyncClient(transport=transport, base_url=f"http://{host}:{port}", timeout=30, **kwargs)
 
     async def close(self) -> None:
         await self.state.manager.shutdown()

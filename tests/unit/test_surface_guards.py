@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
@@ -130,11 +129,11 @@ async def test_a_page_on_another_host_with_a_gateway_port_is_refused(gateway: In
 
 
 async def test_an_unknown_host_name_is_refused(gateway: InProcessGateway) -> None:
-    transport = httpx.ASGITransport(app=gateway.apps["port"])
-    async with httpx.AsyncClient(transport=transport, base_url="http://rebound.example:3000") as http:
+    async with gateway.client(host="rebound.example") as http:
         response = await http.post("/generate", json={"text": "rebinding"})
     check_error(response, 400, "unknown_host")
-    async with httpx.AsyncClient(transport=transport, base_url="http://192.0.2.7:3000") as http:
+    assert gateway.broker.submitted == []
+    async with gateway.client(host="192.0.2.7") as http:
         assert (await http.post("/generate", json={"text": "by address"})).json() == {"text": "by address"}
 
 

@@ -162,7 +162,7 @@ async def test_max_readers(gateway_factory: GatewayFactory) -> None:
 # ---- LoRA adapters ----------------------------------------------------------------------------------------------
 
 
-async def test_add_and_remove_a_lora_adapter(gateway: InProcessGateway, tmp_path: Path) -> None:
+async def test_add_and_remove_a_lora_adapter(gateway: InProcessGateway) -> None:
     (Path(gateway.config.repository_path) / "adapters" / "sql").mkdir(parents=True)
     added = await manage(gateway, "POST", "/reader/reader-a/loras", {"name": "sql", "path": "adapters/sql"})
     assert added.status_code == 200, added.text

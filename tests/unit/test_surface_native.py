@@ -76,6 +76,14 @@ async def test_generate_a_batch_answers_in_input_order(gateway: InProcessGateway
     assert {frame.text for frame in gateway.broker.submitted} == set(prompts)  # one broker request per prompt
 
 
+async def test_requests_of_a_group_spread_over_its_live_readers(gateway: InProcessGateway) -> None:
+    gateway.broker.readers["reader-a"].capacity = 1
+    gateway.broker.connect("reader-b", capacity=1)
+    body = {"text": "hi", "return_metadata": True}
+    answers = await asyncio.gather(*(post(gateway, "/generate", body) for _ in range(2)))
+    assert sorted(answer.json()["metadata"]["reader_id"] for answer in answers) == ["reader-a", "reader-b"]
+
+
 async def test_sampling_fields_reach_the_reader(gateway: InProcessGateway) -> None:
     body = {
         "text": "hi",
