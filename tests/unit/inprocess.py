@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from starlette.types import ASGIApp
 
 from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig, ReaderConfig
@@ -62,20 +63,32 @@ class FakeSupervisor(Supervisor):
         del grace_s
 
 
+def build_state(config: AppConfig, *, fake_broker: bool = True) -> tuple[GatewayState, FakeSupervisor]:
+    """The gateway's own composition (``Gateway._build_state``) with a :class:`FakeSupervisor` in place of the one
+    that would start reader processes, and a :class:`FakeBroker` in place of the broker ``config`` names (unless
+    ``fake_broker`` is false: then the embedded broker, whose readers connect to the internal port's app)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if fake_broker:
+            patch.setattr(server, "make_broker", lambda _config, settings: FakeBroker(settings))
+        patch.setattr(server, "Supervisor", FakeSupervisor)
+        gateway = server.Gateway(LoadedConfig(server=config, readers={}))
+        state = gateway._build_state()
+    return state, cast(FakeSupervisor, gateway.supervisor)
+
+
+def asgi_client(app: ASGIApp, base_url: str, **kwargs: Any) -> httpx.AsyncClient:
+    """An HTTP client of ``app``, in process."""
+    transport = httpx.ASGITransport(app=cast(Any, app))  # httpx types the ASGI app more narrowly than Starlette
+    return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=30, **kwargs)
+
+
 class InProcessGateway:
     """Every port's app of one gateway over a :class:`FakeBroker` and a :class:`FakeSupervisor`."""
 
     def __init__(self, config: AppConfig) -> None:
-        # The gateway's own composition (Gateway._build_state), with the two doubles in place of the broker it would
-        # make and the supervisor it would start reader processes with.
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(server, "make_broker", lambda _config, settings: FakeBroker(settings))
-            patch.setattr(server, "Supervisor", FakeSupervisor)
-            gateway = server.Gateway(LoadedConfig(server=config, readers={}))
-            self.state: GatewayState = gateway._build_state()
+        self.state, self.supervisor = build_state(config)
         self.config = config
         self.broker = cast(FakeBroker, self.state.broker)
-        self.supervisor = cast(FakeSupervisor, gateway.supervisor)
         self.supervisor.on_spawn = self._spawned
         self.apps = {key: build_app(key, self.state) for key in PORT_SURFACES}
 
@@ -86,9 +99,7 @@ class InProcessGateway:
 
     def client(self, port_key: str = "port", *, host: str = "localhost", **kwargs: Any) -> httpx.AsyncClient:
         """A client of the app of ``port_key``, addressed as ``http://<host>:<that port>``."""
-        port = getattr(self.config, port_key)
-        transport = httpx.ASGITransport(app=cast(Any, self.apps[port_key]))  # httpx types the ASGI app narrowly
-        return httpx.AsyncClient(transport=transport, base_url=f"http://{host}:{port}", timeout=30, **kwargs)
+        return asgi_client(self.apps[port_key], f"http://{host}:{getattr(self.config, port_key)}", **kwargs)
 
     async def close(self) -> None:
         await self.state.manager.shutdown()
