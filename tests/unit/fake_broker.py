@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from liftoff.broker.base import BrokerSettings, GatewayBroker
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import (
@@ -58,6 +60,7 @@ class FakeBroker(GatewayBroker):
         self.stopped: list[tuple[str, str]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Handle] = set()
+        self._deadlines: dict[str, float] = {}  # request → its queue deadline
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -135,7 +138,8 @@ class FakeBroker(GatewayBroker):
         self.events.on_reader_heartbeat(reader_id, HeartbeatFrame(timestamp_ms=now_ms(), **fields))
 
     def disconnect(self, reader_id: str, reason: str = "the reader disconnected") -> None:
-        """The reader's link drops: its started requests fail, the others go back to the head of their queue."""
+        """The reader's link drops: its started requests fail, the others go back to the head of their queue (up to
+        ``max_retries`` times)."""
         reader = self.readers.pop(reader_id, None)
         if reader is None:
             return
@@ -144,11 +148,13 @@ class FakeBroker(GatewayBroker):
             if request_id in reader.started or frame.reader_id:
                 died = ReaderDiedError(f"reader {reader_id} failed mid-request: {reason}")
                 self._emit(error_frame(request_id, died, reader.started.get(request_id, 0)))
+            elif frame.attempt >= self.settings.max_retries:
+                self._emit(error_frame(request_id, ReaderDiedError(f"reader {reader_id} failed; retries ran out")))
             else:
-                retry.append(frame)
+                retry.append(msgspec.structs.replace(frame, attempt=frame.attempt + 1))
         reader.running.clear()
         for frame in reversed(retry):
-            self._enqueue(frame, monotonic() + 60, front=True)
+            self._enqueue(frame, self._deadlines.get(frame.request_id, monotonic()), front=True)
         for group in reader.groups:
             self._pump(group)
             self.settle(group)
@@ -160,6 +166,7 @@ class FakeBroker(GatewayBroker):
         if self.queue_depth() >= self.settings.max_queued_requests:
             raise OverloadedError(f"{self.queue_depth()} requests are already waiting; try again later")
         self.submitted.append(frame)
+        self._deadlines[frame.request_id] = queue_deadline
         if frame.reader_id:
             reader = self.readers.get(frame.reader_id)
             if reader is None or not reader.ready:
@@ -253,6 +260,7 @@ class FakeBroker(GatewayBroker):
 
     def _finish(self, reader: FakeReader, frame: OutputFrame) -> None:
         reader.running.pop(frame.request_id, None)
+        self._deadlines.pop(frame.request_id, None)
         self._emit(frame)
         for group in reader.groups:
             self._pump(group)

@@ -277,6 +277,18 @@ async def test_the_deadline_is_a_504_and_aborts_the_request(gateway_factory: Gat
     assert gateway.broker.in_flight() == 0
 
 
+async def test_a_request_a_lost_reader_had_not_started_goes_to_another(gateway: InProcessGateway) -> None:
+    gateway.broker.connect("doomed", ("side",)).behaviour = HOLD
+    task = asyncio.create_task(
+        post(gateway, "/generate", {"text": "retried", "consumer_group": "side", "return_metadata": True})
+    )
+    await until(lambda: gateway.broker.in_flight("side") == 1)
+    gateway.broker.connect("backup", ("side",))
+    gateway.broker.disconnect("doomed")
+    body = (await task).json()
+    assert (body["text"], body["metadata"]["reader_id"]) == ("retried", "backup")
+
+
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
 async def test_a_reader_lost_mid_request_is_reader_died(gateway: InProcessGateway, path: str) -> None:
     gateway.broker.connect("doomed", ("side",)).behaviour = Behaviour(stall_after=1)
