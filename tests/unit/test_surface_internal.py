@@ -33,6 +33,7 @@ from tests.unit.inprocess import asgi_client, build_state, make_config, sse_data
 from tests.unit.test_surface_native import check_error, until
 
 SECRET = "reader-secret-0123456789"
+PATIENT = {"reader_message_timeout_ms": 30_000}  # a loaded test machine's pauses are not a silent reader's
 
 
 class Embedded:
@@ -61,7 +62,7 @@ class Embedded:
 
 @pytest.fixture
 async def embedded(tmp_path: Path) -> AsyncIterator[Embedded]:
-    state, _ = build_state(make_config(tmp_path, request_timeout_s=5), fake_broker=False)
+    state, _ = build_state(make_config(tmp_path, request_timeout_s=5, **PATIENT), fake_broker=False)
     assert isinstance(state.broker, EmbeddedBroker)
     await state.broker.start()
     yield Embedded(state)
@@ -148,7 +149,7 @@ async def test_a_stream_through_the_embedded_broker(embedded: Embedded) -> None:
 
 
 async def test_a_request_past_its_deadline_is_aborted_at_the_reader(tmp_path: Path) -> None:
-    state, _ = build_state(make_config(tmp_path, request_timeout_s=0.2), fake_broker=False)
+    state, _ = build_state(make_config(tmp_path, request_timeout_s=0.2, **PATIENT), fake_broker=False)
     await state.broker.start()
     gateway = Embedded(state)
     try:
@@ -208,7 +209,7 @@ async def test_handshakes_the_broker_refuses(embedded: Embedded) -> None:
 
 
 async def test_the_reader_secret_guards_the_internal_port(tmp_path: Path) -> None:
-    state, _ = build_state(make_config(tmp_path, reader_secret=SECRET), fake_broker=False)
+    state, _ = build_state(make_config(tmp_path, reader_secret=SECRET, **PATIENT), fake_broker=False)
     await state.broker.start()
     gateway = Embedded(state)
     try:
