@@ -163,11 +163,11 @@ def compare(backend: Backend, width: int, count: int, repeats: int) -> tuple[Run
 def load(name: str, repository: Path, capacity: int, threads: int) -> Backend:
     options: dict[str, object] = {"n_threads": threads}
     if name == "transformers":
-        from liftoff.backends.hf_transformers import TransformersBackend  # torch only when asked for
+        from liftoff.backends.transformers.backend import TransformersBackend  # torch only when asked for
 
         backend_class: type[Backend] = TransformersBackend
     else:
-        from liftoff.backends.llamacpp import LlamaCppBackend
+        from liftoff.backends.llamacpp.backend import LlamaCppBackend
 
         backend_class = LlamaCppBackend
     config = ReaderConfig(
@@ -181,7 +181,7 @@ def load(name: str, repository: Path, capacity: int, threads: int) -> Backend:
 
 def compile_times(repeats: int) -> list[tuple[str, float, float, float]]:
     """Per grammar: first compile, cached lookup, new matcher (ms); the set-up first, as its own row."""
-    from liftoff.backends.llamacpp_native import NativeModel
+    from liftoff.backends.llamacpp.native import NativeModel
 
     model = NativeModel(resolve_model(MODEL, Path("/tmp")).path, lambda fraction: None)
     try:

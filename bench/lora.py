@@ -40,10 +40,10 @@ from safetensors.torch import save_file
 
 from genbench_peers import DEFAULT_PEERS_DIR, ensure_llama_server
 from liftoff.backends.base import Backend, BackendContext
-from liftoff.backends.hf_transformers import TransformersBackend
-from liftoff.backends.llamacpp import LlamaCppBackend
-from liftoff.backends.llamacpp_lora import CACHE_DIR
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
+from liftoff.backends.llamacpp.lora import CACHE_DIR
 from liftoff.backends.resolve import resolve_model
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.types import GenerationParams
 from lora_peer import llama_server_loras

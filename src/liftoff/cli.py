@@ -284,7 +284,7 @@ def _reader(args: argparse.Namespace) -> int:
     elif "restart_policy" in config.model_fields_set:
         logger.warning("restart_policy applies to readers a gateway starts; restart a headless reader with what "
                        "runs it (systemd, Kubernetes...)")  # fmt: skip
-    from liftoff.broker.embedded_link import EmbeddedReaderLink
+    from liftoff.broker.embedded.link import EmbeddedReaderLink
     from liftoff.reader.process import ReaderOptions, ReaderProcess
 
     address = _gateway_address(args, gateway_ip)
@@ -305,7 +305,7 @@ def _reader(args: argparse.Namespace) -> int:
         print(f"liftoff reader: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     if broker != "embedded":
-        from liftoff.broker.redis_link import RedisReaderLink
+        from liftoff.broker.redis.link import RedisReaderLink
 
         code = _run(ReaderProcess(options, lambda: RedisReaderLink(broker)).run())
     else:

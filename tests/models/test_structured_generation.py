@@ -21,9 +21,9 @@ pytest.importorskip("llama_cpp")
 
 from liftoff.backends.base import Backend, BackendContext
 from liftoff.backends.grammar import Grammars, huggingface_vocabulary
-from liftoff.backends.hf_transformers import TransformersBackend
-from liftoff.backends.llamacpp import LlamaCppBackend
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
 from liftoff.backends.resolve import ResolvedModel, resolve_model
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import LiftoffError
 from liftoff.core.types import FinishReason, GenerationParams

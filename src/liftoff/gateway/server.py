@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker
-from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.broker.embedded.gateway import EmbeddedBroker
 from liftoff.config.access import is_loopback
 from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
@@ -51,7 +51,7 @@ def make_broker(config: AppConfig, settings: BrokerSettings) -> GatewayBroker:
     """The broker ``config.broker`` names: embedded, or Redis (imported only then)."""
     if config.broker == "embedded":
         return EmbeddedBroker(settings)
-    from liftoff.broker.redis_gateway import RedisBroker
+    from liftoff.broker.redis.gateway import RedisBroker
 
     return RedisBroker(settings, config.broker, config.redis_max_memory)
 

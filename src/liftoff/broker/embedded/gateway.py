@@ -22,7 +22,7 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker
-from liftoff.broker.embedded_state import Job, ReaderSlot
+from liftoff.broker.embedded.state import Job, ReaderSlot
 from liftoff.config.models import MAX_READER_BATCH
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (
