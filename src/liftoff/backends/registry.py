@@ -1,4 +1,4 @@
-"""Backend selection: a name → ``"module:Class"`` registry, imported lazily (uvicorn's pattern).
+"""GenerativeBackend selection: a name → ``"module:Class"`` registry, imported lazily (uvicorn's pattern).
 
 Only the selected backend's module is imported, so the gateway and echo readers never import torch. Without a
 ``backend`` option the choice follows the model: ``echo`` → echo; a GGUF file → llama.cpp on CPU (transformers,

@@ -48,8 +48,8 @@ import numpy.typing as npt
 
 from liftoff.backends.base import (
     COMMON_OPTIONS,
-    Backend,
     BackendContext,
+    GenerativeBackend,
     Preparation,
     ProgressCallback,
     StepOutput,
@@ -95,7 +95,7 @@ class _Sequence:
         return len(self.prompt) + len(self.sampler.generated) - 1
 
 
-class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, Backend):
+class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, GenerativeBackend):
     """GGUF models through llama-cpp-python's low-level API, continuously batched."""
 
     name = "llamacpp"

@@ -259,7 +259,7 @@ class LlamaLoras:
 
 
 class LlamaCppLoraMixin(abc.ABC):
-    """The llama.cpp backend's adapter management: the ``Backend`` LoRA interface over :class:`LlamaLoras`."""
+    """The llama.cpp backend's adapter management: the ``GenerativeBackend`` LoRA interface over :class:`LlamaLoras`."""
 
     config: ReaderConfig
     context: BackendContext

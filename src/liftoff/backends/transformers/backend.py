@@ -40,8 +40,8 @@ import torch
 
 from liftoff.backends.base import (
     COMMON_OPTIONS,
-    Backend,
     BackendContext,
+    GenerativeBackend,
     Preparation,
     ProgressCallback,
     StepOutput,
@@ -79,7 +79,7 @@ DEFAULT_PREFILL_PER_STEP = 128
 BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step", "quantize"})
 
 
-class TransformersBackend(LoraRuntime, Backend):
+class TransformersBackend(LoraRuntime, GenerativeBackend):
     """Causal LMs through ``transformers`` + ``torch``, continuously batched; LoRA adapters come and go at runtime
     (:mod:`liftoff.backends.transformers.lora_runtime`)."""
 

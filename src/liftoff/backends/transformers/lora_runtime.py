@@ -1,8 +1,8 @@
 """The transformers backend's side of adding and removing LoRA adapters on a running reader.
 
 :class:`LoraRuntime` gives :class:`~liftoff.backends.transformers.backend.TransformersBackend` the four
-:class:`~liftoff.backends.base.Backend` methods: :meth:`~LoraRuntime.load_lora` reads and checks the adapter and
-converts it to the model's device and dtype on the caller's thread (the reader runs it on a thread of its own, so
+:class:`~liftoff.backends.base.GenerativeBackend` methods: :meth:`~LoraRuntime.load_lora` reads and checks the adapter
+and converts it to the model's device and dtype on the caller's thread (the reader runs it on a thread of its own, so
 running streams keep flowing), and :meth:`~LoraRuntime.install_lora` and :meth:`~LoraRuntime.remove_lora` change the
 :class:`~liftoff.backends.transformers.lora.LoraSet` on the engine thread between steps, which is cheap. A reader
 started without ``loras`` gets its :class:`LoraSet` with its first adapter (``max_loras`` applies then too).

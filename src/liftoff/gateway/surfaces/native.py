@@ -47,7 +47,7 @@ def _metadata(frame: FinalFrame) -> dict[str, Any]:
     }
 
 
-def echo(state: GatewayState, path: str, body: BaseModel, result: object) -> None:
+def log_request(state: GatewayState, path: str, body: BaseModel, result: object) -> None:
     """Takeoff's ``echo`` option: log each request with its response (every generation surface calls this)."""
     if state.config.echo:
         logger.info("echo %s request=%s response=%s", path, body.model_dump_json(exclude_none=True), result)
@@ -106,7 +106,7 @@ async def generate(request: Request) -> Response:
     """Generate a completion (or one per prompt of a list), buffered."""
     state, body, collector = await _submit(request)
     result = await finish_generate(request, state, body, collector)
-    echo(state, "/generate", body, result)
+    log_request(state, "/generate", body, result)
     return json_response(result)
 
 
@@ -134,7 +134,7 @@ async def generate_stream(request: Request) -> Response:
     def close() -> None:
         if not collector.done:
             state.dispatcher.abort(collector)
-        echo(state, "/generate_stream", body, "(streamed)" if collector.done else "(cancelled)")
+        log_request(state, "/generate_stream", body, "(streamed)" if collector.done else "(cancelled)")
 
     return EventStreamResponse(chunks, collector, close)
 

@@ -22,7 +22,7 @@ from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import get_state
 from liftoff.gateway.surfaces.encoders import run_encoder
-from liftoff.gateway.surfaces.native import collect, echo
+from liftoff.gateway.surfaces.native import collect, log_request
 from liftoff.gateway.surfaces.openai_stream import Call, finish_reason, stream
 from liftoff.gateway.translate.encode import base64_row, encode_frame, floats
 from liftoff.gateway.translate.openai import Plan, chat_plan, completion_plan
@@ -59,7 +59,7 @@ async def _serve(
     call = _call(body, plan, chat=chat)
     collector = state.dispatcher.submit(plan.frames)
     if body.stream:
-        echo(state, request.url.path, body, "(streamed)")
+        log_request(state, request.url.path, body, "(streamed)")
         return await stream(request, state, collector, call)
     texts, finals = await collect(request, state, collector)
     choices = []
@@ -69,7 +69,7 @@ async def _serve(
         choices.append(_choice(call, index, "".join(parts), final))
     kind = "chat.completion" if call.chat else "text_completion"
     result = call.head(kind) | {"choices": choices, "usage": call.usage()}
-    echo(state, request.url.path, body, result)
+    log_request(state, request.url.path, body, result)
     return json_response(result)
 
 

@@ -26,7 +26,7 @@ from liftoff.gateway.dispatch import Collector
 from liftoff.gateway.errors import json_response
 from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
-from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.gateway.surfaces.native import finish_generate, log_request, start_generate
 from liftoff.gateway.translate.snowflake import Parsed, error_cell, parse_rows, result_cell
 from liftoff.protocol.native import ERROR_RESPONSES, GenerateRequest
 from liftoff.protocol.snowflake import SnowflakeRequest, SnowflakeResponse
@@ -106,7 +106,7 @@ async def generate_snowflake(request: Request) -> Response:
         return Response(answer, media_type="application/json", headers=headers)
     body = await read_model(request, SnowflakeRequest)
     result = {"data": await _rows(request, state, body.data)}
-    echo(state, "/generate_snowflake", body, result)
+    log_request(state, "/generate_snowflake", body, result)
     response = json_response(result, headers=headers)
     if key is not None:
         _ANSWERS.put(key, bytes(response.body))

@@ -25,7 +25,7 @@ from liftoff.gateway.http import json_body, read_model
 from liftoff.gateway.state import GatewayState, get_state
 from liftoff.gateway.surfaces import health
 from liftoff.gateway.surfaces.encoders import run_encoder
-from liftoff.gateway.surfaces.native import echo, finish_generate, start_generate
+from liftoff.gateway.surfaces.native import finish_generate, log_request, start_generate
 from liftoff.gateway.translate.encode import encode_frame
 from liftoff.gateway.translate.vertex import (
     check_instances,
@@ -80,7 +80,7 @@ async def predict(request: Request) -> Response:
             if not collector.done:
                 state.dispatcher.abort(collector)
     result = {"predictions": predictions}
-    echo(state, "/generate_vertex", body, result)
+    log_request(state, "/generate_vertex", body, result)
     return json_response(result)
 
 
