@@ -38,7 +38,7 @@ from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
-from liftoff.backends.base import Backend, BackendContext
+from liftoff.backends.base import BackendContext, GenerativeBackend
 from liftoff.backends.grammar import GrammarKind, Grammars, Vocabulary
 from liftoff.backends.resolve import resolve_model
 from liftoff.config.models import ReaderConfig
@@ -122,7 +122,7 @@ def prompt(topic: str) -> str:
     )
 
 
-def drive(backend: Backend, requests: dict[str, GenerationParams], topics: dict[str, str], width: int) -> Run:
+def drive(backend: GenerativeBackend, requests: dict[str, GenerationParams], topics: dict[str, str], width: int) -> Run:
     """Serve ``requests`` ``width`` at a time (each group one continuous batch); tokens made by each."""
     tokens: dict[str, int] = {}
     items = list(requests.items())
@@ -139,7 +139,7 @@ def drive(backend: Backend, requests: dict[str, GenerationParams], topics: dict[
     return Run(time.perf_counter() - started, tokens)
 
 
-def compare(backend: Backend, width: int, count: int, repeats: int) -> tuple[Run, Run]:
+def compare(backend: GenerativeBackend, width: int, count: int, repeats: int) -> tuple[Run, Run]:
     """Best constrained and best unconstrained run over ``count`` prompts, ``width`` at a time."""
     topics = {f"r{i}": TOPICS[i % len(TOPICS)] for i in range(count)}
     schema = json.dumps(SCHEMA)
@@ -160,14 +160,14 @@ def compare(backend: Backend, width: int, count: int, repeats: int) -> tuple[Run
     return max(runs_c, key=lambda run: run.rate), max(runs_u, key=lambda run: run.rate)
 
 
-def load(name: str, repository: Path, capacity: int, threads: int) -> Backend:
+def load(name: str, repository: Path, capacity: int, threads: int) -> GenerativeBackend:
     options: dict[str, object] = {"n_threads": threads}
     if name == "transformers":
-        from liftoff.backends.hf_transformers import TransformersBackend  # torch only when asked for
+        from liftoff.backends.transformers.backend import TransformersBackend  # torch only when asked for
 
-        backend_class: type[Backend] = TransformersBackend
+        backend_class: type[GenerativeBackend] = TransformersBackend
     else:
-        from liftoff.backends.llamacpp import LlamaCppBackend
+        from liftoff.backends.llamacpp.backend import LlamaCppBackend
 
         backend_class = LlamaCppBackend
     config = ReaderConfig(
@@ -181,7 +181,7 @@ def load(name: str, repository: Path, capacity: int, threads: int) -> Backend:
 
 def compile_times(repeats: int) -> list[tuple[str, float, float, float]]:
     """Per grammar: first compile, cached lookup, new matcher (ms); the set-up first, as its own row."""
-    from liftoff.backends.llamacpp_native import NativeModel
+    from liftoff.backends.llamacpp.native import NativeModel
 
     model = NativeModel(resolve_model(MODEL, Path("/tmp")).path, lambda fraction: None)
     try:

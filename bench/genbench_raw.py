@@ -114,7 +114,7 @@ def _lc_add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) ->
 
 def llamacpp_theirs(module: Any) -> RunBatch:
     """``bench/llamacpp_engine.py``'s raw loop on our prompts (it reports the first token and the total time)."""
-    from liftoff.backends.llamacpp_native import NativeBatch, NativeModel
+    from liftoff.backends.llamacpp.native import NativeBatch, NativeModel
 
     def run(model_path: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         model = NativeModel(model_path, lambda _: None)

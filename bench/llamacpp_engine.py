@@ -35,8 +35,8 @@ import llama_cpp as llama
 import numpy as np
 
 from liftoff.backends.base import BackendContext
-from liftoff.backends.llamacpp import LlamaCppBackend
-from liftoff.backends.llamacpp_native import NativeBatch, NativeModel
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
+from liftoff.backends.llamacpp.native import NativeBatch, NativeModel
 from liftoff.backends.resolve import ResolvedModel, resolve_model
 from liftoff.config.models import ReaderConfig
 from liftoff.core.types import GenerationParams

@@ -39,11 +39,11 @@ import torch
 from safetensors.torch import save_file
 
 from genbench_peers import DEFAULT_PEERS_DIR, ensure_llama_server
-from liftoff.backends.base import Backend, BackendContext
-from liftoff.backends.hf_transformers import TransformersBackend
-from liftoff.backends.llamacpp import LlamaCppBackend
-from liftoff.backends.llamacpp_lora import CACHE_DIR
+from liftoff.backends.base import BackendContext, GenerativeBackend
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
+from liftoff.backends.llamacpp.lora import CACHE_DIR
 from liftoff.backends.resolve import resolve_model
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.types import GenerationParams
 from lora_peer import llama_server_loras
@@ -77,7 +77,7 @@ Runner = Callable[[list[str], int, int], Result]
 ENGINES = ("transformers", "llamacpp", "llama-server")
 
 
-def run(backend: Backend, prompts: list[str], new_tokens: int, distinct: int) -> Result:
+def run(backend: GenerativeBackend, prompts: list[str], new_tokens: int, distinct: int) -> Result:
     """All ``prompts`` at once, request ``i`` with adapter ``i % distinct`` (none when ``distinct`` is 0)."""
     produced = 0
     start, cpu = time.perf_counter(), time.process_time()
@@ -112,7 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load(engine: type[Backend], args: argparse.Namespace, context: BackendContext, loras: str, slots: int) -> Backend:
+def load(
+    engine: type[GenerativeBackend], args: argparse.Namespace, context: BackendContext, loras: str, slots: int
+) -> GenerativeBackend:
     """A backend of ``engine`` holding the adapters ``loras``, without prefix cache (see below), loaded."""
     # No prefix cache: the runs repeat the same prompts, and a cached prompt would be reused by the next run only
     # under the same adapter, which would favour the no-adapter runs.
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = make_adapters(plain._model().model, Path(scratch), args.adapters, args.rank)
         plain.close()
         loras = ",".join(str(path) for path in paths)
-        engines: dict[str, Backend] = {}
+        engines: dict[str, GenerativeBackend] = {}
         for name, engine in (("transformers", TransformersBackend), ("llamacpp", LlamaCppBackend)):
             if name in args.engines or (name == "llamacpp" and "llama-server" in args.engines):
                 engines[name] = load(engine, args, context, loras, max(sizes))

@@ -4,7 +4,7 @@ The reference is the bundled Q4_1 GGUF dequantized to float32 (what the transfor
 of a few chat prompts it generates 64 greedy tokens in float32, then scores that whole sequence (teacher forcing)
 with each path and compares the next-token distributions at the 64 generated positions:
 
-- ``int8``: the transformers backend's ``quantize: int8`` (:mod:`liftoff.backends.hf_quant`), and the same
+- ``int8``: the transformers backend's ``quantize: int8`` (:mod:`liftoff.backends.transformers.quant`), and the same
   without its float outlier channels (no calibration);
 - ``bfloat16``: the same weights in bf16 (what ``transformers serve`` runs in the generation benchmark);
 - ``llama.cpp``: the GGUF itself through llama-cpp-python (Q4_1 weights x Q8_1 activations: what the llamacpp
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liftoff.backends.hf_convert import ensure_dequantized
-from liftoff.backends.hf_load import load_causal_lm
-from liftoff.backends.hf_quant import calibration_ids, quantize_linears
 from liftoff.backends.resolve import resolve_model
+from liftoff.backends.transformers.convert import ensure_dequantized
+from liftoff.backends.transformers.load import load_causal_lm
+from liftoff.backends.transformers.quant import calibration_ids, quantize_linears
 
 PROMPTS = [
     "Explain why the sky is blue.",

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from liftoff.backends.base import BackendContext
-from liftoff.backends.hf_transformers import TransformersBackend
 from liftoff.backends.resolve import resolve_model
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.types import GenerationParams
 

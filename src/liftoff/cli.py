@@ -238,22 +238,6 @@ def _gateway_address(args: argparse.Namespace, gateway_ip: str | None) -> str:
     return f"{host}:{os.environ.get('TAKEOFF_INTERNAL_PORT', '3005')}"
 
 
-def reader_broker(flag: str | None, configured: str, redis_host: str | None) -> str:
-    """The broker a reader joins: ``--broker``; else the configuration's (``server_config.broker``,
-    ``TAKEOFF_BROKER``, ``TAKEOFF_REDIS_HOST``/``PORT``); else the reader's own ``redis_host``; else a gateway's
-    embedded broker (``--gateway``)."""
-    from liftoff.config.loader import redis_url
-    from liftoff.config.models import check_broker
-
-    if flag:
-        return check_broker(flag)
-    if configured != "embedded":
-        return configured
-    if redis_host:
-        return redis_url({**os.environ, "TAKEOFF_REDIS_HOST": redis_host})
-    return "embedded"
-
-
 def _reader_log_format(config: ReaderConfig, default: str) -> str:
     """``reader_log_as_json``: true is JSON, false is text, unset is the default (a supervised reader's: its
     gateway's ``log_format``)."""
@@ -284,7 +268,7 @@ def _reader(args: argparse.Namespace) -> int:
     elif "restart_policy" in config.model_fields_set:
         logger.warning("restart_policy applies to readers a gateway starts; restart a headless reader with what "
                        "runs it (systemd, Kubernetes...)")  # fmt: skip
-    from liftoff.broker.embedded_link import EmbeddedReaderLink
+    from liftoff.broker.factory import reader_broker, reader_link_factory
     from liftoff.reader.process import ReaderOptions, ReaderProcess
 
     address = _gateway_address(args, gateway_ip)
@@ -304,12 +288,7 @@ def _reader(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"liftoff reader: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    if broker != "embedded":
-        from liftoff.broker.redis_link import RedisReaderLink
-
-        code = _run(ReaderProcess(options, lambda: RedisReaderLink(broker)).run())
-    else:
-        code = _run(ReaderProcess(options, lambda: EmbeddedReaderLink(address, secret)).run())
+    code = _run(ReaderProcess(options, reader_link_factory(broker, address, secret)).run())
     logging.shutdown()
     # A model load still running on a worker thread must not keep the process alive.
     os._exit(code)

@@ -73,7 +73,7 @@ def test_the_logits_on_the_gpu_are_pefts(cuda_tiny_llama: Path, adapters: dict[s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from liftoff.backends.hf_lora import attach_loras
+    from liftoff.backends.transformers.lora import attach_loras
     from liftoff.config.models import ReaderConfig
 
     ids = torch.tensor([[1, 15, 27, 300, 41, 9, 77]], device="cuda")

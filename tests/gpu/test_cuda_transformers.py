@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 import torch
 
 from liftoff.backends.base import BackendContext
-from liftoff.backends.hf_transformers import TransformersBackend
 from liftoff.backends.resolve import ResolvedModel
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.types import GenerationParams
 from tests.models.test_transformers_backend import PROMPTS, Run, drain, generate, greedy

@@ -21,10 +21,10 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker, LinkClosedError, ReaderLink
-from liftoff.broker.embedded import EmbeddedBroker
-from liftoff.broker.embedded_link import EmbeddedReaderLink
-from liftoff.broker.redis_gateway import RedisBroker
-from liftoff.broker.redis_link import RedisReaderLink
+from liftoff.broker.embedded.gateway import EmbeddedBroker
+from liftoff.broker.embedded.link import EmbeddedReaderLink
+from liftoff.broker.redis.gateway import RedisBroker
+from liftoff.broker.redis.link import RedisReaderLink
 from liftoff.core import ids
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import (

@@ -157,8 +157,8 @@ async def test_entries_that_are_not_liftoffs_are_dropped_and_everything_goes_on(
 async def test_consumers_of_dead_readers_are_deleted_once_they_hold_nothing(
     gateway: Harness, redis_server: RedisServer
 ) -> None:
-    from liftoff.broker.redis_common import connect
-    from liftoff.broker.redis_reclaim import forget_dead_consumers
+    from liftoff.broker.redis.common import connect
+    from liftoff.broker.redis.reclaim import forget_dead_consumers
 
     gone = await gateway.reader("gone")
     stays = await gateway.reader("stays")
@@ -192,7 +192,7 @@ async def test_a_stop_left_for_an_earlier_process_of_a_reader_id_is_ignored(
 
 
 def test_an_entry_is_acknowledged_only_by_the_consumer_that_holds_it(redis_server: RedisServer) -> None:
-    from liftoff.broker.redis_common import ACK_IF_MINE
+    from liftoff.broker.redis.common import ACK_IF_MINE
 
     with redis_server.client() as client:
         client.xgroup_create("liftoff:q:g", "g", id="0", mkstream=True)

@@ -35,9 +35,9 @@ def smollm2_dequantized(tmp_path_factory: pytest.TempPathFactory) -> Dequantized
     import torch
 
     from liftoff.backends.base import BackendContext
-    from liftoff.backends.hf_convert import dequantized_dir
-    from liftoff.backends.hf_transformers import TransformersBackend
     from liftoff.backends.resolve import ResolvedModel
+    from liftoff.backends.transformers.backend import TransformersBackend
+    from liftoff.backends.transformers.convert import dequantized_dir
     from liftoff.config.models import ReaderConfig
 
     repository = tmp_path_factory.mktemp("repository")

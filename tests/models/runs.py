@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from liftoff.backends.base import Backend, StepOutput
+from liftoff.backends.base import GenerativeBackend, StepOutput
 from liftoff.core.types import FinishReason
 
 
@@ -25,7 +25,7 @@ class Run:
         return self.final.finish_reason if self.final else None
 
 
-def step_into(backend: Backend, runs: dict[str, Run]) -> None:
+def step_into(backend: GenerativeBackend, runs: dict[str, Run]) -> None:
     """One step, its outputs added to ``runs``."""
     for out in backend.step():
         run = runs.setdefault(out.request_id, Run())
@@ -37,7 +37,7 @@ def step_into(backend: Backend, runs: dict[str, Run]) -> None:
             run.final = out
 
 
-def drain(backend: Backend, runs: dict[str, Run], max_steps: int = 2000) -> dict[str, Run]:
+def drain(backend: GenerativeBackend, runs: dict[str, Run], max_steps: int = 2000) -> dict[str, Run]:
     """Step until the backend is empty, collecting every output."""
     for _ in range(max_steps):
         if not backend.active():

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from liftoff.backends.api import ApiBackend
+from liftoff.backends.api.backend import ApiBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
 from liftoff.core.types import GenerationParams

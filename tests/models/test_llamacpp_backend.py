@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make venv builds it)")
 
-from liftoff.backends import llamacpp as llamacpp_module
 from liftoff.backends.base import BackendContext
-from liftoff.backends.llamacpp import LlamaCppBackend
+from liftoff.backends.llamacpp import backend as llamacpp_module
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
 from liftoff.backends.resolve import resolve_model
 from liftoff.backends.sampling import SamplerState
 from liftoff.config.models import ReaderConfig

@@ -61,7 +61,7 @@ def test_per_row_adapters_give_pefts_logits(smollm2_dequantized: Dequantized, ad
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from liftoff.backends.hf_lora import attach_loras
+    from liftoff.backends.transformers.lora import attach_loras
 
     checkpoint = smollm2_dequantized.checkpoint
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -97,7 +97,7 @@ def test_an_adapter_of_another_model_is_a_load_error(tiny_llama: Path, adapters:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from liftoff.backends.hf_lora import LoraLoadError, attach_loras
+    from liftoff.backends.transformers.lora import LoraLoadError, attach_loras
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with pytest.raises(LoraLoadError, match=r"'alpha'.*trained on another"):
@@ -108,7 +108,7 @@ def test_unsupported_adapter_configs_are_refused(tmp_path: Path, adapters: dict[
     import json
     import shutil
 
-    from liftoff.backends.hf_lora import LoraLoadError, find_adapter, read_adapter
+    from liftoff.backends.transformers.lora import LoraLoadError, find_adapter, read_adapter
 
     dora = tmp_path / "dora"
     shutil.copytree(adapters["alpha"], dora)
@@ -122,7 +122,7 @@ def test_unsupported_adapter_configs_are_refused(tmp_path: Path, adapters: dict[
 
 
 def test_hub_ids_come_from_the_cache_under_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from liftoff.backends.hf_lora import LoraLoadError, find_adapter
+    from liftoff.backends.transformers.lora import LoraLoadError, find_adapter
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoraLoadError, match=r"'chat': 'org/chat-lora' is not a local adapter directory.*cannot be"):
@@ -140,7 +140,7 @@ def test_hub_ids_come_from_the_cache_under_the_repository(tmp_path: Path, monkey
 
 def _backend(checkpoint: Path, **options: Any) -> Any:
     from liftoff.backends.base import BackendContext
-    from liftoff.backends.hf_transformers import TransformersBackend
+    from liftoff.backends.transformers.backend import TransformersBackend
     from liftoff.config.models import ReaderConfig
 
     backend_options = {"n_threads": 1, **options.pop("backend_options", {})}

@@ -41,7 +41,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _backend(repository: Path, **options: Any) -> Any:
     from liftoff.backends.base import BackendContext
-    from liftoff.backends.llamacpp import LlamaCppBackend
+    from liftoff.backends.llamacpp.backend import LlamaCppBackend
     from liftoff.backends.resolve import resolve_model
     from liftoff.config.models import ReaderConfig
 
@@ -185,7 +185,7 @@ def test_max_loras_takes_the_adapters_in_turn(repository: Path, adapters: dict[s
 def test_add_and_remove_between_steps(repository: Path, adapters: dict[str, Path], served: Any) -> None:
     """A reader without adapters gets one (given as the converted .gguf file, named by its stem); removing it
     while a sequence runs under it lets that sequence finish as it would have; new requests are refused."""
-    from liftoff.backends.llamacpp_lora import CACHE_DIR
+    from liftoff.backends.llamacpp.lora import CACHE_DIR
     from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
     from liftoff.core.types import GenerationParams
 
@@ -219,7 +219,7 @@ def test_add_and_remove_between_steps(repository: Path, adapters: dict[str, Path
 
 def test_what_cannot_be_converted_is_refused_with_the_reason(tmp_path: Path, adapters: dict[str, Path]) -> None:
     """No converter: the message says where it was looked for and what to do; a file that is not GGUF is named."""
-    from liftoff.backends.llamacpp_lora import adapter_file
+    from liftoff.backends.llamacpp.lora import adapter_file
     from liftoff.backends.lora_files import LoraLoadError
     from tests.models.tiny import smollm2_gguf
 

@@ -90,7 +90,7 @@ def test_install_and_remove_between_steps(
     """In process: an adapter installed while a base sequence decodes leaves that sequence's output bit for bit
     what it is without adapters (int8 layers too); removed while its own sequence runs, that sequence finishes
     under it, and the layers are unwrapped when it ends."""
-    from liftoff.backends.hf_lora import LoraLinear
+    from liftoff.backends.transformers.lora import LoraLinear
     from liftoff.core.errors import LiftoffError
     from liftoff.core.types import GenerationParams
     from tests.models.test_lora import QUESTIONS, _backend, _run

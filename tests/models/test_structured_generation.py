@@ -19,11 +19,11 @@ pytest.importorskip("xgrammar")
 pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
-from liftoff.backends.base import Backend, BackendContext
+from liftoff.backends.base import BackendContext, GenerativeBackend
 from liftoff.backends.grammar import Grammars, huggingface_vocabulary
-from liftoff.backends.hf_transformers import TransformersBackend
-from liftoff.backends.llamacpp import LlamaCppBackend
+from liftoff.backends.llamacpp.backend import LlamaCppBackend
 from liftoff.backends.resolve import ResolvedModel, resolve_model
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import LiftoffError
 from liftoff.core.types import FinishReason, GenerationParams
@@ -99,19 +99,19 @@ def llamacpp_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama
 
 
 @pytest.fixture(params=["transformers", "llamacpp"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    found: Backend = request.getfixturevalue(f"{request.param}_backend")
+def backend(request: pytest.FixtureRequest) -> Iterator[GenerativeBackend]:
+    found: GenerativeBackend = request.getfixturevalue(f"{request.param}_backend")
     yield found
     assert found.active() == 0, "a test left sequences in the backend"
 
 
-def grammars_of(backend: Backend) -> Grammars:
+def grammars_of(backend: GenerativeBackend) -> Grammars:
     assert isinstance(backend, TransformersBackend | LlamaCppBackend)
     assert backend.grammars is not None
     return backend.grammars
 
 
-def run_all(backend: Backend, requests: dict[str, tuple[str, GenerationParams]]) -> dict[str, Run]:
+def run_all(backend: GenerativeBackend, requests: dict[str, tuple[str, GenerationParams]]) -> dict[str, Run]:
     """Every request, admitted ``CAPACITY`` at a time (each group decodes as one continuous batch)."""
     runs: dict[str, Run] = {}
     items = list(requests.items())
@@ -136,14 +136,14 @@ def finished_by_grammar(run: Run) -> str:
 # ---- outputs follow the grammar ------------------------------------------------------------------------------------
 
 
-def test_json_schema_outputs_parse_and_validate(backend: Backend) -> None:
+def test_json_schema_outputs_parse_and_validate(backend: GenerativeBackend) -> None:
     schema = json.dumps(PERSON)
     requests = {f"{seed}": (PROMPTS[seed % len(PROMPTS)], sampled(seed, json_schema=schema)) for seed in range(16)}
     for run in run_all(backend, requests).values():
         check_person(json.loads(finished_by_grammar(run)))
 
 
-def test_regex_outputs_match_in_full(backend: Backend) -> None:
+def test_regex_outputs_match_in_full(backend: GenerativeBackend) -> None:
     requests = {
         f"{name}{seed}": (PROMPTS[seed], sampled(seed, 64, regex_string=regex))
         for name, regex in (("words", WORDS), ("phone", PHONE))
@@ -155,7 +155,7 @@ def test_regex_outputs_match_in_full(backend: Backend) -> None:
         assert re.fullmatch(regex, finished_by_grammar(run)), run.text
 
 
-def test_the_model_may_end_where_the_grammar_may_end(backend: Backend) -> None:
+def test_the_model_may_end_where_the_grammar_may_end(backend: GenerativeBackend) -> None:
     regex = "(the|a) (cat|dog)s?"  # after "cat" or "dog": an "s", or the end of sequence
     requests = {f"{seed}": (PROMPTS[seed], sampled(seed, 32, regex_string=regex)) for seed in range(8)}
     texts = [finished_by_grammar(run) for run in run_all(backend, requests).values()]
@@ -163,13 +163,13 @@ def test_the_model_may_end_where_the_grammar_may_end(backend: Backend) -> None:
     assert any(not text.endswith("s") for text in texts), texts  # ended by the model's end-of-sequence token
 
 
-def test_the_regex_wins_over_the_schema(backend: Backend) -> None:
+def test_the_regex_wins_over_the_schema(backend: GenerativeBackend) -> None:
     params = sampled(0, 32, regex_string=PHONE, json_schema=json.dumps(PERSON))
     run = run_all(backend, {"both": (PROMPTS[0], params)})["both"]
     assert re.fullmatch(PHONE, finished_by_grammar(run))
 
 
-def test_a_complete_grammar_ends_the_sequence_before_its_budget(backend: Backend) -> None:
+def test_a_complete_grammar_ends_the_sequence_before_its_budget(backend: GenerativeBackend) -> None:
     params = GenerationParams(max_new_tokens=100, regex_string="(yes|no)", min_new_tokens=50, ignore_eos=True)
     run = run_all(backend, {"short": (PROMPTS[5], params)})["short"]
     assert finished_by_grammar(run) in ("yes", "no")
@@ -180,7 +180,7 @@ def test_a_complete_grammar_ends_the_sequence_before_its_budget(backend: Backend
 # ---- constrained and unconstrained together ------------------------------------------------------------------------
 
 
-def test_unconstrained_output_is_unchanged_by_constrained_neighbours(backend: Backend) -> None:
+def test_unconstrained_output_is_unchanged_by_constrained_neighbours(backend: GenerativeBackend) -> None:
     greedy = GenerationParams(max_new_tokens=24)
     alone = run_all(backend, {"plain": (PROMPTS[1], greedy)})["plain"].text
     requests = {
@@ -208,7 +208,9 @@ def test_unconstrained_output_is_unchanged_by_constrained_neighbours(backend: Ba
         ({"constrained_decoding_backend": "lmfe"}, "this server has: xgrammar"),
     ],
 )
-def test_requests_that_cannot_be_constrained_are_400s(backend: Backend, fields: dict[str, str], words: str) -> None:
+def test_requests_that_cannot_be_constrained_are_400s(
+    backend: GenerativeBackend, fields: dict[str, str], words: str
+) -> None:
     with pytest.raises(LiftoffError) as caught:
         backend.admit("bad", "hi", GenerationParams(**fields))  # type: ignore[arg-type]
     assert caught.value.status == 400
@@ -216,7 +218,7 @@ def test_requests_that_cannot_be_constrained_are_400s(backend: Backend, fields: 
     assert backend.active() == 0
 
 
-def test_a_grammar_is_compiled_once_then_taken_from_the_cache(backend: Backend) -> None:
+def test_a_grammar_is_compiled_once_then_taken_from_the_cache(backend: GenerativeBackend) -> None:
     grammars = grammars_of(backend)
     schema = json.dumps({**PERSON, "title": "cache test"})  # a text no other test compiles
     hits, misses = grammars.hits, grammars.misses

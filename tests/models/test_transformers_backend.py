@@ -1,4 +1,4 @@
-"""``liftoff.backends.hf_transformers``: continuous batching over the slot KV cache, sampling, text, loading.
+"""``liftoff.backends.transformers.backend``: continuous batching over the slot KV cache, sampling, text, loading.
 
 Most tests run a tiny random Llama (float32, exact); a few run the bundled SmolLM2, dequantized once from its GGUF
 file into a tmp repository (see ``conftest.py``).
@@ -21,13 +21,13 @@ pytest.importorskip("transformers")
 
 import torch
 
-from liftoff.backends import hf_convert, hf_load
 from liftoff.backends.base import BackendContext, StepOutput
-from liftoff.backends.hf_cache import MaskPolicy, SlotCache
-from liftoff.backends.hf_detok import Detokenizer, TextStream
-from liftoff.backends.hf_load import ModelLoadError, resolve_dtype
-from liftoff.backends.hf_transformers import TransformersBackend
 from liftoff.backends.resolve import ResolvedModel
+from liftoff.backends.transformers import convert as hf_convert, load as hf_load
+from liftoff.backends.transformers.backend import TransformersBackend
+from liftoff.backends.transformers.cache import MaskPolicy, SlotCache
+from liftoff.backends.transformers.detok import Detokenizer, TextStream
+from liftoff.backends.transformers.load import ModelLoadError, resolve_dtype
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import ContextLengthExceededError, InvalidRequestError, NotSupportedError
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame

@@ -11,10 +11,10 @@ pytest.importorskip("transformers")
 
 import torch
 
-from liftoff.backends import hf_load
-from liftoff.backends.hf_int8 import Int8Linear, Int8Slice
-from liftoff.backends.hf_load import ModelLoadError
-from liftoff.backends.hf_transformers import TransformersBackend
+from liftoff.backends.transformers import load as hf_load
+from liftoff.backends.transformers.backend import TransformersBackend
+from liftoff.backends.transformers.int8 import Int8Linear, Int8Slice
+from liftoff.backends.transformers.load import ModelLoadError
 from liftoff.core.types import GenerationParams
 from tests.models.conftest import Dequantized
 from tests.models.test_transformers_backend import PROMPTS, generate, greedy, make_backend, record_sampling

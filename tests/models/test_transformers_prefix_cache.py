@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from liftoff.backends.hf_transformers import TransformersBackend
+from liftoff.backends.transformers.backend import TransformersBackend
 from liftoff.core.types import GenerationParams
 from tests.models.test_transformers_backend import drain, make_backend, record_sampling
 

@@ -69,7 +69,7 @@ def build_state(config: AppConfig, *, fake_broker: bool = True) -> tuple[Gateway
     ``fake_broker`` is false: then the embedded broker, whose readers connect to the internal port's app)."""
     with pytest.MonkeyPatch.context() as patch:
         if fake_broker:
-            patch.setattr(server, "make_broker", lambda _config, settings: FakeBroker(settings))
+            patch.setattr(server, "gateway_broker", lambda _config, settings: FakeBroker(settings))
         patch.setattr(server, "Supervisor", FakeSupervisor)
         gateway = server.Gateway(LoadedConfig(server=config, readers={}))
         state = gateway._build_state()

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from liftoff.backends.api_client import UpstreamSettings, label_of, redact
-from liftoff.backends.api_dialects import (
+from liftoff.backends.api.client import UpstreamSettings, label_of, redact
+from liftoff.backends.api.dialects import (
     DIALECTS,
     UNBOUNDED_TOKENS,
     UpstreamCall,
@@ -20,7 +20,7 @@ from liftoff.backends.api_dialects import (
     dialect_named,
     generation_call,
 )
-from liftoff.backends.api_wire import (
+from liftoff.backends.api.wire import (
     Chunk,
     client_error,
     embedding_rows,

@@ -1,4 +1,4 @@
-"""``liftoff.backends.echo`` (and the ``Backend`` base): tokenization, finish reasons, limits and notes."""
+"""``liftoff.backends.echo`` (and the ``GenerativeBackend`` base): tokenization, finish reasons, limits and notes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from liftoff.backends.base import Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.base import BackendContext, GenerativeBackend, ProgressCallback, StepOutput
 from liftoff.backends.echo import CRASH_EXIT_CODE, EchoBackend, tokenize
 from liftoff.backends.resolve import ResolvedModel
 from liftoff.config.models import ReaderConfig
@@ -196,7 +196,7 @@ def test_notes_empty_when_every_option_is_honoured() -> None:
     assert backend(max_batch_size=4, max_sequence_length=10, backend_options={"token_delay_ms": 1}).notes() == []
 
 
-class _Minimal(Backend):
+class _Minimal(GenerativeBackend):
     """A backend honouring only the common options."""
 
     name = "minimal"

@@ -1,4 +1,4 @@
-"""``liftoff.backends.hf_lora.LoraSet`` growing and shrinking at runtime, on a small torch model with adapters
+"""``liftoff.backends.transformers.lora.LoraSet`` growing and shrinking at runtime, on a small torch model with adapters
 built here: each row's output is its own adapter's (``W x + scale * B A x``) whatever was added or removed before,
 a removed adapter's running rows keep it until released, and a model left without adapters is the base model bit
 for bit."""
@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 
 import torch
 
-from liftoff.backends.hf_lora import Adapter, LoraLinear, LoraSet, prefix_key, prepare_adapter
 from liftoff.backends.lora_files import LoraLoadError
+from liftoff.backends.transformers.lora import Adapter, LoraLinear, LoraSet, prefix_key, prepare_adapter
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError
 
 SIZES = {"up": (8, 12), "down": (12, 8)}

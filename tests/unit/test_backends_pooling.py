@@ -1,4 +1,5 @@
-"""``liftoff.backends.hf_pooling``: the pooling a sentence-transformers directory declares, and pooling itself."""
+"""``liftoff.backends.transformers.pooling``: the pooling a sentence-transformers directory declares, and pooling
+itself."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from liftoff.backends.hf_pooling import PoolingConfigError, PoolingSpec, pool, read_pooling  # noqa: E402
+from liftoff.backends.transformers.pooling import PoolingConfigError, PoolingSpec, pool, read_pooling  # noqa: E402
 
 
 def _st_dir(tmp_path: Path, pooling: dict[str, bool], *, normalize: bool, length: int | None = 128) -> Path:

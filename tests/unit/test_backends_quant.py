@@ -1,4 +1,5 @@
-"""``liftoff.backends.hf_int8`` and ``hf_quant``: int8 products per row, float outlier channels, shared inputs."""
+"""``liftoff.backends.transformers.int8`` and ``quant``: int8 products per row, float outlier channels, shared
+inputs."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ pytest.importorskip("torch")
 
 import torch
 
-from liftoff.backends.hf_int8 import Int8Linear, Int8Slice, SharedProduct
-from liftoff.backends.hf_load import ModelLoadError
-from liftoff.backends.hf_quant import QuantizeError, check_int8, quantize_linears, wants_int8
+from liftoff.backends.transformers.int8 import Int8Linear, Int8Slice, SharedProduct
+from liftoff.backends.transformers.load import ModelLoadError
+from liftoff.backends.transformers.quant import QuantizeError, check_int8, quantize_linears, wants_int8
 
 
 def _linear(inputs: int, outputs: int, bias: bool = False, seed: int = 0) -> torch.nn.Linear:

@@ -1,4 +1,4 @@
-"""``liftoff.broker.redis_jobs.JobBook``: who owns a request, and what happens to it when its reader dies."""
+"""``liftoff.broker.redis.jobs.JobBook``: who owns a request, and what happens to it when its reader dies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from liftoff.broker.base import BrokerSettings
-from liftoff.broker.redis_jobs import JobBook, RedisJob
+from liftoff.broker.redis.jobs import JobBook, RedisJob
 from liftoff.core.frames import ClaimedFrame, ErrorFrame, FinalFrame, OutputFrame, RequestFrame, TokenFrame
 
 

@@ -410,7 +410,7 @@ def test_a_broker_that_is_neither_embedded_nor_redis_is_refused() -> None:
 
 
 def test_a_reader_joins_the_broker_its_flag_or_configuration_names() -> None:
-    from liftoff.cli import reader_broker
+    from liftoff.broker.factory import reader_broker
 
     assert reader_broker(None, "embedded", None) == "embedded"
     assert reader_broker("redis://a:1/0", "redis://b:2/0", "c") == "redis://a:1/0"

@@ -6,7 +6,7 @@ from fastapi import APIRouter, FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from liftoff.broker.base import BrokerSettings
-from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.broker.embedded.gateway import EmbeddedBroker
 from liftoff.config.models import ReaderConfig
 from liftoff.core.frames import HeartbeatFrame, LoadedFrame
 from liftoff.gateway.metrics import GatewayMetrics, Histogram

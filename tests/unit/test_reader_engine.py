@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from liftoff.backends.base import Backend, StepOutput
+from liftoff.backends.base import GenerativeBackend, StepOutput
 from liftoff.backends.echo import EchoBackend
 from liftoff.config.models import ReaderConfig
 from liftoff.core.frames import ErrorFrame, FinalFrame, RequestFrame, TokenFrame
@@ -79,7 +79,7 @@ def start_engine() -> Iterator[StartEngine]:
     """Start engines over echo backends (or a given backend); every one is stopped afterwards."""
     engines: list[Engine] = []
 
-    def start(batch: int = 8, backend: Backend | None = None, **fields: Any) -> tuple[Engine, Frames]:
+    def start(batch: int = 8, backend: GenerativeBackend | None = None, **fields: Any) -> tuple[Engine, Frames]:
         if backend is None:
             config = ReaderConfig.model_validate(
                 {"model_name": "echo", "device": "cpu", "max_batch_size": batch, **fields}

@@ -1,5 +1,6 @@
-"""The engine's preparations (``Backend.preparation``, e.g. compiling a grammar): run beside the batch, admitted
-when done, failed alone on an error or past their budget, skipped when cancelled; and a crashed engine says so."""
+"""The engine's preparations (``GenerativeBackend.preparation``, e.g. compiling a grammar): run beside the batch,
+admitted when done, failed alone on an error or past their budget, skipped when cancelled; and a crashed engine
+says so."""
 
 from __future__ import annotations
 

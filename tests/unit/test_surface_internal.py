@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.broker.embedded.gateway import EmbeddedBroker
 from liftoff.core.clock import now_ms
 from liftoff.core.frames import (
     AbortFrame,

@@ -1,5 +1,5 @@
 """The backend contracts: a :class:`ModelBackend` loads a model and offers its tokenizer; a generative
-:class:`Backend` then admits, steps and aborts sequences (continuous batching), and an :class:`EncoderBackend`
+:class:`GenerativeBackend` then admits, steps and aborts sequences (continuous batching), and an :class:`EncoderBackend`
 encodes batches of inputs (embeddings, classification scores: dynamic batching).
 
 The reader's engine thread owns a generative backend and drives it: between steps it admits new requests (up to
@@ -171,7 +171,7 @@ class ModelBackend(abc.ABC):
         return f"{name}={value!r} is accepted but has no effect with the {self.name} backend"
 
 
-class Backend(ModelBackend):
+class GenerativeBackend(ModelBackend):
     """A generative model that serves sequences with continuous batching."""
 
     def preparation(self, params: GenerationParams) -> Preparation | None:

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from liftoff.backends.base import COMMON_OPTIONS, Backend, BackendContext, ProgressCallback, StepOutput
+from liftoff.backends.base import COMMON_OPTIONS, BackendContext, GenerativeBackend, ProgressCallback, StepOutput
 from liftoff.backends.text import conversation, fit_prompt, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
@@ -47,7 +47,7 @@ class _Sequence:
     pieces: list[str] = field(default_factory=list)
 
 
-class EchoBackend(Backend):
+class EchoBackend(GenerativeBackend):
     """Echoes prompts back token by token, with optional per-step delay."""
 
     name = "echo"

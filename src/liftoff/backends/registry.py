@@ -1,4 +1,4 @@
-"""Backend selection: a name → ``"module:Class"`` registry, imported lazily (uvicorn's pattern).
+"""GenerativeBackend selection: a name → ``"module:Class"`` registry, imported lazily (uvicorn's pattern).
 
 Only the selected backend's module is imported, so the gateway and echo readers never import torch. Without a
 ``backend`` option the choice follows the model: ``echo`` → echo; a GGUF file → llama.cpp on CPU (transformers,
@@ -18,15 +18,15 @@ from liftoff.config.models import ReaderConfig
 
 BACKENDS: dict[str, str] = {
     "echo": "liftoff.backends.echo:EchoBackend",
-    "llamacpp": "liftoff.backends.llamacpp:LlamaCppBackend",
-    "transformers": "liftoff.backends.hf_transformers:TransformersBackend",
-    "api": "liftoff.backends.api:ApiBackend",
+    "llamacpp": "liftoff.backends.llamacpp.backend:LlamaCppBackend",
+    "transformers": "liftoff.backends.transformers.backend:TransformersBackend",
+    "api": "liftoff.backends.api.backend:ApiBackend",
 }
 
 # The transformers backend's class for each kind of Hugging Face checkpoint.
 TRANSFORMERS_KINDS: dict[str, str] = {
-    "EMBEDDING": "liftoff.backends.hf_encoder:EmbeddingBackend",
-    "CLASSIFICATION": "liftoff.backends.hf_encoder:ClassificationBackend",
+    "EMBEDDING": "liftoff.backends.transformers.encoder:EmbeddingBackend",
+    "CLASSIFICATION": "liftoff.backends.transformers.encoder:ClassificationBackend",
 }
 
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from liftoff.broker.base import BrokerSettings, GatewayBroker
-from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.broker.base import BrokerSettings
+from liftoff.broker.factory import gateway_broker
 from liftoff.config.access import is_loopback
 from liftoff.config.loader import LoadedConfig
 from liftoff.config.models import AppConfig
@@ -45,15 +45,6 @@ from liftoff.management.supervisor import SpawnSettings, Supervisor
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-
-
-def make_broker(config: AppConfig, settings: BrokerSettings) -> GatewayBroker:
-    """The broker ``config.broker`` names: embedded, or Redis (imported only then)."""
-    if config.broker == "embedded":
-        return EmbeddedBroker(settings)
-    from liftoff.broker.redis_gateway import RedisBroker
-
-    return RedisBroker(settings, config.broker, config.redis_max_memory)
 
 
 class GatewayStartError(Exception):
@@ -142,7 +133,7 @@ class Gateway:
             reader_message_timeout_ms=config.reader_message_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
         )
-        broker = make_broker(config, settings)
+        broker = gateway_broker(config, settings)
         registry = ReaderRegistry()
         host = "127.0.0.1" if config.internal_host in {"0.0.0.0", "::", ""} else config.internal_host
         spawn = SpawnSettings(

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class _Job:
+class _Answer:
     """One request: its inputs' results as they come."""
 
     frame: RequestFrame
@@ -53,7 +53,7 @@ class _Job:
 class _Item:
     """One input waiting for a batch."""
 
-    job: _Job
+    answer: _Answer
     index: int
     encoding: Encoding
     arrived: float
@@ -76,7 +76,7 @@ class Batcher(InboxWorker):
         self._backend = backend
         self._emit = emit
         self._reader_id = reader_id
-        self._jobs: dict[str, _Job] = {}
+        self._answers: dict[str, _Answer] = {}
         self._items: deque[_Item] = deque()
         self.batches = 0  # batches run so far (for logs and tests)
         self._totals = {"batches": 0.0, "batch_inputs": 0.0, "batch_seconds": 0.0}
@@ -88,7 +88,7 @@ class Batcher(InboxWorker):
     @property
     def in_flight(self) -> int:
         """Requests queued or waiting for a batch (read from another thread: approximate)."""
-        return len(self._jobs) + (not self._inbox.empty())
+        return len(self._answers) + (not self._inbox.empty())
 
     # ---- batcher thread -----------------------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class Batcher(InboxWorker):
         return self._apply_all(command)
 
     def _cancel_all(self) -> None:
-        for request_id in list(self._jobs):
+        for request_id in list(self._answers):
             self._cancel(request_id)
 
     def _accept(self, frame: RequestFrame) -> None:
@@ -132,19 +132,19 @@ class Batcher(InboxWorker):
             logger.exception("tokenizing request %s failed", frame.request_id)
             self._emit([error_frame(frame.request_id, BackendError(f"tokenizing failed: {exc}"))])
             return
-        job = _Job(frame, len(encodings))
+        answer = _Answer(frame, len(encodings))
         if not encodings:
-            self._emit([self._result(job)])
+            self._emit([self._result(answer)])
             return
-        self._jobs[frame.request_id] = job
+        self._answers[frame.request_id] = answer
         now = monotonic()
-        self._items.extend(_Item(job, index, encoding, now) for index, encoding in enumerate(encodings))
+        self._items.extend(_Item(answer, index, encoding, now) for index, encoding in enumerate(encodings))
 
     def _cancel(self, request_id: str) -> None:
-        job = self._jobs.pop(request_id, None)
-        if job is None:
+        answer = self._answers.pop(request_id, None)
+        if answer is None:
             return
-        self._items = deque(item for item in self._items if item.job is not job)
+        self._items = deque(item for item in self._items if item.answer is not answer)
         self._emit([FinalFrame(request_id=request_id, seq=0, finish_reason=FinishReason.ABORTED,
                                reader_id=self._reader_id)])  # fmt: skip
 
@@ -157,19 +157,19 @@ class Batcher(InboxWorker):
             rows = self._backend.encode([item.encoding for item in batch])
         except Exception as exc:
             logger.exception("a batch of %d inputs failed", count)
-            self._fail({id(item.job): item.job for item in batch}.values(), exc)
+            self._fail({id(item.answer): item.answer for item in batch}.values(), exc)
             return
         done: list[Any] = []
         for item, row in zip(batch, rows, strict=True):
-            job = item.job
-            job.rows[item.index] = row
-            job.tokens[item.index] = item.encoding.n_tokens
-            job.batch_sizes[item.index] = count
+            answer = item.answer
+            answer.rows[item.index] = row
+            answer.tokens[item.index] = item.encoding.n_tokens
+            answer.batch_sizes[item.index] = count
             if item.encoding.truncated:
-                job.truncated.append(item.index)
-            job.remaining -= 1
-            if job.remaining == 0 and self._jobs.pop(job.frame.request_id, None) is not None:
-                done.append(self._result(job))
+                answer.truncated.append(item.index)
+            answer.remaining -= 1
+            if answer.remaining == 0 and self._answers.pop(answer.frame.request_id, None) is not None:
+                done.append(self._result(answer))
         if done:
             self._emit(done)
         elapsed = monotonic() - started
@@ -179,15 +179,15 @@ class Batcher(InboxWorker):
         logger.debug("batch %d: %d inputs in %.1f ms, waited %.1f ms; %d waiting", self.batches, count,
                      elapsed * 1000, (started - batch[0].arrived) * 1000, len(self._items))  # fmt: skip
 
-    def _fail(self, jobs: Any, exc: Exception) -> None:
+    def _fail(self, answers: Any, exc: Exception) -> None:
         error = exc if isinstance(exc, LiftoffError) else BackendError(f"the backend failed: {exc}")
         frames: list[Any] = []
-        for job in jobs:
-            if self._jobs.pop(job.frame.request_id, None) is not None:
-                self._items = deque(item for item in self._items if item.job is not job)
-                frames.append(error_frame(job.frame.request_id, error))
+        for answer in answers:
+            if self._answers.pop(answer.frame.request_id, None) is not None:
+                self._items = deque(item for item in self._items if item.answer is not answer)
+                frames.append(error_frame(answer.frame.request_id, error))
         self._emit(frames)
 
-    def _result(self, job: _Job) -> ResultFrame:
-        job.truncated.sort()
-        return ResultFrame(request_id=job.frame.request_id, seq=0, data=job.result())
+    def _result(self, answer: _Answer) -> ResultFrame:
+        answer.truncated.sort()
+        return ResultFrame(request_id=answer.frame.request_id, seq=0, data=answer.result())

@@ -3,8 +3,8 @@
 Commands (admit, abort) arrive on a thread-safe inbox and are applied between steps; every step's outputs become
 frames handed to ``emit`` (which crosses back to the asyncio loop). Requests beyond the backend's capacity wait
 in a local FIFO and are admitted as slots free up. A request that needs slow work first (compiling its grammar:
-:meth:`Backend.preparation`) gets it on the preparation thread (:mod:`liftoff.reader.preparer`) and joins the FIFO
-when it is done, so the running sequences keep stepping meanwhile; one that waits longer than its budget fails.
+:meth:`GenerativeBackend.preparation`) gets it on the preparation thread (:mod:`liftoff.reader.preparer`) and joins
+the FIFO when it is done, so the running sequences keep stepping meanwhile; one that waits longer than its budget fails.
 
 Faults stay with the request that caused them: a request the backend refuses, whose preparation fails, or whose
 output cannot be handled (stop strings, counts) ends alone with an error frame, as does a sequence whose token the
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from liftoff.backends.base import Backend, Preparation, StepOutput
+from liftoff.backends.base import GenerativeBackend, Preparation, StepOutput
 from liftoff.core.clock import monotonic, now_ms
 from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
 from liftoff.core.frames import ErrorFrame, FinalFrame, HeartbeatFrame, RequestFrame, TokenFrame, error_frame
@@ -71,7 +71,7 @@ class _Prepared:
 class Engine(InboxWorker):
     """Runs ``backend`` on a dedicated thread; thread-safe ``submit``/``abort``/``stop``."""
 
-    def __init__(self, backend: Backend, emit: Emit, reader_id: str = "") -> None:
+    def __init__(self, backend: GenerativeBackend, emit: Emit, reader_id: str = "") -> None:
         super().__init__("liftoff-engine")
         self._reader_id = reader_id
         self._backend = backend

@@ -1,12 +1,12 @@
 """Adding and removing LoRA adapters on a running reader (``POST`` and ``DELETE /reader/{id}/loras``).
 
-An adapter is found and read by :meth:`Backend.load_lora` on a short-lived thread of its own: that may take seconds
-(a large file, the hub), and on the engine thread it would hold every running stream. The thread ends when the
-adapter is read (torch's thread pool belongs to the thread that first computes with it: a thread that stayed
-would slow every step of the engine, see :mod:`liftoff.reader.process`). The engine then installs it between
-steps (:meth:`Backend.install_lora`, cheap), and answers with the adapters the reader holds. Removing is cheap and
-runs on the engine thread at once: new requests naming the adapter are refused from then on, and those already
-running under it finish under it.
+An adapter is found and read by :meth:`GenerativeBackend.load_lora` on a short-lived thread of its own: that may
+take seconds (a large file, the hub), and on the engine thread it would hold every running stream. The thread ends
+when the adapter is read (torch's thread pool belongs to the thread that first computes with it: a thread that
+stayed would slow every step of the engine, see :mod:`liftoff.reader.process`). The engine then installs it
+between steps (:meth:`GenerativeBackend.install_lora`, cheap), and answers with the adapters the reader holds.
+Removing is cheap and runs on the engine thread at once: new requests naming the adapter are refused from then on,
+and those already running under it finish under it.
 
 Every change has a deadline (the payload's ``timeout_s``, the gateway's ``lora_load_timeout_s``): an adapter still
 loading then fails with a 400 and is never installed, even if its reading ends later, so the gateway's answer is
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from liftoff.backends.base import Backend
+from liftoff.backends.base import GenerativeBackend
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import BackendError, InvalidRequestError, LiftoffError
 from liftoff.core.frames import RequestFrame, ResultFrame, error_frame
@@ -55,7 +55,7 @@ class _Loading:
 class LoraChanges:
     """The adapter changes of one engine: ``accept`` and ``on_loaded`` run on the engine thread."""
 
-    def __init__(self, backend: Backend, emit: Emit, post: Callable[[object], None]) -> None:
+    def __init__(self, backend: GenerativeBackend, emit: Emit, post: Callable[[object], None]) -> None:
         self._backend = backend
         self._emit = emit
         self._post = post  # into the engine's inbox, from the reading thread

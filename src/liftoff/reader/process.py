@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from liftoff.backends.base import Backend, BackendContext, EncoderBackend, ModelBackend, RemoteBackend
+from liftoff.backends.base import BackendContext, EncoderBackend, GenerativeBackend, ModelBackend, RemoteBackend
 from liftoff.backends.registry import create_backend
 from liftoff.broker.base import LinkClosedError, ReaderLink
 from liftoff.config.loras import lora_names
@@ -70,7 +70,7 @@ def make_worker(backend: ModelBackend, emit: Emit, reader_id: str) -> InboxWorke
         return Relay(backend, emit, reader_id)
     if isinstance(backend, EncoderBackend):
         return Batcher(backend, emit, reader_id)
-    if isinstance(backend, Backend):
+    if isinstance(backend, GenerativeBackend):
         return Engine(backend, emit, reader_id)
     raise TypeError(f"{type(backend).__name__} is neither a generative nor an encoder backend")
 
@@ -132,7 +132,7 @@ class ReaderProcess:
         self._link_factory = link_factory
         self._link: ReaderLink | None = None
         self._backend: ModelBackend | None = None
-        self._engine: InboxWorker | None = None  # the engine or the batcher
+        self._worker: InboxWorker | None = None  # the engine, the batcher or the relay
         self._progress = 0.0
         self._loaded = False
         self._exit_code: int | None = None
@@ -224,7 +224,7 @@ class ReaderProcess:
         """The adapters a request may name now, comma-separated ("" for none), once a generative model is loaded
         (they change at runtime: POST /reader/{id}/loras); None before."""
         backend = self._backend
-        if not self._loaded or not isinstance(backend, Backend):
+        if not self._loaded or not isinstance(backend, GenerativeBackend):
             return None
         return ",".join(backend.lora_names())
 
@@ -260,9 +260,9 @@ class ReaderProcess:
         notes = backend.notes()
         for note in notes:
             logger.warning("reader %s: %s", self.options.reader_id, note)
-        self._engine = make_worker(backend, self._emit_threadsafe, self.options.reader_id)
-        self._engine.on_crash = self._worker_crashed
-        self._engine.start()
+        self._worker = make_worker(backend, self._emit_threadsafe, self.options.reader_id)
+        self._worker.on_crash = self._worker_crashed
+        self._worker.start()
         self._loaded = True
         tune_gc()
         logger.info("reader %s: live (capacity %d)", self.options.reader_id, backend.capacity)
@@ -272,7 +272,7 @@ class ReaderProcess:
     def _worker_crashed(self, exc: BaseException) -> None:
         """The engine or batcher thread died (a bug): exit with an error, so a supervisor restarts the reader."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._fail, f"the {type(self._engine).__name__} thread crashed: {exc!r}")
+            self._loop.call_soon_threadsafe(self._fail, f"the {type(self._worker).__name__} thread crashed: {exc!r}")
 
     def _fail(self, reason: str) -> None:
         """Stop at once (no drain: nothing in flight would finish) with exit code 1."""
@@ -287,7 +287,7 @@ class ReaderProcess:
     def _emit(self, frames: list[Any]) -> None:
         if self._link is not None:
             self._link.send(frames)
-        if self._engine is not None and not self._engine.in_flight:
+        if self._worker is not None and not self._worker.in_flight:
             self._idle.set()
 
     # ---- one connection -----------------------------------------------------------------------------------------
@@ -307,8 +307,8 @@ class ReaderProcess:
                 task.cancel()
             self._link = None
             await link.close()
-            if self._engine is not None:
-                self._engine.abort_all()
+            if self._worker is not None:
+                self._worker.abort_all()
 
     async def _receive_forever(self, link: ReaderLink) -> None:
         try:
@@ -326,12 +326,12 @@ class ReaderProcess:
             task = asyncio.create_task(self._serve(frame))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif isinstance(frame, RequestFrame) and self._engine is not None:
-            self._engine.submit(frame)
-        elif isinstance(frame, AbortFrame) and self._engine is not None:
-            self._engine.abort(frame.request_id)
+        elif isinstance(frame, RequestFrame) and self._worker is not None:
+            self._worker.submit(frame)
+        elif isinstance(frame, AbortFrame) and self._worker is not None:
+            self._worker.abort(frame.request_id)
         elif isinstance(frame, StopFrame):
-            self._engine_abort_all()
+            self._worker_abort_all()
             self.request_stop(f"the gateway asked: {frame.reason}")
 
     def _can_serve(self, frame: RequestFrame) -> bool:
@@ -351,9 +351,9 @@ class ReaderProcess:
             return
         self._emit([await asyncio.to_thread(services.serve, self._backend, frame)])
 
-    def _engine_abort_all(self) -> None:
-        if self._engine is not None:
-            self._engine.abort_all()
+    def _worker_abort_all(self) -> None:
+        if self._worker is not None:
+            self._worker.abort_all()
 
     async def _heartbeat_forever(self, link: ReaderLink, welcome: WelcomeFrame) -> None:
         period = welcome.heartbeat_interval_ms / 1000.0
@@ -361,14 +361,14 @@ class ReaderProcess:
         last = 0.0
         reported = ""
         while True:
-            busy = bool(self._tasks) or (self._engine is not None and self._engine.in_flight > 0)  # services too
-            unhealthy = self._engine.health() if self._engine else ""
+            busy = bool(self._tasks) or (self._worker is not None and self._worker.in_flight > 0)  # services too
+            unhealthy = self._worker.health() if self._worker else ""
             now = monotonic()
             if busy or now - last >= period or unhealthy != reported:  # a change of health is told at once
                 last, reported = now, unhealthy
-                active = self._engine.in_flight if self._engine else 0
+                active = self._worker.in_flight if self._worker else 0
                 progress = 1.0 if self._loaded else self._progress
-                stats = self._engine.stats() if self._engine else {}
+                stats = self._worker.stats() if self._worker else {}
                 link.send([HeartbeatFrame(timestamp_ms=now_ms(), active=active, progress=progress, stats=stats,
                                           unhealthy=unhealthy, loras=self._loras())])  # fmt: skip
             await asyncio.sleep(keepalive)
@@ -376,7 +376,7 @@ class ReaderProcess:
     async def _drain(self, link: ReaderLink) -> None:
         link.send([DrainFrame(reason=self._stop_reason)])
         deadline = monotonic() + self.options.shutdown_timeout_s
-        while self._engine is not None and self._engine.in_flight and not self._failed and monotonic() < deadline:
+        while self._worker is not None and self._worker.in_flight and not self._failed and monotonic() < deadline:
             # Woken by the last frame; polled too, since work that ends without a frame (an abort of nothing)
             # sets nothing.
             self._idle.clear()
@@ -387,7 +387,7 @@ class ReaderProcess:
         if load_task is not None and not load_task.done():
             # The load runs on a thread we cannot interrupt; the process exits without waiting for it.
             load_task.cancel()
-        if self._engine is not None:
-            await asyncio.to_thread(self._engine.stop)
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.stop)
         if self._backend is not None:
             self._backend.close()

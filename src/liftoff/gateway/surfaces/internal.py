@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
 
-from liftoff.broker.embedded import EmbeddedBroker
+from liftoff.broker.embedded.gateway import EmbeddedBroker
 from liftoff.gateway.state import get_state
 
 router = APIRouter(tags=["internal"])

@@ -1,4 +1,4 @@
-"""The int8 layers that replace ``nn.Linear`` under ``quantize: int8`` (:mod:`liftoff.backends.hf_quant`).
+"""The int8 layers that replace ``nn.Linear`` under ``quantize: int8`` (:mod:`liftoff.backends.transformers.quant`).
 
 :class:`Int8Linear` computes ``x @ W.T + b`` with ``W`` rounded once to int8 per output channel and each row of
 ``x`` rounded to int8 with its own scale at every call, multiplied by torch's ``_int_mm`` in int32 (exact: the

@@ -1,5 +1,5 @@
 """The gateway's half of the Redis broker: requests go to per-group streams, outputs come back on this gateway's
-reply stream, and the reader registry is read from Redis (see :mod:`liftoff.broker.redis_common` for the keys).
+reply stream, and the reader registry is read from Redis (see :mod:`liftoff.broker.redis.common` for the keys).
 
 The gateway decides the fate of its own requests: a reader says when it claims one (``ClaimedFrame``), and only
 the reader that owns a request may answer it. When a reader dies, the requests it had started fail with
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from liftoff.broker.base import BrokerSettings, GatewayBroker
-from liftoff.broker.redis_common import (
+from liftoff.broker.redis.common import (
     ABORTS,
     ABORTS_MAXLEN,
     BACKOFF_MAX_S,
@@ -44,8 +44,8 @@ from liftoff.broker.redis_common import (
     stream_entries,
     update_reader,
 )
-from liftoff.broker.redis_jobs import JobBook, RedisJob
-from liftoff.broker.redis_registry import RegistryMirror, snapshot
+from liftoff.broker.redis.jobs import JobBook, RedisJob
+from liftoff.broker.redis.registry import RegistryMirror, snapshot
 from liftoff.config.access import redact_url
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import (

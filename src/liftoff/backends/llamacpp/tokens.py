@@ -1,7 +1,7 @@
 """The llama.cpp backend's tokenizer services: prompts as the model sees them, tokenize, detokenize, templates.
 
 They use only the model and its vocabulary, which llama.cpp treats as read-only after loading, so they run on any
-thread (the reader's services beside the engine thread). Kept apart from :mod:`liftoff.backends.llamacpp`, which
+thread (the reader's services beside the engine thread). Kept apart from :mod:`liftoff.backends.llamacpp.backend`, which
 schedules the batch.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from liftoff.backends.llamacpp_native import NativeContext, NativeModel
+from liftoff.backends.llamacpp.native import NativeContext, NativeModel
 from liftoff.backends.text import conversation, render_chat_template
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError

@@ -1,5 +1,5 @@
-"""Bookkeeping of the embedded broker: a queued or assigned request (:class:`Job`) and a connected reader
-(:class:`ReaderSlot`) with its outgoing frame buffer and writer task.
+"""Bookkeeping of the embedded broker: a queued or assigned request (:class:`EmbeddedJob`) and a connected reader
+(:class:`ConnectedReader`) with its outgoing frame buffer and writer task.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
-class Job:
-    """A request inside the broker: queued (``slot`` is None) or assigned to a reader."""
+class EmbeddedJob:
+    """A request inside the broker: queued (``reader`` is None) or assigned to a reader."""
 
     frame: RequestFrame
     deadline: float
     enqueued: float = field(default_factory=monotonic)
-    slot: ReaderSlot | None = None
+    reader: ConnectedReader | None = None
     started: bool = False
     cancelled: bool = False
     next_seq: int = 0
@@ -34,11 +34,11 @@ class Job:
     def retry(self) -> None:
         """Prepare the job to be queued again after its reader was lost before starting it."""
         self.frame = msgspec.structs.replace(self.frame, attempt=self.frame.attempt + 1)
-        self.slot = None
+        self.reader = None
         self.started = False
 
 
-class ReaderSlot:
+class ConnectedReader:
     """One connected reader: its groups, capacity, assigned jobs, and a coalescing writer."""
 
     def __init__(self, register: RegisterFrame, websocket: WebSocket) -> None:
@@ -50,7 +50,7 @@ class ReaderSlot:
         self.unhealthy = False  # the reader says it cannot serve now (an API reader's upstream is down)
         self.closed = False
         self.served = 0
-        self.assigned: dict[str, Job] = {}
+        self.assigned: dict[str, EmbeddedJob] = {}
         self.last_recv = monotonic()
         self.quiet_until = 0.0  # the end of a silence the reader announced (HeartbeatFrame.quiet_ms)
         self._busy_since = 0.0
@@ -69,7 +69,7 @@ class ReaderSlot:
         """Slots left: capacity plus a small prefetch, minus what is assigned (direct requests included)."""
         return self.capacity + max(1, self.capacity // 4) - len(self.assigned)
 
-    def assign(self, job: Job) -> None:
+    def assign(self, job: EmbeddedJob) -> None:
         """Hand a job to this reader."""
         if not self.assigned:
             self._busy_since = monotonic()

@@ -1,13 +1,13 @@
 """The transformers backend: causal language models with continuous batching over a KV cache kept across steps.
 
 Loading: a Hugging Face checkpoint directory is loaded as it is; a GGUF file is first dequantized once into
-``<repository_path>/dequantized/`` (:mod:`liftoff.backends.hf_convert`). ``backend_options``: ``dtype``
+``<repository_path>/dequantized/`` (:mod:`liftoff.backends.transformers.convert`). ``backend_options``: ``dtype``
 (``auto`` by default: bfloat16 on CUDA and AMX CPUs, float32 on other CPUs, where it is faster; or ``bfloat16``,
 ``float32``, ``float16``), ``n_threads`` (torch threads, default: every CPU this process may use) and ``quantize``
 (``none`` by default; ``int8``: int8 matrix products on CPU, 1.3-1.5x the throughput at batch 8-32 for some
-precision, :mod:`liftoff.backends.hf_quant`). The reader's ``device`` is ``cpu`` or ``cuda``.
+precision, :mod:`liftoff.backends.transformers.quant`). The reader's ``device`` is ``cpu`` or ``cuda``.
 
-Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.hf_cache`). A step
+Serving: every sequence owns one row of a preallocated KV cache (:mod:`liftoff.backends.transformers.cache`). A step
 prefills newly admitted prompts in one right-padded batched forward (at most ``prefill_chunk_size`` padded tokens
 per step, 1024 by default; a longer prompt is prefilled alone, one chunk per step; several prompts share a step
 up to ``prefill_tokens_per_step`` padded tokens, 128 by default: about one ~100-token prompt per step, so that
@@ -15,8 +15,8 @@ running streams are not held up for long and requests that arrive together sprea
 in waves; on 2 cores at 8 streams this halves the time to first token, for ~10 % less throughput at 32) and
 advances every running sequence by one token with a single ``[n, 1]`` forward. Tokens are chosen by the shared
 numpy sampler (:mod:`liftoff.backends.sampling`), within the request's grammar when it asks for structured output
-(:mod:`liftoff.backends.grammar`), and turned into text incrementally (:mod:`liftoff.backends.hf_detok`,
-:mod:`liftoff.backends.hf_sequence`).
+(:mod:`liftoff.backends.grammar`), and turned into text incrementally (:mod:`liftoff.backends.transformers.detok`,
+:mod:`liftoff.backends.transformers.sequence`).
 
 Threads: importing this module before torch sets ``GOMP_SPINCOUNT=30000`` unless the environment says
 otherwise: OpenMP's idle threads spin that long (tens of microseconds) for the next parallel region, then sleep.
@@ -40,18 +40,22 @@ import torch
 
 from liftoff.backends.base import (
     COMMON_OPTIONS,
-    Backend,
     BackendContext,
+    GenerativeBackend,
     Preparation,
     ProgressCallback,
     StepOutput,
 )
 from liftoff.backends.grammar import Grammars, Vocabulary, huggingface_vocabulary
 from liftoff.backends.grammar_limits import GRAMMAR_OPTIONS, GrammarLimits
-from liftoff.backends.hf_cache import SlotCache
-from liftoff.backends.hf_convert import ensure_dequantized
-from liftoff.backends.hf_detok import Detokenizer, TextStream
-from liftoff.backends.hf_load import (
+from liftoff.backends.prefix import RowPrefixes, flag
+from liftoff.backends.resolve import resolve_model
+from liftoff.backends.sampling import SamplerState, sample
+from liftoff.backends.text import fit_prompt
+from liftoff.backends.transformers.cache import SlotCache
+from liftoff.backends.transformers.convert import ensure_dequantized
+from liftoff.backends.transformers.detok import Detokenizer, TextStream
+from liftoff.backends.transformers.load import (
     DEFAULT_CONTEXT,
     LoadedModel,
     load_causal_lm,
@@ -59,15 +63,11 @@ from liftoff.backends.hf_load import (
     resolve_dtype,
     set_threads as set_torch_threads,
 )
-from liftoff.backends.hf_lora import LoraSet, attach_loras, fits, lora_slot, prefix_key
-from liftoff.backends.hf_lora_runtime import LoraRuntime
-from liftoff.backends.hf_quant import calibration_ids, check_int8, quantize_linears, wants_int8
-from liftoff.backends.hf_sequence import HFSequence, account, finish
-from liftoff.backends.hf_tokens import HFTokenizer
-from liftoff.backends.prefix import RowPrefixes, flag
-from liftoff.backends.resolve import resolve_model
-from liftoff.backends.sampling import SamplerState, sample
-from liftoff.backends.text import fit_prompt
+from liftoff.backends.transformers.lora import LoraSet, attach_loras, fits, lora_slot, prefix_key
+from liftoff.backends.transformers.lora_runtime import LoraRuntime
+from liftoff.backends.transformers.quant import calibration_ids, check_int8, quantize_linears, wants_int8
+from liftoff.backends.transformers.sequence import HFSequence, account, finish
+from liftoff.backends.transformers.tokens import HFTokenizer
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError
 from liftoff.core.types import FinishReason, GenerationParams, ModelType
@@ -79,9 +79,9 @@ DEFAULT_PREFILL_PER_STEP = 128
 BACKEND_OPTIONS = frozenset({"dtype", "n_threads", "prefix_cache", "prefill_tokens_per_step", "quantize"})
 
 
-class TransformersBackend(LoraRuntime, Backend):
+class TransformersBackend(LoraRuntime, GenerativeBackend):
     """Causal LMs through ``transformers`` + ``torch``, continuously batched; LoRA adapters come and go at runtime
-    (:mod:`liftoff.backends.hf_lora_runtime`)."""
+    (:mod:`liftoff.backends.transformers.lora_runtime`)."""
 
     name = "transformers"
     honoured_options = COMMON_OPTIONS | GRAMMAR_OPTIONS | {"max_sequence_length", "prefill_chunk_size", "loras",

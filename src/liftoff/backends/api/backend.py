@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from liftoff.backends.api_client import Upstream, UpstreamSettings
-from liftoff.backends.api_dialects import (
+from liftoff.backends.api.client import Upstream, UpstreamSettings
+from liftoff.backends.api.dialects import (
     OPENAI_BASE,
     TRUNCATE,
     Dialect,
@@ -30,7 +30,7 @@ from liftoff.backends.api_dialects import (
     generation_call,
     listed_models,
 )
-from liftoff.backends.api_wire import client_error, embedding_rows, error_message, parse_event, share_tokens
+from liftoff.backends.api.wire import client_error, embedding_rows, error_message, parse_event, share_tokens
 from liftoff.backends.base import COMMON_OPTIONS, BackendContext, ProgressCallback, RemoteBackend, StepOutput
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotSupportedError, UpstreamError, UpstreamUnavailableError

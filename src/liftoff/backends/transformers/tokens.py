@@ -11,8 +11,8 @@ import threading
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from liftoff.backends.hf_detok import token_ids
 from liftoff.backends.text import conversation
+from liftoff.backends.transformers.detok import token_ids
 from liftoff.core.errors import InvalidRequestError, NotSupportedError
 
 

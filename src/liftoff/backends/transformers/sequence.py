@@ -1,6 +1,6 @@
 """One sequence of the transformers backend, and what each new token does to it: text, end of sequence, limits.
 
-Kept apart from :mod:`liftoff.backends.hf_transformers` (which schedules the forwards and the KV cache rows) so
+Kept apart from :mod:`liftoff.backends.transformers.backend` (which schedules the forwards and the KV cache rows) so
 that a token's accounting reads in one place: an end-of-sequence token ends the sequence (``stop``), otherwise
 the token's text is streamed and the sequence ends when its grammar is complete (``stop``) or its budget spent
 (``length``).
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from liftoff.backends.base import StepOutput
-from liftoff.backends.hf_detok import Detokenizer, TextStream
 from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sequence_failure
+from liftoff.backends.transformers.detok import Detokenizer, TextStream
 from liftoff.core.errors import BackendError
 from liftoff.core.types import FinishReason
 
@@ -30,7 +30,7 @@ class HFSequence:
     last: int = 0  # the token the next decode feeds
     unreported: int = 0  # tokens not yet counted in a StepOutput
     done: bool = False
-    adapter: int = 0  # LoRA slot (liftoff.backends.hf_lora; 0: the base model)
+    adapter: int = 0  # LoRA slot (liftoff.backends.transformers.lora; 0: the base model)
 
 
 def account(seq: HFSequence, token: int, detok: Detokenizer, eos: frozenset[int], out: list[StepOutput]) -> None:

@@ -9,7 +9,7 @@ sequences, the step takes them in turn (rotating, so none starves) and the other
 An adapter is either a GGUF LoRA file (what llama.cpp's ``convert_lora_to_gguf.py`` writes) or a PEFT directory
 (``adapter_config.json`` + ``adapter_model.safetensors``), which is converted once with that same script and
 cached under ``<repository_path>/lora-gguf/``. Before converting, the adapter is read and checked by
-:func:`liftoff.backends.hf_lora.read_adapter` (what it cannot apply exactly is refused) and written again with
+:func:`liftoff.backends.transformers.lora.read_adapter` (what it cannot apply exactly is refused) and written again with
 each module's PEFT scale folded into ``lora_B`` and ``lora_alpha`` 0, which llama.cpp reads as "scale 1". That
 way rsLoRA and per-module ranks (``rank_pattern``), which the script does not carry over, give PEFT's numbers.
 The script comes from llama.cpp's source tree of the installed llama-cpp-python version (``make setup`` unpacks
@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 import llama_cpp as llama
 
 from liftoff.backends.base import BackendContext
-from liftoff.backends.llamacpp_native import NativeContext, NativeModel
+from liftoff.backends.llamacpp.native import NativeContext, NativeModel
 from liftoff.backends.lora_files import LoraLoadError, find_adapter
 from liftoff.config.loras import DEFAULT_MAX_LORAS
 from liftoff.config.models import ReaderConfig
@@ -70,7 +70,7 @@ def adapter_file(
 
 def converted(name: str, peft_dir: Path, base: Path, repository_path: Path, source_dir: Path) -> Path:
     """The GGUF conversion of the PEFT adapter at ``peft_dir`` for the base GGUF model ``base``, made if missing."""
-    from liftoff.backends.hf_lora import read_adapter  # torch: only when a PEFT adapter is converted
+    from liftoff.backends.transformers.lora import read_adapter  # torch: only when a PEFT adapter is converted
 
     adapter = read_adapter(name, peft_dir)  # refuses what cannot be applied exactly, before converting anything
     digest = hashlib.sha256()
@@ -259,7 +259,7 @@ class LlamaLoras:
 
 
 class LlamaCppLoraMixin(abc.ABC):
-    """The llama.cpp backend's adapter management: the ``Backend`` LoRA interface over :class:`LlamaLoras`."""
+    """The llama.cpp backend's adapter management: the ``GenerativeBackend`` LoRA interface over :class:`LlamaLoras`."""
 
     config: ReaderConfig
     context: BackendContext

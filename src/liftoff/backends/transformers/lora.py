@@ -3,8 +3,8 @@
 One reader holds one base model and many PEFT-format adapters (a directory with ``adapter_config.json`` and
 ``adapter_model.safetensors``); each request picks one by ``lora_id``, or none. The adapters are never merged
 into the base weights and a step is never run once per adapter: every targeted linear layer (whatever module is
-there, an ``nn.Linear`` or an int8 layer of :mod:`liftoff.backends.hf_int8`) is wrapped in a :class:`LoraLinear`
-that adds ``scale * (x @ A.T) @ B.T`` of each row's own adapter to the base output.
+there, an ``nn.Linear`` or an int8 layer of :mod:`liftoff.backends.transformers.int8`) is wrapped in a
+:class:`LoraLinear` that adds ``scale * (x @ A.T) @ B.T`` of each row's own adapter to the base output.
 
 How the rows get their adapters, cheaply: before each forward the backend tells the shared :class:`LoraSet` which
 adapter slot each row uses (:meth:`LoraSet.select`). Only the distinct adapters of the step (at most
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from liftoff.backends.hf_lora_files import Adapter, read_adapter
 from liftoff.backends.lora_files import LoraLoadError, find_adapter
+from liftoff.backends.transformers.lora_weights import Adapter, read_adapter
 from liftoff.config.loras import DEFAULT_MAX_LORAS, MAX_LORAS, lora_entries
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError, NotSupportedError

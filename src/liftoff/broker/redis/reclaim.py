@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from liftoff.broker.redis_common import Entry, ReaderEntry, gateway_key, queue_key, reader_ids, reader_key
+from liftoff.broker.redis.common import Entry, ReaderEntry, gateway_key, queue_key, reader_ids, reader_key
 
 logger = logging.getLogger(__name__)
 

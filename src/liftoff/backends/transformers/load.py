@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from liftoff.backends.hf_cache import MaskPolicy
+from liftoff.backends.transformers.cache import MaskPolicy
 
 logger = logging.getLogger(__name__)
 

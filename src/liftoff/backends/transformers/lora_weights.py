@@ -1,5 +1,6 @@
 """Reading a PEFT LoRA adapter's matrices for the transformers backend, refusing (naming the adapter) what
-:mod:`liftoff.backends.hf_lora` would not apply exactly (where its files are: :mod:`liftoff.backends.lora_files`).
+:mod:`liftoff.backends.transformers.lora` would not apply exactly (where its files are:
+:mod:`liftoff.backends.lora_files`).
 
 Reading touches the disk (and maybe the hub) and can take seconds: it runs where it holds nobody up, on the loading
 thread at start, or on a thread of its own when an adapter is added to a running reader.

@@ -1,7 +1,7 @@
 """The ctypes plumbing of the llama.cpp backend: model and vocabulary, one context, and a reusable batch.
 
 Everything here wraps llama-cpp-python's low-level bindings (``llama_cpp.llama_*``); the scheduling lives in
-:mod:`liftoff.backends.llamacpp`. :class:`NativeModel` only uses the model and its vocabulary, which llama.cpp
+:mod:`liftoff.backends.llamacpp.backend`. :class:`NativeModel` only uses the model and its vocabulary, which llama.cpp
 treats as read-only after loading, so its methods may be called from any thread. :class:`NativeContext` owns the
 KV cache and must only be driven from the engine thread. :class:`NativeBatch` is a ``llama_batch`` whose arrays
 are numpy buffers, so filling it is a few vectorised assignments instead of one ctypes call per field.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from liftoff.broker.base import BrokerEvents
-from liftoff.broker.redis_common import ReaderEntry, reader_ids, reader_key
+from liftoff.broker.redis.common import ReaderEntry, reader_ids, reader_key
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import MAX_QUIET_MS, LoadedFrame
 

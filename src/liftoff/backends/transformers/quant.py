@@ -5,7 +5,7 @@ A decode step at batch 8-32 and a prefill are mostly ``nn.Linear`` products. On 
 430 against 200 GFLOP/s on 2 cores, quantizing the input included).
 
 :func:`quantize_linears` replaces each ``nn.Linear`` of the model (the LM head included) by the int8 layers of
-:mod:`liftoff.backends.hf_int8`: weights rounded once per output channel, inputs rounded per row at each call.
+:mod:`liftoff.backends.transformers.int8`: weights rounded once per output channel, inputs rounded per row at each call.
 A few activation channels are far larger than the rest, and one scale per row would round the small ones away,
 so the largest inputs of each layer are measured once at load on a built-in text (:data:`CALIBRATION_TEXT`) and
 its :data:`OUTLIER_CHANNELS` largest input channels stay in float32.
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from liftoff.backends.hf_int8 import MAX_INPUTS, Int8Linear, Int8Slice, SharedProduct
-from liftoff.backends.hf_load import LoadedModel, ModelLoadError
+from liftoff.backends.transformers.int8 import MAX_INPUTS, Int8Linear, Int8Slice, SharedProduct
+from liftoff.backends.transformers.load import LoadedModel, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def check_int8(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def quantize_linears(model: torch.nn.Module, calibration_ids: list[int] | None = None) -> int:
-    """Replace every ``nn.Linear`` under ``model`` by int8 layers (:mod:`liftoff.backends.hf_int8`); how many.
+    """Replace every ``nn.Linear`` under ``model`` by int8 layers (:mod:`liftoff.backends.transformers.int8`); how many.
 
     ``calibration_ids`` (tokens of :data:`CALIBRATION_TEXT`) are run through the float model first: each layer's
     :data:`OUTLIER_CHANNELS` largest input channels stay in float32, and layers of one module whose inputs were

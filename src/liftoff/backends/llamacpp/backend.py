@@ -27,7 +27,7 @@ with ``prefix_cache: false``.
 
 LoRA adapters (reader options ``loras`` and ``max_loras``): llama.cpp puts adapters on the whole context, so a
 step runs one decode per adapter among its rows (and prefill calls hold one adapter's prompts);
-:mod:`liftoff.backends.llamacpp_lora` loads and converts the adapters and chooses the groups. A reader without
+:mod:`liftoff.backends.llamacpp.lora` loads and converts the adapters and chooses the groups. A reader without
 adapters steps exactly as described above. Kept tokens are reused only by a prompt under the same adapter.
 
 Options (``backend_options``): ``n_threads`` (default: every CPU), ``prefill_chunk_size`` (default 512; also
@@ -48,17 +48,17 @@ import numpy.typing as npt
 
 from liftoff.backends.base import (
     COMMON_OPTIONS,
-    Backend,
     BackendContext,
+    GenerativeBackend,
     Preparation,
     ProgressCallback,
     StepOutput,
 )
 from liftoff.backends.grammar import Grammars, Vocabulary
 from liftoff.backends.grammar_limits import GRAMMAR_OPTIONS, GrammarLimits
-from liftoff.backends.llamacpp_lora import LlamaCppLoraMixin, LlamaLoras
-from liftoff.backends.llamacpp_native import NativeContext, NativeModel
-from liftoff.backends.llamacpp_text import LlamaCppTokenizer
+from liftoff.backends.llamacpp.lora import LlamaCppLoraMixin, LlamaLoras
+from liftoff.backends.llamacpp.native import NativeContext, NativeModel
+from liftoff.backends.llamacpp.tokens import LlamaCppTokenizer
 from liftoff.backends.prefix import flag, shared_prefix
 from liftoff.backends.sampling import FAILED, SamplerState, finish_reason, sample, sequence_failure
 from liftoff.backends.text import Utf8Stream, fit_prompt
@@ -95,7 +95,7 @@ class _Sequence:
         return len(self.prompt) + len(self.sampler.generated) - 1
 
 
-class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, Backend):
+class LlamaCppBackend(LlamaCppTokenizer, LlamaCppLoraMixin, GenerativeBackend):
     """GGUF models through llama-cpp-python's low-level API, continuously batched."""
 
     name = "llamacpp"

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
-from liftoff.backends.api_wire import RETRYABLE, client_error, error_message, retry_after_s
+from liftoff.backends.api.wire import RETRYABLE, client_error, error_message, retry_after_s
 from liftoff.core.clock import monotonic
 from liftoff.core.errors import LiftoffError, UpstreamError, UpstreamTimeoutError, UpstreamUnavailableError
 

@@ -3,7 +3,7 @@ stream of the gateway that sent each one, keep the shared registry entry current
 
 A reader pulls at most its free slots (capacity plus a small prefetch) with ``XREADGROUP``, so the readers of a
 group share its load. It acknowledges (and deletes) an entry after the request's final frame. Once a heartbeat
-period it re-claims the entries of dead readers of its groups (:mod:`liftoff.broker.redis_reclaim`) and aborts the
+period it re-claims the entries of dead readers of its groups (:mod:`liftoff.broker.redis.reclaim`) and aborts the
 requests of gateways that are gone. Losing Redis closes the link; the reader process reconnects with backoff.
 """
 
@@ -20,7 +20,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from liftoff.broker.base import LinkClosedError, ReaderLink
-from liftoff.broker.redis_common import (
+from liftoff.broker.redis.common import (
     ABORTS,
     ACK_IF_MINE,
     LOST,
@@ -41,7 +41,7 @@ from liftoff.broker.redis_common import (
     stream_entries,
     update_reader,
 )
-from liftoff.broker.redis_reclaim import forget_dead_consumers, gone_gateways, reclaim_dead
+from liftoff.broker.redis.reclaim import forget_dead_consumers, gone_gateways, reclaim_dead
 from liftoff.config.access import redact_url
 from liftoff.core.clock import monotonic
 from liftoff.core.frames import (

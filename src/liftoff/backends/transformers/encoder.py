@@ -3,7 +3,7 @@
 Both tokenize each input once on arrival (:meth:`prepare`: a text, or a pair joined by the tokenizer as a
 sentence pair), cut it to the model's length or refuse it, and run batches that mix the inputs of many requests
 (:meth:`encode`, one padded forward). Embeddings are pooled as the checkpoint's sentence-transformers files say
-(:mod:`liftoff.backends.hf_pooling`); classification rows are the raw logits (Takeoff's ``/classify``: not
+(:mod:`liftoff.backends.transformers.pooling`); classification rows are the raw logits (Takeoff's ``/classify``: not
 softmaxed). ``backend_options``: ``dtype`` (``auto``: float32 on CPU, float16 on CUDA) and ``n_threads``.
 Like the generative transformers backend, importing this module bounds OpenMP's spinning (``GOMP_SPINCOUNT``)
 unless the environment sets it, so idle torch threads do not hold cores the gateway needs.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # before torch: bounded OpenMP spinning (see hf_transformers)
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # before torch: bounded OpenMP spinning (see transformers.backend)
 
 import abc
 import logging
@@ -25,10 +25,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from liftoff.backends.base import COMMON_OPTIONS, BackendContext, EncoderBackend, Encoding, ProgressCallback
-from liftoff.backends.hf_load import DTYPES, ModelLoadError, no_progress_bars, resolve_device, set_threads
-from liftoff.backends.hf_pooling import PoolingSpec, pool, read_pooling
-from liftoff.backends.hf_tokens import HFTokenizer
 from liftoff.backends.resolve import resolve_model
+from liftoff.backends.transformers.load import DTYPES, ModelLoadError, no_progress_bars, resolve_device, set_threads
+from liftoff.backends.transformers.pooling import PoolingSpec, pool, read_pooling
+from liftoff.backends.transformers.tokens import HFTokenizer
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import ContextLengthExceededError
 from liftoff.core.types import ModelType

@@ -1,11 +1,11 @@
 """The transformers backend's side of adding and removing LoRA adapters on a running reader.
 
-:class:`LoraRuntime` gives :class:`~liftoff.backends.hf_transformers.TransformersBackend` the four
-:class:`~liftoff.backends.base.Backend` methods: :meth:`~LoraRuntime.load_lora` reads and checks the adapter and
-converts it to the model's device and dtype on the caller's thread (the reader runs it on a thread of its own, so
+:class:`LoraRuntime` gives :class:`~liftoff.backends.transformers.backend.TransformersBackend` the four
+:class:`~liftoff.backends.base.GenerativeBackend` methods: :meth:`~LoraRuntime.load_lora` reads and checks the adapter
+and converts it to the model's device and dtype on the caller's thread (the reader runs it on a thread of its own, so
 running streams keep flowing), and :meth:`~LoraRuntime.install_lora` and :meth:`~LoraRuntime.remove_lora` change the
-:class:`~liftoff.backends.hf_lora.LoraSet` on the engine thread between steps, which is cheap. A reader started
-without ``loras`` gets its :class:`LoraSet` with its first adapter (``max_loras`` applies then too).
+:class:`~liftoff.backends.transformers.lora.LoraSet` on the engine thread between steps, which is cheap. A reader
+started without ``loras`` gets its :class:`LoraSet` with its first adapter (``max_loras`` applies then too).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from liftoff.backends.base import BackendContext
-from liftoff.backends.hf_lora import LoraSet, PreparedAdapter, find_adapter, prepare_adapter, read_adapter
 from liftoff.backends.lora_files import LoraLoadError
+from liftoff.backends.transformers.lora import LoraSet, PreparedAdapter, find_adapter, prepare_adapter, read_adapter
 from liftoff.config.loras import DEFAULT_MAX_LORAS
 from liftoff.config.models import ReaderConfig
 from liftoff.core.errors import InvalidRequestError, NotFoundError
