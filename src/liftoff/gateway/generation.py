@@ -3,7 +3,7 @@
 A :class:`Generation` is one HTTP request's work: it starts prompts (``/generate`` bodies, OpenAI plans, Vertex
 instances, Snowflake rows, encoder inputs, tokenizer services), waits for them while watching the client, or streams
 them through a surface-supplied :class:`StreamRenderer`, and aborts whatever has not finished when the request
-ends, however it ends (``async with``). Surfaces translate (``gateway/translate``) and route; they never talk to
+ends, however it ends (``with``). Surfaces translate (``gateway/translate``) and route; they never talk to
 the dispatcher, nor import each other. Takeoff's ``echo`` option (log each request with its answer) is
 :func:`log_request`, for every surface.
 
@@ -71,10 +71,10 @@ class Generation:
         self.state = state
         self._open: list[Collector] = []  # started, not yet finished or handed to a stream
 
-    async def __aenter__(self) -> Generation:
+    def __enter__(self) -> Generation:  # a plain context manager: an async one costs two coroutines a request
         return self
 
-    async def __aexit__(
+    def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.abort_rest()
@@ -182,7 +182,7 @@ async def generate_buffered(request: Request, path: str) -> Response:
     """A ``GenerateRequest`` answered buffered: native ``/generate`` and SageMaker's ``/invocations``."""
     state = get_state(request)
     body = await read_model(request, GenerateRequest)
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         result = await generation.generate_answer(body, generation.start_generate(body))
     log_request(state, path, body, result)
     return json_response(result)

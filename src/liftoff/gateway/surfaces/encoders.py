@@ -40,7 +40,7 @@ openai_router = APIRouter(tags=["rerank"])
 
 async def run_encoder(request: Request, state: GatewayState, frame: RequestFrame) -> Encoded:
     """Run one encoder request and read its rows."""
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         return await generation.encode(frame)
 
 

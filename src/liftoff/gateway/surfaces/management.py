@@ -73,7 +73,7 @@ def _asker(request: Request, reader_id: str) -> Ask:
     async def ask(kind: RequestKind, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         frame = RequestFrame(request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id,
                              payload=payload)  # fmt: skip
-        async with Generation(request, state) as generation:
+        with Generation(request, state) as generation:
             return await generation.result(generation.submit_to_reader(frame, timeout_s))
 
     return ask

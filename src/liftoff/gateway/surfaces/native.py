@@ -43,7 +43,7 @@ async def generate_stream(request: Request) -> Response:
     def logged(finished: bool) -> None:
         log_request(state, "/generate_stream", body, "(streamed)" if finished else "(cancelled)")
 
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         return await generation.stream(generation.start_generate(body), NativeEvents(body), logged)
 
 

@@ -54,7 +54,7 @@ async def _serve(
 ) -> Response:
     state = get_state(request)
     call = _call(body, plan, chat=chat)
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         collector = generation.submit(plan.frames)
         if body.stream:
             log_request(state, request.url.path, body, "(streamed)")
@@ -95,7 +95,7 @@ async def embeddings(request: Request) -> Response:
     body = await read_model(request, EmbeddingRequest)
     texts = _texts(body.input)
     frame = encode_frame(RequestKind.EMBED, texts, body.model, state.config)
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         out = await generation.encode(frame)
     if body.dimensions is not None and out.rows and body.dimensions != len(out.rows[0]) // 4:
         raise NotSupportedError(

@@ -84,7 +84,7 @@ async def _finish(generation: Generation, started: Started) -> Any:
 
 async def _rows(request: Request, state: GatewayState, rows: list[tuple[int, dict[str, Any] | str]]) -> list[Row]:
     """Every row started at once, then each one's cell in order (a row that fails leaves the others running)."""
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         started = [(number, _start(generation, run)) for number, run in parse_rows(rows, state.config)]
         return [(number, await _finish(generation, run)) for number, run in started]
 

@@ -39,7 +39,7 @@ async def _ask(request: Request, reader_id: str, kind: RequestKind, payload: dic
     frame = RequestFrame(
         request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id, payload=payload
     )
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         return json_response(await generation.result(generation.submit_to_reader(frame)))
 
 

@@ -45,7 +45,7 @@ async def predict(request: Request) -> Response:
     body = await read_model(request, VertexRequest)
     check_instances(body, state.config)
     group = group_of(body)
-    async with Generation(request, state) as generation:
+    with Generation(request, state) as generation:
         if ModelType.EMBEDDING in state.registry.live_model_types(group):
             frame = encode_frame(RequestKind.EMBED, embedding_texts(body), group, state.config)
             return json_response({"predictions": embedding_predictions(await generation.encode(frame))})
