@@ -106,9 +106,14 @@ class Generation:
 
     # ---- waiting ------------------------------------------------------------------------------------------------
 
-    async def _watched(self, collector: Collector, wait: Callable[[Collector], Awaitable[T]]) -> T:
-        """``wait(collector)`` while watching the client; a client that leaves, or any failure, aborts it."""
+    async def _watched(
+        self, collector: Collector, wait: Callable[[Collector], Awaitable[T]], *, watch_client: bool = True
+    ) -> T:
+        """``wait(collector)`` while watching the client (unless ``watch_client`` is false); a client that leaves,
+        or any failure, aborts it."""
         try:
+            if not watch_client:
+                return await wait(collector)
             with cancel_on_disconnect(self.request.receive, collector):
                 return await wait(collector)
         finally:
@@ -119,9 +124,10 @@ class Generation:
         """Every text piece and final frame of started prompts."""
         return await self._watched(collector, gather)
 
-    async def result(self, collector: Collector) -> dict[str, Any]:
-        """The result frame's data of a started request (a service, an encoder)."""
-        return await self._watched(collector, result_of)
+    async def result(self, collector: Collector, *, watch_client: bool = True) -> dict[str, Any]:
+        """The result frame's data of a started request (a service, an encoder). With ``watch_client`` false it is
+        awaited even if the client leaves: a change the reader may already have made must reach the records."""
+        return await self._watched(collector, result_of, watch_client=watch_client)
 
     async def generate_answer(self, body: GenerateRequest, collector: Collector) -> dict[str, Any]:
         """``/generate``'s answer to a started ``GenerateRequest``."""

@@ -74,7 +74,10 @@ def _asker(request: Request, reader_id: str) -> Ask:
         frame = RequestFrame(request_id=new_request_id(), consumer_group="", kind=kind, reader_id=reader_id,
                              payload=payload)  # fmt: skip
         with Generation(request, state) as generation:
-            return await generation.result(generation.submit_to_reader(frame, timeout_s))
+            # not cancelled by a client that leaves: once the reader has made the change, the registry and the
+            # manifest must follow it (its own deadline still bounds the wait)
+            collector = generation.submit_to_reader(frame, timeout_s)
+            return await generation.result(collector, watch_client=False)
 
     return ask
 
