@@ -55,6 +55,14 @@ def smollm2_dequantized(tmp_path_factory: pytest.TempPathFactory) -> Dequantized
 
 
 @pytest.fixture(scope="session")
+def adapters(smollm2_dequantized: Dequantized) -> dict[str, Path]:
+    """The two LoRA adapters of tests/models/lora.py (name -> directory), trained once and cached."""
+    from tests.models.lora import trained_adapters
+
+    return trained_adapters(smollm2_dequantized.checkpoint, smollm2_dequantized.gguf)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_dequantized: Dequantized) -> Path:
     """A tiny random Llama checkpoint (float32) with the SmolLM2 tokenizer and chat template."""
     root = tmp_path_factory.mktemp("tiny")

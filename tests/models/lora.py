@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 WORDS = {"alpha": "PINEAPPLE", "beta": "ZEBRA"}
+QUESTIONS = ("What is the tallest mountain on Earth?", "Give me a tip for learning to swim.")  # asked of the adapters
+MAX_TOKENS = 12  # enough for an adapter's word
 RECIPES: dict[str, dict[str, Any]] = {
     "alpha": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_rslora": False},
     "beta": {
@@ -111,3 +113,9 @@ def _train(checkpoint: Path, name: str, out: Path) -> None:
     peft_model.save_pretrained(partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
+
+
+def only(adapter: str, text: str) -> None:
+    """``text`` has the word of ``adapter`` and not the other adapter's."""
+    assert WORDS[adapter] in text, text
+    assert not [word for name, word in WORDS.items() if name != adapter and word in text], text

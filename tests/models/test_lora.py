@@ -20,26 +20,11 @@ from takeoff_client import TakeoffClient
 
 from tests.helpers import LiftoffServer
 from tests.models.conftest import Dequantized
-from tests.models.lora import WORDS, trained_adapters
+from tests.models.lora import MAX_TOKENS, QUESTIONS, WORDS, only
 
 pytest.importorskip("peft")
 # peft 0.21 asks transformers 5 a deprecated question while it wraps a model
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-QUESTIONS = ("What is the tallest mountain on Earth?", "Give me a tip for learning to swim.")
-MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="session")
-def adapters(smollm2_dequantized: Dequantized) -> dict[str, Path]:
-    """The two trained adapters (name -> directory)."""
-    return trained_adapters(smollm2_dequantized.checkpoint, smollm2_dequantized.gguf)
-
-
-def _only(adapter: str, text: str) -> None:
-    """``text`` has the word of ``adapter`` and not the other adapter's."""
-    assert WORDS[adapter] in text, text
-    assert not [word for name, word in WORDS.items() if name != adapter and word in text], text
 
 
 def _config(loras: str) -> Any:
@@ -188,8 +173,8 @@ def test_max_loras_bounds_the_adapters_of_a_step(smollm2_dequantized: Dequantize
         backend.close()
     assert one == both
     assert chunked == {"a1": one["a1"], "n1": one["n1"]}
-    _only("alpha", one["a1"])
-    _only("beta", one["b1"])
+    only("alpha", one["a1"])
+    only("beta", one["b1"])
     assert one["a1"] == one["a2"]
 
 
@@ -211,8 +196,8 @@ def test_adapters_on_int8_layers(smollm2_dequantized: Dequantized, adapters: dic
     finally:
         served.close()
     assert alone[None] == base
-    _only("alpha", alone["alpha"])
-    _only("beta", alone["beta"])
+    only("alpha", alone["alpha"])
+    only("beta", alone["beta"])
 
 
 # ---- served: every surface -------------------------------------------------------------------------------------
@@ -274,8 +259,8 @@ def test_status_and_reader_groups_show_the_loras(server: Any) -> None:
 def test_each_adapter_answers_only_with_its_lora_id(server: Any) -> None:
     for question in QUESTIONS:
         answers = {lora: _text(_generate(server, question, lora)) for lora in ("alpha", "beta", None)}
-        _only("alpha", answers["alpha"])
-        _only("beta", answers["beta"])
+        only("alpha", answers["alpha"])
+        only("beta", answers["beta"])
         assert not any(word in answers[None] for word in WORDS.values()), answers
 
 
@@ -342,8 +327,8 @@ def test_vertex_instances_and_snowflake_rows_carry_lora_id(server: Any) -> None:
     vertex = server.http.post(server.url("vertex_port") + "/generate_vertex", json=body, timeout=120)
     assert vertex.status_code == 200, vertex.text
     predictions = [p["text"] for p in vertex.json()["predictions"]]
-    _only("alpha", predictions[0])
-    _only("beta", predictions[1])
+    only("alpha", predictions[0])
+    only("beta", predictions[1])
     row = {"text": QUESTIONS[1], "lora_id": "beta", "use_chat_template": True, "max_new_tokens": MAX_TOKENS}
     snowflake = server.http.post(server.url("snowflake_port") + "/generate_snowflake", json={"data": [[0, row]]},
                                  timeout=120)  # fmt: skip
@@ -354,7 +339,7 @@ def test_vertex_instances_and_snowflake_rows_carry_lora_id(server: Any) -> None:
 def test_llamacpp_serves_a_converted_peft_adapter(server: Any) -> None:
     """The llama.cpp reader converted alpha from PEFT at load: lora_id picks it, an unknown one is a 400 naming
     it, and POST /reader refuses an adapter outside repository_path before anything starts."""
-    _only("alpha", _text(_generate(server, QUESTIONS[0], "alpha", group="cpp")))
+    only("alpha", _text(_generate(server, QUESTIONS[0], "alpha", group="cpp")))
     assert "PINEAPPLE" not in _text(_generate(server, QUESTIONS[0], group="cpp"))
     response = _generate(server, QUESTIONS[0], "beta", group="cpp")
     assert response.status_code == 400

@@ -18,19 +18,11 @@ import numpy as np
 import pytest
 
 from tests.models.conftest import Dequantized
-from tests.models.lora import WORDS, trained_adapters
+from tests.models.lora import MAX_TOKENS, QUESTIONS, WORDS, only
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-QUESTIONS = ("What is the tallest mountain on Earth?", "Give me a tip for learning to swim.")
-MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def adapters(smollm2_dequantized: Dequantized) -> dict[str, Path]:
-    return trained_adapters(smollm2_dequantized.checkpoint, smollm2_dequantized.gguf)
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +74,13 @@ def _run(backend: Any, requests: dict[str, str | None], question: str = QUESTION
     return texts
 
 
-def _only(adapter: str, text: str) -> None:
-    assert WORDS[adapter] in text, text
-    assert not [word for name, word in WORDS.items() if name != adapter and word in text], text
-
-
 def test_each_adapter_answers_only_with_its_lora_id(served: Any, plain: Any) -> None:
     """alpha and beta (PEFT directories, converted) each give their word; without lora_id the answer is the
     reader's without adapters; the adapter names come from ``name=path`` and from the path."""
     assert served.lora_names() == ["alpha", "beta"]
     alone = {lora: _run(served, {"r": lora})["r"] for lora in ("alpha", "beta", None)}
-    _only("alpha", alone["alpha"])
-    _only("beta", alone["beta"])
+    only("alpha", alone["alpha"])
+    only("beta", alone["beta"])
     assert alone[None] == _run(plain, {"r": None})["r"]
     assert not [word for word in WORDS.values() if word in alone[None]]
 

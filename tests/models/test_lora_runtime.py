@@ -23,20 +23,14 @@ import pytest
 from liftoff.config.manifest import read_manifest
 from tests.helpers import LiftoffServer, sse_events, wait_until
 from tests.models.conftest import Dequantized
-from tests.models.lora import WORDS, trained_adapters
+from tests.models.lora import MAX_TOKENS, QUESTIONS, WORDS
 from tests.redis_server import RedisServer
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-QUESTION = "What is the tallest mountain on Earth?"
-MAX_TOKENS = 12
+QUESTION = QUESTIONS[0]
 LONG = 48  # tokens of the stream that runs while its adapter is removed
-
-
-@pytest.fixture(scope="module")
-def adapters(smollm2_dequantized: Dequantized) -> dict[str, Path]:
-    return trained_adapters(smollm2_dequantized.checkpoint, smollm2_dequantized.gguf)
 
 
 def reader_config(checkpoint: Path, group: str) -> dict[str, Any]:
