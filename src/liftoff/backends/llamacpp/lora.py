@@ -70,16 +70,16 @@ def adapter_file(
 
 def converted(name: str, peft_dir: Path, base: Path, repository_path: Path, source_dir: Path) -> Path:
     """The GGUF conversion of the PEFT adapter at ``peft_dir`` for the base GGUF model ``base``, made if missing."""
+    key = _digest(peft_dir, base)
+    target = repository_path / CACHE_DIR / f"{name}-{key}.gguf"
+    if key and target.is_file():
+        return target  # converted from these very files, which were checked then: no torch, no second read
+
     from liftoff.backends.transformers.lora import read_adapter  # torch: only when a PEFT adapter is converted
 
     adapter = read_adapter(name, peft_dir)  # refuses what cannot be applied exactly, before converting anything
-    digest = hashlib.sha256()
-    for part in (peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"):
-        digest.update(part.read_bytes())
-    digest.update(f"{base.name}:{base.stat().st_size}:{_VERSION}".encode())
-    target = repository_path / CACHE_DIR / f"{name}-{digest.hexdigest()[:16]}.gguf"
-    if target.is_file():
-        return target
+    if not key:  # read_adapter could, the digest could not: no cache name to trust
+        raise LoraLoadError(f"LoRA {name!r}: cannot read the files of {peft_dir}; check their permissions")
     script = source_dir / CONVERTER
     if not script.is_file():
         raise LoraLoadError(
@@ -92,6 +92,19 @@ def converted(name: str, peft_dir: Path, base: Path, repository_path: Path, sour
         _convert(adapter, base, script, Path(work), target)
     logger.info("LoRA %s: converted %s to %s", name, peft_dir, target)
     return target
+
+
+def _digest(peft_dir: Path, base: Path) -> str:
+    """The cache key of a conversion: the adapter's files, the base model, this code's version ("" when a file
+    cannot be read: :func:`read_adapter` then says what is wrong)."""
+    digest = hashlib.sha256()
+    try:
+        for part in (peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"):
+            digest.update(part.read_bytes())
+    except OSError:
+        return ""
+    digest.update(f"{base.name}:{base.stat().st_size}:{_VERSION}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _convert(adapter: Any, base: Path, script: Path, work: Path, target: Path) -> None:
